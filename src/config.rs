@@ -1,0 +1,358 @@
+//! Configuration: one typed tree, one place for defaults, layered
+//! defaults → TOML file → `MESHD_*` environment → command-line flags (figment).
+//!
+//! Every role reads the same [`Settings`] type, but each role accepts only the keys that mean
+//! something to it: a `model` key in a gateway file is an error, not silently ignored.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Caller,
+    Infer,
+    Up,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Caller => "caller",
+            Role::Infer => "infer",
+            Role::Up => "up",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Role> {
+        [Role::Gateway, Role::Caller, Role::Infer, Role::Up]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
+
+    /// The keys this role reads; any other key in its file is refused.
+    pub fn keys(self) -> &'static [&'static str] {
+        const COMMON: [&str; 4] = [
+            "log_format",
+            "log_level",
+            "drain_timeout_secs",
+            "max_frame_bytes",
+        ];
+        const GATEWAY: [&str; 9] = [
+            "http_addr",
+            "mesh_addr",
+            "data_dir",
+            "worker_token",
+            "worker_token_file",
+            "max_body_bytes",
+            "request_timeout_secs",
+            "queue_depth",
+            "max_connections",
+        ];
+        const WORKER: [&str; 5] = [
+            "gateway_url",
+            "name",
+            "worker_token",
+            "worker_token_file",
+            "max_concurrency",
+        ];
+        const ENGINE: [&str; 9] = [
+            "model",
+            "model_id",
+            "slots",
+            "ctx_per_slot",
+            "batch_size",
+            "threads",
+            "n_gpu_layers",
+            "chat_template",
+            "max_queued_sequences",
+        ];
+        static GATEWAY_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
+        static CALLER_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
+        static INFER_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
+        static UP_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
+        let join = |parts: &[&[&'static str]]| parts.concat();
+        match self {
+            Role::Gateway => GATEWAY_KEYS.get_or_init(|| join(&[&COMMON, &GATEWAY])),
+            Role::Caller => CALLER_KEYS.get_or_init(|| join(&[&COMMON, &WORKER])),
+            Role::Infer => INFER_KEYS.get_or_init(|| join(&[&COMMON, &WORKER, &ENGINE])),
+            Role::Up => UP_KEYS.get_or_init(|| join(&[&COMMON, &GATEWAY, &ENGINE])),
+        }
+    }
+}
+
+/// Every setting of every role. Which ones a role reads: [`Role::keys`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Public HTTP API listener.
+    pub http_addr: String,
+    /// Private mesh listener (WebSocket). `:49134` means every interface.
+    pub mesh_addr: String,
+    /// Where the gateway keeps its sled state.
+    pub data_dir: PathBuf,
+    /// Where a worker connects, e.g. `ws://10.20.1.10:49134`.
+    pub gateway_url: String,
+    /// A worker's name in logs and `Hello`.
+    pub name: String,
+    /// The shared mesh secret, inline (prefer `worker_token_file`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_token: Option<String>,
+    /// A file holding the shared mesh secret (first line, trimmed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_token_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `meshd=debug,info`.
+    pub log_level: String,
+    /// After SIGTERM: how long in-flight work may take before the process exits anyway.
+    pub drain_timeout_secs: u64,
+    /// Largest mesh frame accepted (payload plus envelope).
+    pub max_frame_bytes: usize,
+    /// Largest HTTP request body accepted.
+    pub max_body_bytes: usize,
+    /// Longest an HTTP request may take end to end.
+    pub request_timeout_secs: u64,
+    /// Invocations of one function in flight at once; beyond it, 429.
+    pub queue_depth: usize,
+    /// Open HTTP plus mesh connections at once; beyond it new ones are closed.
+    pub max_connections: usize,
+    /// Invocations a worker runs at once; beyond it, the worker answers `overloaded`.
+    pub max_concurrency: usize,
+    /// The GGUF file the infer role serves.
+    pub model: PathBuf,
+    /// The model name the API reports and accepts.
+    pub model_id: String,
+    /// Sequences generated at once (continuous batching).
+    pub slots: u32,
+    /// Context positions each slot may use (prompt plus completion).
+    pub ctx_per_slot: u32,
+    /// Most tokens in one decode step.
+    pub batch_size: u32,
+    /// Inference threads; 0 means one per core.
+    pub threads: u32,
+    /// Layers offloaded to the GPU (builds with `cuda` or `metal`).
+    pub n_gpu_layers: u32,
+    /// A llama.cpp built-in template name used when the GGUF carries none (e.g. `gemma`).
+    pub chat_template: String,
+    /// Requests waiting for a free slot; beyond it, 429.
+    pub max_queued_sequences: usize,
+}
+
+impl Settings {
+    /// The defaults of a role: the only place defaults live.
+    pub fn defaults(role: Role) -> Settings {
+        let loopback = role == Role::Up;
+        Settings {
+            http_addr: if loopback { "127.0.0.1:3111" } else { "0.0.0.0:3111" }.into(),
+            mesh_addr: if loopback { "127.0.0.1:0" } else { ":49134" }.into(),
+            data_dir: if loopback { ".meshd/data" } else { "/var/lib/meshd" }.into(),
+            gateway_url: "ws://127.0.0.1:49134".into(),
+            name: role.name().into(),
+            worker_token: None,
+            worker_token_file: None,
+            log_format: LogFormat::Human,
+            log_level: "info".into(),
+            drain_timeout_secs: 20,
+            max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME,
+            max_body_bytes: 1024 * 1024,
+            request_timeout_secs: 300,
+            queue_depth: 1024,
+            max_connections: 4096,
+            max_concurrency: 1024,
+            model: "models/gemma3-270m-q4_k_m.gguf".into(),
+            model_id: "gemma-3-270m".into(),
+            slots: 8,
+            ctx_per_slot: 2048,
+            batch_size: 512,
+            threads: 0,
+            n_gpu_layers: 0,
+            chat_template: "gemma".into(),
+            max_queued_sequences: 256,
+        }
+    }
+
+    /// Loads a role's settings: defaults, then `file`, then `MESHD_*`, then `overrides`
+    /// (a serializable struct whose `None` fields are skipped).
+    pub fn load(
+        role: Role,
+        file: Option<&Path>,
+        overrides: impl Serialize,
+    ) -> Result<Settings, ConfigError> {
+        let keys = role.keys();
+        let mut figment = Figment::from(Serialized::defaults(Settings::defaults(role)));
+        if let Some(path) = file {
+            check_file_keys(role, path)?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let settings: Settings = figment
+            .merge(Env::prefixed("MESHD_").only(keys))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        settings.validate(role)?;
+        Ok(settings)
+    }
+
+    fn validate(&self, role: Role) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("`{key}`: {why}")));
+        if matches!(role, Role::Gateway | Role::Up) {
+            resolve_addr(&self.http_addr).map_err(|e| ConfigError::Invalid(format!("`http_addr`: {e}")))?;
+            resolve_addr(&self.mesh_addr).map_err(|e| ConfigError::Invalid(format!("`mesh_addr`: {e}")))?;
+        }
+        if matches!(role, Role::Caller | Role::Infer)
+            && !(self.gateway_url.starts_with("ws://") || self.gateway_url.starts_with("wss://"))
+        {
+            return bad("gateway_url", "must start with ws:// or wss://");
+        }
+        if self.max_frame_bytes < 1024 {
+            return bad("max_frame_bytes", "must be at least 1024");
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > self.max_frame_bytes - 512 {
+            return bad("max_body_bytes", "must be positive and fit in a mesh frame");
+        }
+        if self.queue_depth == 0 || self.max_concurrency == 0 || self.max_connections == 0 {
+            return bad("queue_depth", "limits must be positive");
+        }
+        if matches!(role, Role::Infer | Role::Up) {
+            if self.slots == 0 || self.slots > 256 {
+                return bad("slots", "must be between 1 and 256");
+            }
+            if self.ctx_per_slot < 64 {
+                return bad("ctx_per_slot", "must be at least 64");
+            }
+            if self.batch_size < 32 {
+                return bad("batch_size", "must be at least 32");
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker token from `worker_token` or `worker_token_file`.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(t) = &self.worker_token {
+            return Ok(Some(t.clone()));
+        }
+        let Some(path) = &self.worker_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Invalid(format!("cannot read worker_token_file {}: {e}", path.display()))
+        })?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "worker_token_file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Some(token))
+    }
+}
+
+/// Resolves `host:port`; a bare `:port` means every interface.
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
+    let full = if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_string()
+    };
+    full.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+fn check_file_keys(role: Role, path: &Path) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("{} is not valid TOML: {e}", path.display())))?;
+    let keys = role.keys();
+    for key in table.keys() {
+        if !keys.contains(&key.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "{}: key `{key}` does not apply to `meshd {}` (its keys: {})",
+                path.display(),
+                role.name(),
+                keys.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Default)]
+    struct NoOverrides {}
+
+    #[test]
+    fn every_shipped_role_file_loads() {
+        let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("roles");
+        for role in [Role::Gateway, Role::Caller, Role::Infer, Role::Up] {
+            let path = roles.join(format!("{}.toml", role.name()));
+            Settings::load(role, Some(&path), NoOverrides {})
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+
+    #[test]
+    fn a_key_of_another_role_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(&path, "model = \"x.gguf\"\n").unwrap();
+        let err = Settings::load(Role::Gateway, Some(&path), NoOverrides {}).unwrap_err();
+        assert!(err.to_string().contains("`model`"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_bad_values_are_named() {
+        #[derive(Serialize)]
+        struct Flags {
+            http_addr: &'static str,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(&path, "http_addr = \"127.0.0.1:1\"\nqueue_depth = 5\n").unwrap();
+        let s = Settings::load(
+            Role::Gateway,
+            Some(&path),
+            Flags {
+                http_addr: "127.0.0.1:2",
+            },
+        )
+        .unwrap();
+        assert_eq!(s.http_addr, "127.0.0.1:2");
+        assert_eq!(s.queue_depth, 5);
+
+        std::fs::write(&path, "queue_depth = \"many\"\n").unwrap();
+        let err = Settings::load(Role::Gateway, Some(&path), NoOverrides {}).unwrap_err();
+        assert!(err.to_string().contains("queue_depth"), "{err}");
+    }
+
+    #[test]
+    fn bare_port_means_every_interface() {
+        assert_eq!(resolve_addr(":49134").unwrap().to_string(), "0.0.0.0:49134");
+    }
+}

@@ -1,0 +1,311 @@
+//! The inference engine: the only module that touches `llama-cpp-2`.
+//!
+//! One dedicated thread ([`scheduler`]) owns the llama.cpp context and runs continuous batching;
+//! async code reaches it through a bounded channel of [`Job`]s and gets [`Event`]s back on a
+//! bounded channel per job. Dropping a job's event receiver cancels it within one decode step.
+//! Prompts are formatted and tokenized here, outside the thread, so a prompt that cannot fit is
+//! refused with its token counts before any generation.
+
+mod scheduler;
+pub mod text;
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub use crate::api::{FinishReason, Prompt, Sampling};
+
+/// How the engine is built; from the infer role's settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model: PathBuf,
+    pub model_id: String,
+    pub slots: u32,
+    pub ctx_per_slot: u32,
+    pub batch_size: u32,
+    /// 0: one per available core.
+    pub threads: u32,
+    pub n_gpu_layers: u32,
+    /// A llama.cpp built-in template used when the GGUF carries none.
+    pub chat_template: String,
+    pub max_queued: usize,
+}
+
+impl EngineConfig {
+    pub fn from_settings(s: &crate::config::Settings) -> Self {
+        EngineConfig {
+            model: s.model.clone(),
+            model_id: s.model_id.clone(),
+            slots: s.slots,
+            ctx_per_slot: s.ctx_per_slot,
+            batch_size: s.batch_size,
+            threads: s.threads,
+            n_gpu_layers: s.n_gpu_layers,
+            chat_template: s.chat_template.clone(),
+            max_queued: s.max_queued_sequences,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum EngineError {
+    #[error("cannot load model {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("This model's maximum context length is {limit} tokens. However, you requested {total} tokens ({prompt} in the prompt, {completion} for the completion). Please reduce the length of the prompt or max_tokens.")]
+    ContextLength {
+        limit: u32,
+        prompt: u32,
+        completion: u32,
+        total: u32,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{queued} requests are already waiting for a slot; retry shortly")]
+    Overloaded { queued: usize },
+    #[error("inference failed: {0}")]
+    Decode(String),
+    #[error("the inference engine has stopped")]
+    Stopped,
+}
+
+/// A tokenized prompt that fits its slot, ready for [`Engine::submit`].
+pub struct Prepared {
+    tokens: Vec<LlamaToken>,
+    max_tokens: u32,
+    stop: Vec<String>,
+    sampling: Sampling,
+}
+
+impl Prepared {
+    pub fn prompt_tokens(&self) -> u32 {
+        self.tokens.len() as u32
+    }
+}
+
+/// What a job reports, in order: deltas, then exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Delta(String),
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    Error(String),
+}
+
+struct Job {
+    prepared: Prepared,
+    events: mpsc::Sender<Event>,
+}
+
+/// Live counters of the engine.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub active: AtomicU64,
+    pub queued: AtomicU64,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub decode_steps: AtomicU64,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatsSnapshot {
+    pub model: String,
+    pub slots: u32,
+    pub ctx_per_slot: u32,
+    pub active_sequences: u64,
+    pub queued_sequences: u64,
+    pub completed: u64,
+    pub cancelled: u64,
+    pub prompt_tokens_total: u64,
+    pub completion_tokens_total: u64,
+    pub decode_steps: u64,
+}
+
+/// A handle to the engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    model: Arc<LlamaModel>,
+    template: Arc<LlamaChatTemplate>,
+    pub stats: Arc<Stats>,
+    config: Arc<EngineConfig>,
+}
+
+/// llama.cpp's backend may be initialised once per process.
+fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Load {
+            path: String::new(),
+            reason: e.clone(),
+        })
+}
+
+impl Engine {
+    /// Loads the model and starts the engine thread; returns once the context exists.
+    pub async fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        let path = config.model.display().to_string();
+        let load_err = |reason: String| EngineError::Load {
+            path: path.clone(),
+            reason,
+        };
+        if !config.model.is_file() {
+            return Err(load_err(
+                "no such file (run scripts/fetch-model, or pass --model PATH)".into(),
+            ));
+        }
+        let backend = backend()?;
+        let cfg = config.clone();
+        let model = tokio::task::spawn_blocking(move || {
+            let params = LlamaModelParams::default().with_n_gpu_layers(cfg.n_gpu_layers);
+            LlamaModel::load_from_file(backend, &cfg.model, &params)
+        })
+        .await
+        .map_err(|e| load_err(e.to_string()))?
+        .map_err(|e| load_err(e.to_string()))?;
+        let model = Arc::new(model);
+        let template = match model.chat_template(None) {
+            Ok(t) => t,
+            Err(_) => LlamaChatTemplate::new(&config.chat_template)
+                .map_err(|e| EngineError::Invalid(format!("chat_template: {e}")))?,
+        };
+        let (jobs, rx) = mpsc::channel(config.max_queued.max(1));
+        let stats = Arc::new(Stats::default());
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_model = Arc::clone(&model);
+        let thread_stats = Arc::clone(&stats);
+        let thread_cfg = config.clone();
+        std::thread::Builder::new()
+            .name("meshd-engine".into())
+            .spawn(move || scheduler::run(backend, thread_model, thread_cfg, rx, thread_stats, ready_tx))
+            .map_err(|e| load_err(e.to_string()))?;
+        ready_rx
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(load_err)?;
+        tracing::info!(
+            model = %path,
+            slots = config.slots,
+            ctx_per_slot = config.ctx_per_slot,
+            params = model.n_params(),
+            "model loaded"
+        );
+        Ok(Engine {
+            jobs,
+            model,
+            template: Arc::new(template),
+            stats,
+            config: Arc::new(config),
+        })
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.config.model_id
+    }
+
+    /// Formats and tokenizes a prompt and checks it fits its slot with `max_tokens` to spare
+    /// (`None`: whatever room is left).
+    pub fn prepare(
+        &self,
+        prompt: &Prompt,
+        max_tokens: Option<u32>,
+        stop: Vec<String>,
+        sampling: Sampling,
+    ) -> Result<Prepared, EngineError> {
+        let vocab = self.model.vocab();
+        let tokens = match prompt {
+            Prompt::Text { text } => vocab.tokenize(text.as_bytes(), true, false),
+            Prompt::Chat { messages } => {
+                let chat = messages
+                    .iter()
+                    .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| EngineError::Invalid(format!("messages: {e}")))?;
+                let text = self
+                    .model
+                    .apply_chat_template(&self.template, &chat, true)
+                    .map_err(|e| EngineError::Invalid(format!("cannot apply the chat template: {e}")))?;
+                vocab.tokenize(text.as_bytes(), true, true)
+            }
+        };
+        let limit = self.config.ctx_per_slot;
+        let prompt_len = tokens.len() as u32;
+        if max_tokens == Some(0) {
+            return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+        }
+        if tokens.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
+        }
+        let room = limit.saturating_sub(prompt_len);
+        let max_tokens = max_tokens.unwrap_or(room);
+        if prompt_len >= limit || max_tokens > room {
+            return Err(EngineError::ContextLength {
+                limit,
+                prompt: prompt_len,
+                completion: max_tokens,
+                total: prompt_len + max_tokens,
+            });
+        }
+        Ok(Prepared {
+            tokens,
+            max_tokens,
+            stop,
+            sampling,
+        })
+    }
+
+    /// Queues a prepared job; events arrive on the returned receiver. Refused at once when the
+    /// queue is full. Drop the receiver to cancel.
+    pub fn submit(&self, prepared: Prepared) -> Result<mpsc::Receiver<Event>, EngineError> {
+        let (events, rx) = mpsc::channel(256);
+        self.jobs
+            .try_send(Job { prepared, events })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::Overloaded {
+                    queued: self.config.max_queued,
+                },
+                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+            })?;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(rx)
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            model: self.config.model_id.clone(),
+            slots: self.config.slots,
+            ctx_per_slot: self.config.ctx_per_slot,
+            active_sequences: get(&s.active),
+            queued_sequences: get(&s.queued),
+            completed: get(&s.completed),
+            cancelled: get(&s.cancelled),
+            prompt_tokens_total: get(&s.prompt_tokens),
+            completion_tokens_total: get(&s.completion_tokens),
+            decode_steps: get(&s.decode_steps),
+        }
+    }
+}
+
+/// The context size for `slots` sequences of `ctx_per_slot` positions each.
+fn n_ctx(config: &EngineConfig) -> Option<NonZeroU32> {
+    NonZeroU32::new(config.slots * config.ctx_per_slot)
+}

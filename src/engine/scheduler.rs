@@ -1,0 +1,278 @@
+//! The engine thread: owns the llama.cpp context and runs continuous batching.
+//!
+//! Each decode step carries the next token of every generating sequence, then prompt chunks of
+//! newly admitted ones with whatever room is left in the batch, so a long prompt never stalls the
+//! others. A sequence that finishes, fails or is cancelled (its receiver dropped) frees its KV
+//! cache at once and its slot takes the next queued job.
+//!
+//! Every call into llama.cpp is checked first: more tokens than `n_batch` in one decode, or
+//! sampling an index that did not ask for logits, aborts the whole process.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::{mpsc, oneshot};
+
+use super::text::{Released, StopMatcher, Utf8Buffer};
+use super::{n_ctx, EngineConfig, Event, FinishReason, Job, Sampling, Stats};
+
+struct Seq {
+    id: i32,
+    prompt: Vec<LlamaToken>,
+    /// Prompt tokens already decoded.
+    fed: usize,
+    /// Position of the next token to decode.
+    pos: i32,
+    /// A sampled token waiting to be decoded.
+    next: Option<LlamaToken>,
+    /// Where this sequence's logits are in the current batch.
+    logits_at: Option<i32>,
+    sampler: LlamaSampler,
+    events: mpsc::Sender<Event>,
+    generated: u32,
+    max_tokens: u32,
+    utf8: Utf8Buffer,
+    stop: StopMatcher,
+}
+
+pub(super) fn run(
+    backend: &'static LlamaBackend,
+    model: Arc<LlamaModel>,
+    cfg: EngineConfig,
+    mut jobs: mpsc::Receiver<Job>,
+    stats: Arc<Stats>,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let threads = match cfg.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
+        n => n as i32,
+    };
+    let params = LlamaContextParams::default()
+        .with_n_ctx(n_ctx(&cfg))
+        .with_n_batch(cfg.batch_size)
+        .with_n_ubatch(cfg.batch_size)
+        .with_n_seq_max(cfg.slots)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_kv_unified(true);
+    let mut ctx = match model.new_context(backend, params) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot create the context: {e}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let vocab = model.vocab();
+    let budget_max = cfg.batch_size as usize;
+    let mut batch = LlamaBatch::new(budget_max, 1);
+    let mut slots: Vec<Option<Seq>> = (0..cfg.slots).map(|_| None).collect();
+    // Admission order, so earlier prompts get their chunks first.
+    let mut order: Vec<usize> = Vec::new();
+
+    loop {
+        // Admit queued jobs into free slots; sleep only when nothing runs.
+        while let Some(free) = slots.iter().position(Option::is_none) {
+            let job = if order.is_empty() {
+                match jobs.blocking_recv() {
+                    Some(j) => j,
+                    None => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let p = job.prepared;
+            stats.prompt_tokens.fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
+            stats.active.fetch_add(1, Ordering::Relaxed);
+            slots[free] = Some(Seq {
+                id: free as i32,
+                prompt: p.tokens,
+                fed: 0,
+                pos: 0,
+                next: None,
+                logits_at: None,
+                sampler: sampler(&p.sampling, model.n_vocab()),
+                events: job.events,
+                generated: 0,
+                max_tokens: p.max_tokens,
+                utf8: Utf8Buffer::default(),
+                stop: StopMatcher::new(p.stop),
+            });
+            order.push(free);
+        }
+
+        // Free the slots of cancelled sequences.
+        for &i in &order {
+            if slots[i].as_ref().is_some_and(|s| s.events.is_closed()) {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                free(&mut ctx, &mut slots[i], &stats);
+            }
+        }
+        order.retain(|&i| slots[i].is_some());
+        if order.is_empty() {
+            continue;
+        }
+
+        // Build one batch: every generating sequence's next token, then prompt chunks.
+        batch.clear();
+        let mut budget = budget_max;
+        for &i in &order {
+            let seq = slots[i].as_mut().expect("ordered slots are occupied");
+            if let Some(tok) = seq.next.take() {
+                batch.add(tok, seq.pos, &[seq.id], true).expect("budget checked");
+                seq.logits_at = Some(batch.n_tokens() - 1);
+                seq.pos += 1;
+                budget -= 1;
+            }
+        }
+        for &i in &order {
+            if budget == 0 {
+                break;
+            }
+            let seq = slots[i].as_mut().expect("ordered slots are occupied");
+            let left = seq.prompt.len() - seq.fed;
+            if left == 0 {
+                continue;
+            }
+            let n = left.min(budget);
+            for k in 0..n {
+                let last = seq.fed + k + 1 == seq.prompt.len();
+                batch
+                    .add(seq.prompt[seq.fed + k], seq.pos, &[seq.id], last)
+                    .expect("budget checked");
+                if last {
+                    seq.logits_at = Some(batch.n_tokens() - 1);
+                }
+                seq.pos += 1;
+            }
+            seq.fed += n;
+            budget -= n;
+        }
+        if batch.n_tokens() == 0 {
+            continue;
+        }
+
+        if let Err(e) = ctx.decode(&mut batch) {
+            tracing::error!(error = %e, tokens = batch.n_tokens(), "decode failed");
+            for &i in &order {
+                if let Some(seq) = slots[i].as_ref() {
+                    let _ = seq.events.try_send(Event::Error(format!("decode failed: {e}")));
+                }
+                free(&mut ctx, &mut slots[i], &stats);
+            }
+            order.clear();
+            continue;
+        }
+        stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+
+        // Sample where logits were asked for; finish what is done.
+        for &i in &order {
+            let seq = slots[i].as_mut().expect("ordered slots are occupied");
+            let Some(at) = seq.logits_at.take() else {
+                continue;
+            };
+            let token = seq.sampler.sample(&ctx, at);
+            let finished = if vocab.is_eog(token) {
+                Some(FinishReason::Stop)
+            } else {
+                seq.generated += 1;
+                stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
+                let piece = vocab.token_to_piece(token, false, None);
+                let text = seq.utf8.push(&piece);
+                match seq.stop.push(&text) {
+                    Released::Stop(before) => {
+                        send(seq, before);
+                        Some(FinishReason::Stop)
+                    }
+                    Released::Text(t) => {
+                        send(seq, t);
+                        if seq.generated >= seq.max_tokens {
+                            Some(FinishReason::Length)
+                        } else {
+                            seq.next = Some(token);
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(reason) = finished {
+                if reason == FinishReason::Length || vocab.is_eog(token) {
+                    let rest = seq.utf8.finish();
+                    let held = seq.stop.push(&rest);
+                    let tail = match held {
+                        Released::Text(t) | Released::Stop(t) => t + &seq.stop.finish(),
+                    };
+                    send(seq, tail);
+                }
+                let _ = seq.events.try_send(Event::Done {
+                    finish_reason: reason,
+                    prompt_tokens: seq.prompt.len() as u32,
+                    completion_tokens: seq.generated,
+                });
+                stats.completed.fetch_add(1, Ordering::Relaxed);
+                free(&mut ctx, &mut slots[i], &stats);
+            }
+        }
+        order.retain(|&i| slots[i].is_some());
+    }
+}
+
+/// Sends a text delta; a consumer that cannot keep up is treated as gone.
+fn send(seq: &mut Seq, text: String) {
+    if !text.is_empty() && seq.events.try_send(Event::Delta(text)).is_err() {
+        tracing::warn!(seq = seq.id, "event receiver full or gone; cancelling the sequence");
+        let (closed, _) = mpsc::channel(1);
+        seq.events = closed;
+    }
+}
+
+fn free(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, slot: &mut Option<Seq>, stats: &Stats) {
+    if let Some(seq) = slot.take() {
+        let _ = ctx.clear_kv_cache_seq(Some(seq.id as u32), None, None);
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One sampler chain per sequence. Temperature 0 is greedy (deterministic).
+fn sampler(s: &Sampling, n_vocab: i32) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if s.repetition_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            64,
+            s.repetition_penalty,
+            s.frequency_penalty,
+            s.presence_penalty,
+        ));
+    }
+    if s.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if s.top_k > 0 {
+            chain.push(LlamaSampler::top_k(s.top_k));
+        }
+        if s.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(s.top_p, 1));
+        }
+        if s.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(s.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(s.temperature));
+        chain.push(LlamaSampler::dist(s.seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}

@@ -1,0 +1,331 @@
+//! The gateway's HTTP front (hyper): built-in endpoints, and every other request mapped through a
+//! registered trigger to an invocation whose answer becomes the response — whole, or streamed.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::registry::Reply;
+use super::{LocalCall, Shared};
+use crate::protocol::{ErrorBody, ErrorCode, HttpRequestHead, HttpResponseHead, Outcome};
+
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Headers a client sends that never reach a worker.
+const PRIVATE_HEADERS: [&str; 6] = [
+    "authorization",
+    "cookie",
+    "connection",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shared.closing.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing HTTP connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc_shared = Arc::clone(&shared);
+        let svc = service_fn(move |req| handle(req, Arc::clone(&svc_shared)));
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let trace_id = trace_id_of(&req);
+    let (route, mut resp) = route(req, &shared, &trace_id).await;
+    if let Ok(v) = HeaderValue::from_str(&trace_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    shared
+        .metrics
+        .http_request(&route, resp.status().as_u16(), start.elapsed());
+    Ok(resp)
+}
+
+/// Answers one request; returns the route label for metrics with the response.
+async fn route(req: Request<Incoming>, shared: &Arc<Shared>, trace_id: &str) -> (String, Response<Body>) {
+    let path = req.uri().path().to_string();
+    if req.method() == Method::GET {
+        match path.as_str() {
+            "/healthz" => return (path, json(200, &serde_json::json!({"status": "ok"}))),
+            "/readyz" => return (path, readyz(shared)),
+            "/metrics" => {
+                let text = {
+                    let reg = shared.registry();
+                    shared.metrics.render(&reg.status(), reg.worker_count())
+                };
+                let resp = Response::builder()
+                    .header(CONTENT_TYPE, "text/plain; version=0.0.4")
+                    .body(full(text))
+                    .expect("static response");
+                return (path, resp);
+            }
+            "/status" => {
+                let functions = shared.registry().status();
+                return (path, json(200, &serde_json::json!({"functions": functions})));
+            }
+            _ => {}
+        }
+    }
+    let function = match shared.registry().trigger(req.method().as_str(), &path) {
+        Ok(f) => f,
+        Err(other_method) => {
+            let (code, msg, status) = if other_method {
+                (ErrorCode::BadRequest, format!("{} is not allowed on {path}", req.method()), 405)
+            } else {
+                (ErrorCode::NotFound, format!("no route for {} {path}", req.method()), 404)
+            };
+            let err = ErrorBody::new(code, msg).with_status(status);
+            return ("unmatched".into(), error(&err));
+        }
+    };
+    let resp = invoke(req, shared, &function, trace_id).await;
+    (path, resp)
+}
+
+async fn invoke(req: Request<Incoming>, shared: &Arc<Shared>, function: &str, trace_id: &str) -> Response<Body> {
+    let limit = shared.opts.max_body_bytes;
+    let too_large = || {
+        error(&ErrorBody::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body exceeds the limit of {limit} bytes"),
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return too_large()
+        }
+        Err(e) => {
+            let err = ErrorBody::new(ErrorCode::BadRequest, format!("cannot read body: {e}"));
+            return error(&err);
+        }
+    };
+    let head = HttpRequestHead {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(k, _)| !PRIVATE_HEADERS.contains(&k.as_str()))
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+    };
+    let mut call = match shared.invoke_local(function, body, head, trace_id) {
+        Ok(c) => c,
+        Err(e) => return error(&e),
+    };
+    let timeout = shared.opts.request_timeout;
+    let first = tokio::select! {
+        biased;
+        r = tokio::time::timeout(timeout, call.replies.recv()) => r,
+        _ = shared.closing.cancelled() => {
+            // Draining: let it finish within the drain deadline instead of answering 503.
+            tokio::time::timeout(shared.opts.drain_timeout, call.replies.recv()).await
+        }
+    };
+    match first {
+        Err(_) => error(&ErrorBody::new(
+            ErrorCode::DeadlineExceeded,
+            format!("`{function}` did not answer within {} s", timeout.as_secs()),
+        )),
+        Ok(None) => error(&ErrorBody::new(ErrorCode::Internal, "the invocation was dropped")),
+        Ok(Some(Reply::Done(Outcome::Ok { payload, http }))) => {
+            let head = http.unwrap_or(HttpResponseHead {
+                status: 200,
+                headers: vec![],
+            });
+            with_head(&head, full(payload.into_vec()))
+        }
+        Ok(Some(Reply::Done(Outcome::Error(e)))) | Ok(Some(Reply::End(Some(e)))) => error(&e),
+        Ok(Some(Reply::Start(head))) => {
+            let head = head.unwrap_or(HttpResponseHead {
+                status: 200,
+                headers: vec![],
+            });
+            let sse = head
+                .headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream"));
+            let body = ReplyBody {
+                call,
+                sse,
+                done: false,
+            };
+            with_head(&head, BodyExt::boxed_unsync(body))
+        }
+        Ok(Some(Reply::Chunk(_) | Reply::End(None))) => error(&ErrorBody::new(
+            ErrorCode::Internal,
+            "the worker streamed without starting a stream",
+        )),
+    }
+}
+
+/// A streamed answer. Dropping it early (the client left) drops the call, which cancels it.
+struct ReplyBody {
+    call: LocalCall,
+    sse: bool,
+    done: bool,
+}
+
+impl hyper::body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            let reply = match self.call.replies.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r,
+            };
+            let err = match reply {
+                Some(Reply::Chunk(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                Some(Reply::End(None)) => {
+                    self.done = true;
+                    return Poll::Ready(None);
+                }
+                Some(Reply::End(Some(e))) | Some(Reply::Done(Outcome::Error(e))) => e,
+                Some(Reply::Start(_)) | Some(Reply::Done(Outcome::Ok { .. })) => continue,
+                None => ErrorBody::new(ErrorCode::Internal, "the stream was dropped"),
+            };
+            self.done = true;
+            // An SSE client gets the error as an event; anything else sees the body break off.
+            return Poll::Ready(Some(if self.sse {
+                Ok(Frame::data(Bytes::from(format!("data: {}\n\n", err.openai_json()))))
+            } else {
+                Err(std::io::Error::other(err.to_string()))
+            }));
+        }
+    }
+}
+
+fn readyz(shared: &Shared) -> Response<Body> {
+    let (missing, triggers, workers) = {
+        let reg = shared.registry();
+        (reg.unserved_triggers(), reg.trigger_count(), reg.worker_count())
+    };
+    let ready = triggers > 0 && missing.is_empty();
+    let body = serde_json::json!({
+        "ready": ready,
+        "workers": workers,
+        "triggers": triggers,
+        "unserved_functions": missing,
+    });
+    json(if ready { 200 } else { 503 }, &body)
+}
+
+/// The trace id of a request: a valid `x-request-id`, else the trace of a `traceparent`, else new.
+fn trace_id_of(req: &Request<Incoming>) -> String {
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    if let Some(id) = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if valid(id) {
+            return id.to_string();
+        }
+    }
+    if let Some(tp) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = tp.split('-').collect();
+        if parts.len() == 4 && parts[1].len() == 32 && parts[1].bytes().all(|b| b.is_ascii_hexdigit()) {
+            return parts[1].to_ascii_lowercase();
+        }
+    }
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn json(status: u16, value: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(value.to_string()))
+        .expect("valid response")
+}
+
+/// The one place an error becomes an HTTP response.
+pub fn error(e: &ErrorBody) -> Response<Body> {
+    let mut resp = json(e.http_status(), &e.openai_json());
+    if e.http_status() == 429 || e.http_status() == 503 {
+        resp.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn with_head(head: &HttpResponseHead, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::OK);
+    for (k, v) in &head.headers {
+        let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) else {
+            continue;
+        };
+        if !PRIVATE_HEADERS.contains(&k.as_str()) && k != CONTENT_LENGTH {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    resp
+}

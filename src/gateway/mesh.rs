@@ -1,0 +1,294 @@
+//! The gateway's side of worker connections: handshake and authentication, then routing every
+//! message a worker sends. A worker that leaves fails its in-flight invocations at once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use subtle::ConstantTimeEq;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use super::builtins;
+use super::registry::{Reply, Sink, WorkerId};
+use super::Shared;
+use crate::protocol::{ErrorBody, Message, Outcome, PROTOCOL_VERSION};
+use crate::transport::{self, Outbox, Outgoing, RecvError};
+
+/// A worker must say `Hello` within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Silence after which the gateway pings, and after twice which it drops the worker.
+const IDLE: Duration = Duration::from_secs(15);
+
+static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
+
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "mesh accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing mesh connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_worker(stream, peer.to_string(), shared).await;
+        });
+    }
+}
+
+async fn serve_worker(stream: TcpStream, peer: String, shared: Arc<Shared>) {
+    let config = transport::ws_config(shared.opts.max_frame_bytes);
+    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "not a websocket handshake");
+            return;
+        }
+    };
+    let (sink, mut stream) = ws.split();
+    let outbox = transport::spawn_writer(sink);
+    let max = shared.opts.max_frame_bytes;
+
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, transport::recv(&mut stream, max)).await;
+    let name = match hello {
+        Ok(Ok(Message::Hello {
+            protocol,
+            name,
+            token,
+        })) => {
+            if protocol != PROTOCOL_VERSION {
+                let reason = format!(
+                    "protocol version {protocol} is not supported (this gateway speaks {PROTOCOL_VERSION})"
+                );
+                refuse(&shared, &outbox, &peer, "protocol", reason).await;
+                return;
+            }
+            if !token_matches(&token, &shared.opts.token) {
+                let reason = if token.is_empty() {
+                    "no worker token presented"
+                } else {
+                    "wrong worker token"
+                };
+                refuse(&shared, &outbox, &peer, "token", reason.into()).await;
+                return;
+            }
+            name
+        }
+        Ok(Ok(_)) => {
+            refuse(&shared, &outbox, &peer, "handshake", "first message must be hello".into())
+                .await;
+            return;
+        }
+        Ok(Err(e)) => {
+            refuse(&shared, &outbox, &peer, "handshake", format!("bad handshake: {e}")).await;
+            return;
+        }
+        Err(_) => {
+            refuse(&shared, &outbox, &peer, "handshake", "no hello within 10 s".into()).await;
+            return;
+        }
+    };
+
+    let id = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
+    shared.registry().add_worker(id, name.clone(), outbox.clone());
+    let _ = outbox
+        .send(Outgoing::Msg(Message::Welcome {
+            worker_id: id.to_string(),
+        }))
+        .await;
+    let span = tracing::info_span!("worker", worker = %name, id, %peer);
+    async {
+        tracing::info!("worker connected");
+        let why = read_loop(id, &mut stream, &outbox, &shared).await;
+        let departure = shared.registry().remove_worker(id);
+        tracing::info!(
+            reason = %why,
+            orphaned = departure.orphaned.len(),
+            "worker disconnected"
+        );
+        shared.worker_left(departure, &name).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn refuse(shared: &Shared, outbox: &Outbox, peer: &str, kind: &'static str, reason: String) {
+    tracing::warn!(%peer, %reason, "worker refused");
+    shared.metrics.worker_refused(kind);
+    let _ = outbox
+        .send(Outgoing::Msg(Message::Refused {
+            reason: reason.clone(),
+        }))
+        .await;
+    let _ = outbox.send(Outgoing::Close(reason)).await;
+}
+
+/// Constant-time comparison; an empty configured token refuses everyone.
+fn token_matches(given: &str, expected: &str) -> bool {
+    !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+async fn read_loop<S>(
+    me: WorkerId,
+    stream: &mut futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<S>>,
+    outbox: &Outbox,
+    shared: &Arc<Shared>,
+) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let max = shared.opts.max_frame_bytes;
+    let mut idle_ticks = 0;
+    loop {
+        let msg = match tokio::time::timeout(IDLE, transport::recv(stream, max)).await {
+            Err(_) => {
+                idle_ticks += 1;
+                if idle_ticks >= 2 {
+                    return "no message for 30 s".into();
+                }
+                let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce: 0 }));
+                continue;
+            }
+            Ok(Err(RecvError::Closed(reason))) => return format!("closed ({reason})"),
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                let _ = outbox.send(Outgoing::Close(reason.clone())).await;
+                return reason;
+            }
+            Ok(Ok(msg)) => msg,
+        };
+        idle_ticks = 0;
+        handle(me, msg, outbox, shared).await;
+    }
+}
+
+async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared>) {
+    match msg {
+        Message::RegisterFunction { name, .. } => {
+            if builtins::is_builtin(&name) {
+                tracing::warn!(function = %name, "a worker may not register a built-in name");
+                return;
+            }
+            tracing::info!(function = %name, "function registered");
+            shared.registry().register_function(me, &name);
+        }
+        Message::UnregisterFunction { name } => shared.registry().unregister_function(me, &name),
+        Message::RegisterTrigger {
+            method,
+            path,
+            function,
+        } => {
+            tracing::info!(%method, %path, %function, "trigger registered");
+            shared.registry().register_trigger(&method, &path, &function);
+        }
+        Message::Invoke {
+            id,
+            function,
+            payload,
+            timeout_ms,
+            trace_id,
+            http,
+        } => {
+            if builtins::is_builtin(&function) {
+                let shared = Arc::clone(shared);
+                let outbox = outbox.clone();
+                tokio::spawn(async move {
+                    let outcome = builtins::call(&shared.state, &function, &payload).await;
+                    let _ = outbox.send(Outgoing::Msg(Message::Result { id, outcome })).await;
+                });
+                return;
+            }
+            let routed = shared.registry().route(
+                &function,
+                Sink::Remote { worker: me, id },
+                Some((me, id)),
+                shared.opts.queue_depth,
+            );
+            match routed {
+                Ok(route) => {
+                    let msg = Message::Invoke {
+                        id: route.id,
+                        function,
+                        payload,
+                        timeout_ms,
+                        trace_id,
+                        http,
+                    };
+                    let _ = route.outbox.send(Outgoing::Msg(msg)).await;
+                }
+                Err(e) => {
+                    let outcome = Outcome::Error(e.to_error(&function));
+                    let _ = outbox.send(Outgoing::Msg(Message::Result { id, outcome })).await;
+                }
+            }
+        }
+        Message::Result { id, outcome } => {
+            let sink = shared.registry().complete(id, me);
+            if let Some(sink) = sink {
+                shared.deliver(id, sink, Reply::Done(outcome)).await;
+            }
+        }
+        Message::StreamStart { id, http } => {
+            let sink = shared.registry().sink(id, me);
+            if let Some(sink) = sink {
+                shared.deliver(id, sink, Reply::Start(http)).await;
+            }
+        }
+        Message::StreamChunk { id, data } => {
+            let sink = shared.registry().sink(id, me);
+            if let Some(sink) = sink {
+                let data = bytes::Bytes::from(data.into_vec());
+                shared.deliver(id, sink, Reply::Chunk(data)).await;
+            }
+        }
+        Message::StreamEnd { id, error } => {
+            let sink = shared.registry().complete(id, me);
+            if let Some(sink) = sink {
+                shared.deliver(id, sink, Reply::End(error)).await;
+            }
+        }
+        Message::Cancel { id } => {
+            let target = shared.registry().cancel_from_origin(me, id);
+            if let Some(t) = target {
+                let _ = t.outbox.send(Outgoing::Msg(Message::Cancel { id: t.id })).await;
+            }
+        }
+        Message::Draining {} => {
+            tracing::info!("worker is draining; no new work goes to it");
+            shared.registry().set_draining(me);
+        }
+        Message::Ping { nonce } => {
+            let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));
+        }
+        Message::Pong { .. } | Message::Unknown => {}
+        Message::Hello { .. } | Message::Welcome { .. } | Message::Refused { .. } => {
+            let err = ErrorBody::new(
+                crate::protocol::ErrorCode::BadRequest,
+                "unexpected handshake message",
+            );
+            tracing::warn!(error = %err, "ignoring message");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn tokens_compare_exactly_and_empty_refuses_all() {
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cre", "s3cret"));
+        assert!(!token_matches("", ""));
+    }
+}

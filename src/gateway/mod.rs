@@ -1,0 +1,214 @@
+//! The gateway: public HTTP API, private worker mesh, routing, and the state built-in.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0 and never
+//! sleep. The parts: [`registry`] (who serves what), [`mesh`] (worker connections), [`http`]
+//! (the HTTP front), [`builtins`] (`state::*`), [`crate::metrics`].
+
+pub mod builtins;
+pub mod http;
+pub mod mesh;
+pub mod registry;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::protocol::{ErrorBody, ErrorCode, HttpRequestHead, Message, Outcome};
+use crate::state::StateStore;
+use crate::transport::Outgoing;
+use registry::{Registry, Reply, Sink};
+
+/// Limits and secrets the gateway enforces, taken from [`Settings`].
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    pub token: String,
+    pub max_frame_bytes: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub queue_depth: usize,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+impl GatewayOptions {
+    pub fn from_settings(s: &Settings, token: String) -> Self {
+        GatewayOptions {
+            token,
+            max_frame_bytes: s.max_frame_bytes,
+            max_body_bytes: s.max_body_bytes,
+            request_timeout: Duration::from_secs(s.request_timeout_secs),
+            queue_depth: s.queue_depth,
+            max_connections: s.max_connections,
+            drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+        }
+    }
+}
+
+/// State shared by every task of the gateway.
+pub struct Shared {
+    pub opts: GatewayOptions,
+    pub state: StateStore,
+    pub metrics: Metrics,
+    registry: Mutex<Registry>,
+    pub connections: Arc<Semaphore>,
+    /// Cancelled when the gateway starts shutting down.
+    pub closing: CancellationToken,
+}
+
+impl Shared {
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Invokes `function` for the HTTP front. Built-ins are not reachable this way.
+    pub fn invoke_local(
+        self: &Arc<Self>,
+        function: &str,
+        payload: Bytes,
+        http: HttpRequestHead,
+        trace_id: &str,
+    ) -> Result<LocalCall, ErrorBody> {
+        let (tx, rx) = mpsc::channel(256);
+        let route = self
+            .registry()
+            .route(function, Sink::Local(tx), None, self.opts.queue_depth)
+            .map_err(|e| e.to_error(function))?;
+        let msg = Message::Invoke {
+            id: route.id,
+            function: function.to_string(),
+            payload: serde_bytes::ByteBuf::from(Vec::from(payload)),
+            timeout_ms: self.opts.request_timeout.as_millis() as u64,
+            trace_id: trace_id.to_string(),
+            http: Some(http),
+        };
+        if route.outbox.try_send(Outgoing::Msg(msg)).is_err() {
+            self.registry().cancel(route.id);
+            return Err(ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!("the worker serving `{function}` is not keeping up; retry shortly"),
+            ));
+        }
+        Ok(LocalCall {
+            id: route.id,
+            replies: rx,
+            shared: Arc::clone(self),
+        })
+    }
+
+    /// Delivers one answer to wherever its invocation came from.
+    pub async fn deliver(self: &Arc<Self>, id: u64, sink: Sink, reply: Reply) {
+        match sink {
+            Sink::Local(tx) => {
+                if tx.try_send(reply).is_err() {
+                    // The HTTP client is gone or too slow to keep up: stop the work.
+                    self.cancel(id).await;
+                }
+            }
+            Sink::Remote { worker, id: their_id } => {
+                let Some(outbox) = self.registry().outbox(worker) else {
+                    return;
+                };
+                let msg = match reply {
+                    Reply::Done(outcome) => Message::Result {
+                        id: their_id,
+                        outcome,
+                    },
+                    Reply::Start(http) => Message::StreamStart { id: their_id, http },
+                    Reply::Chunk(data) => Message::StreamChunk {
+                        id: their_id,
+                        data: serde_bytes::ByteBuf::from(Vec::from(data)),
+                    },
+                    Reply::End(error) => Message::StreamEnd { id: their_id, error },
+                };
+                let _ = outbox.send(Outgoing::Msg(msg)).await;
+            }
+        }
+    }
+
+    /// Cancels an invocation wherever it runs.
+    pub async fn cancel(&self, id: u64) {
+        let target = self.registry().cancel(id);
+        if let Some(t) = target {
+            let _ = t.outbox.send(Outgoing::Msg(Message::Cancel { id: t.id })).await;
+        }
+    }
+
+    /// Fails every invocation left without a worker, and cancels the calls it had made.
+    pub async fn worker_left(self: &Arc<Self>, departure: registry::Departure, name: &str) {
+        for t in departure.abandoned {
+            let _ = t.outbox.send(Outgoing::Msg(Message::Cancel { id: t.id })).await;
+        }
+        for (id, sink) in departure.orphaned {
+            let err = ErrorBody::new(
+                ErrorCode::WorkerLost,
+                format!("worker `{name}` disconnected while handling this request"),
+            );
+            self.deliver(id, sink, Reply::Done(Outcome::Error(err))).await;
+        }
+    }
+}
+
+/// An invocation made by the HTTP front. Dropping it before the answer arrives cancels it
+/// (once answered, the registry no longer knows the id and the cancel is a no-op).
+pub struct LocalCall {
+    pub id: u64,
+    pub replies: mpsc::Receiver<Reply>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for LocalCall {
+    fn drop(&mut self) {
+        let target = self.shared.registry().cancel(self.id);
+        if let Some(t) = target {
+            let _ = t.outbox.try_send(Outgoing::Msg(Message::Cancel { id: t.id }));
+        }
+    }
+}
+
+/// The bound sockets of a gateway.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub mesh: TcpListener,
+}
+
+/// Runs the gateway until `shutdown` completes, then drains and flushes.
+pub async fn run(
+    listeners: Listeners,
+    opts: GatewayOptions,
+    state: StateStore,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared {
+        connections: Arc::new(Semaphore::new(opts.max_connections)),
+        opts,
+        state,
+        metrics: Metrics::default(),
+        registry: Mutex::new(Registry::default()),
+        closing: CancellationToken::new(),
+    });
+    tracing::info!(
+        http = %listeners.http.local_addr()?,
+        mesh = %listeners.mesh.local_addr()?,
+        "gateway listening"
+    );
+    let mesh_task = tokio::spawn(mesh::accept_loop(listeners.mesh, Arc::clone(&shared)));
+    let http_task = tokio::spawn(http::serve(listeners.http, Arc::clone(&shared)));
+    shutdown.await;
+    tracing::info!("gateway shutting down: draining HTTP requests");
+    shared.closing.cancel();
+    let drain = shared.opts.drain_timeout;
+    if tokio::time::timeout(drain, http_task).await.is_err() {
+        tracing::warn!(?drain, "HTTP requests still running at the drain deadline");
+    }
+    mesh_task.abort();
+    shared.state.flush_now()?;
+    tracing::info!("gateway stopped; state flushed");
+    Ok(())
+}

@@ -1,0 +1,422 @@
+//! The gateway's routing tables: live workers, the functions and triggers they registered, and
+//! every invocation in flight. Pure bookkeeping under one lock; all I/O happens outside it.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Outcome};
+use crate::transport::Outbox;
+
+pub type WorkerId = u64;
+pub type InvocationId = u64;
+
+/// What a local (HTTP) caller receives for its invocation.
+#[derive(Debug)]
+pub enum Reply {
+    Done(Outcome),
+    Start(Option<HttpResponseHead>),
+    Chunk(Bytes),
+    End(Option<ErrorBody>),
+}
+
+/// Where an invocation's answer goes.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// The gateway's own HTTP front.
+    Local(mpsc::Sender<Reply>),
+    /// A worker that called through the gateway; `id` is its own invocation id.
+    Remote { worker: WorkerId, id: u64 },
+}
+
+struct Worker {
+    name: String,
+    outbox: Outbox,
+    inflight: usize,
+    draining: bool,
+}
+
+struct Pending {
+    worker: WorkerId,
+    function: String,
+    sink: Sink,
+    origin: Option<(WorkerId, u64)>,
+}
+
+/// A worker chosen for an invocation.
+pub struct Route {
+    pub id: InvocationId,
+    pub outbox: Outbox,
+    pub worker: WorkerId,
+}
+
+/// A cancel to send to the worker running `id`.
+pub struct CancelTarget {
+    pub id: InvocationId,
+    pub outbox: Outbox,
+}
+
+/// What became of a removed worker's invocations.
+#[derive(Default)]
+pub struct Departure {
+    /// Answers it owed: each gets a `worker_lost` error.
+    pub orphaned: Vec<(InvocationId, Sink)>,
+    /// Calls it had made: each is cancelled where it runs.
+    pub abandoned: Vec<CancelTarget>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteError {
+    NoWorker,
+    Overloaded { depth: usize },
+}
+
+impl RouteError {
+    pub fn to_error(&self, function: &str) -> ErrorBody {
+        match self {
+            RouteError::NoWorker => ErrorBody::new(
+                ErrorCode::NoWorker,
+                format!("no live worker serves `{function}`"),
+            ),
+            RouteError::Overloaded { depth } => ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!("`{function}` already has {depth} invocations in flight; retry shortly"),
+            ),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    workers: HashMap<WorkerId, Worker>,
+    /// Function → workers that serve it, in registration order.
+    functions: HashMap<String, Vec<WorkerId>>,
+    function_inflight: HashMap<String, usize>,
+    /// (method, path) → function.
+    triggers: HashMap<(String, String), String>,
+    pending: HashMap<InvocationId, Pending>,
+    by_origin: HashMap<(WorkerId, u64), InvocationId>,
+    next_id: InvocationId,
+    rotation: usize,
+}
+
+/// One line of `meshd status` / the metrics: a function and its workers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FunctionStatus {
+    pub function: String,
+    pub workers: Vec<String>,
+    pub inflight: usize,
+}
+
+impl Registry {
+    pub fn add_worker(&mut self, id: WorkerId, name: String, outbox: Outbox) {
+        self.workers.insert(
+            id,
+            Worker {
+                name,
+                outbox,
+                inflight: 0,
+                draining: false,
+            },
+        );
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn register_function(&mut self, worker: WorkerId, function: &str) {
+        let list = self.functions.entry(function.to_string()).or_default();
+        if !list.contains(&worker) {
+            list.push(worker);
+        }
+    }
+
+    pub fn unregister_function(&mut self, worker: WorkerId, function: &str) {
+        if let Some(list) = self.functions.get_mut(function) {
+            list.retain(|w| *w != worker);
+        }
+    }
+
+    pub fn register_trigger(&mut self, method: &str, path: &str, function: &str) {
+        self.triggers.insert(
+            (method.to_ascii_uppercase(), path.to_string()),
+            function.to_string(),
+        );
+    }
+
+    /// The function behind `method path`; `Err(true)` when the path exists with another method.
+    pub fn trigger(&self, method: &str, path: &str) -> Result<String, bool> {
+        if let Some(f) = self.triggers.get(&(method.to_string(), path.to_string())) {
+            return Ok(f.clone());
+        }
+        Err(self.triggers.keys().any(|(_, p)| p == path))
+    }
+
+    pub fn set_draining(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.draining = true;
+        }
+    }
+
+    fn live_workers(&self, function: &str) -> impl Iterator<Item = (WorkerId, &Worker)> {
+        self.functions
+            .get(function)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.workers.get(id).map(|w| (*id, w)))
+            .filter(|(_, w)| !w.draining)
+    }
+
+    /// Functions behind triggers that have no live worker (empty means ready).
+    pub fn unserved_triggers(&self) -> Vec<String> {
+        let mut missing: Vec<String> = self
+            .triggers
+            .values()
+            .filter(|f| self.live_workers(f).next().is_none())
+            .cloned()
+            .collect();
+        missing.sort();
+        missing.dedup();
+        missing
+    }
+
+    pub fn trigger_count(&self) -> usize {
+        self.triggers.len()
+    }
+
+    /// Picks the least-loaded live worker for `function` (ties rotate) and records the invocation.
+    pub fn route(
+        &mut self,
+        function: &str,
+        sink: Sink,
+        origin: Option<(WorkerId, u64)>,
+        queue_depth: usize,
+    ) -> Result<Route, RouteError> {
+        let inflight = self.function_inflight.get(function).copied().unwrap_or(0);
+        let candidates: Vec<(WorkerId, usize)> = self
+            .live_workers(function)
+            .map(|(id, w)| (id, w.inflight))
+            .collect();
+        if candidates.is_empty() {
+            return Err(RouteError::NoWorker);
+        }
+        if inflight >= queue_depth {
+            return Err(RouteError::Overloaded { depth: inflight });
+        }
+        self.rotation = self.rotation.wrapping_add(1);
+        let start = self.rotation % candidates.len();
+        let (worker, _) = candidates[start..]
+            .iter()
+            .chain(&candidates[..start])
+            .min_by_key(|(_, load)| *load)
+            .copied()
+            .expect("candidates is not empty");
+        self.next_id += 1;
+        let id = self.next_id;
+        let w = self.workers.get_mut(&worker).expect("live worker");
+        w.inflight += 1;
+        let outbox = w.outbox.clone();
+        *self.function_inflight.entry(function.to_string()).or_default() += 1;
+        if let Some(o) = origin {
+            self.by_origin.insert(o, id);
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                worker,
+                function: function.to_string(),
+                sink,
+                origin,
+            },
+        );
+        Ok(Route { id, outbox, worker })
+    }
+
+    /// The sink of a running invocation, if `from` is the worker running it.
+    pub fn sink(&self, id: InvocationId, from: WorkerId) -> Option<Sink> {
+        self.pending
+            .get(&id)
+            .filter(|p| p.worker == from)
+            .map(|p| p.sink.clone())
+    }
+
+    /// Ends an invocation answered by `from`; returns where the answer goes.
+    pub fn complete(&mut self, id: InvocationId, from: WorkerId) -> Option<Sink> {
+        if self.pending.get(&id)?.worker != from {
+            return None;
+        }
+        self.finish(id).map(|p| p.sink)
+    }
+
+    fn finish(&mut self, id: InvocationId) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Some(w) = self.workers.get_mut(&p.worker) {
+            w.inflight = w.inflight.saturating_sub(1);
+        }
+        if let Some(n) = self.function_inflight.get_mut(&p.function) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(o) = p.origin {
+            self.by_origin.remove(&o);
+        }
+        Some(p)
+    }
+
+    /// Cancels an invocation (its HTTP client left, or its deadline passed).
+    pub fn cancel(&mut self, id: InvocationId) -> Option<CancelTarget> {
+        let p = self.finish(id)?;
+        let outbox = self.workers.get(&p.worker)?.outbox.clone();
+        Some(CancelTarget { id, outbox })
+    }
+
+    /// Cancels what worker `origin` called as its invocation `id`.
+    pub fn cancel_from_origin(&mut self, origin: WorkerId, id: u64) -> Option<CancelTarget> {
+        let gid = *self.by_origin.get(&(origin, id))?;
+        self.cancel(gid)
+    }
+
+    pub fn outbox(&self, worker: WorkerId) -> Option<Outbox> {
+        self.workers.get(&worker).map(|w| w.outbox.clone())
+    }
+
+    /// Removes a worker and everything it registered; says what its departure leaves behind.
+    pub fn remove_worker(&mut self, worker: WorkerId) -> Departure {
+        self.workers.remove(&worker);
+        for list in self.functions.values_mut() {
+            list.retain(|w| *w != worker);
+        }
+        let mut departure = Departure::default();
+        let ids: Vec<InvocationId> = self.pending.keys().copied().collect();
+        for id in ids {
+            let p = &self.pending[&id];
+            let ran_here = p.worker == worker;
+            let called_from_here = matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker);
+            if ran_here {
+                let p = self.finish(id).expect("present");
+                if !matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
+                    departure.orphaned.push((id, p.sink));
+                }
+            } else if called_from_here {
+                if let Some(c) = self.cancel(id) {
+                    departure.abandoned.push(c);
+                }
+            }
+        }
+        departure
+    }
+
+    pub fn status(&self) -> Vec<FunctionStatus> {
+        let mut out: Vec<FunctionStatus> = self
+            .functions
+            .iter()
+            .map(|(f, ids)| FunctionStatus {
+                function: f.clone(),
+                workers: ids
+                    .iter()
+                    .filter_map(|id| self.workers.get(id))
+                    .map(|w| format!("{}{}", w.name, if w.draining { " (draining)" } else { "" }))
+                    .collect(),
+                inflight: self.function_inflight.get(f).copied().unwrap_or(0),
+            })
+            .filter(|s| !s.workers.is_empty())
+            .collect();
+        out.sort_by(|a, b| a.function.cmp(&b.function));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox() -> Outbox {
+        mpsc::channel(8).0
+    }
+
+    fn local() -> Sink {
+        Sink::Local(mpsc::channel(8).0)
+    }
+
+    #[test]
+    fn routes_to_the_least_loaded_worker_and_spreads_ties() {
+        let mut r = Registry::default();
+        r.add_worker(1, "a".into(), outbox());
+        r.add_worker(2, "b".into(), outbox());
+        r.register_function(1, "f");
+        r.register_function(2, "f");
+        let first = r.route("f", local(), None, 100).unwrap();
+        let second = r.route("f", local(), None, 100).unwrap();
+        assert_ne!(first.worker, second.worker, "a loaded worker is passed over");
+        r.complete(first.id, first.worker).unwrap();
+        r.complete(second.id, second.worker).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let route = r.route("f", local(), None, 100).unwrap();
+            seen.insert(route.worker);
+            r.complete(route.id, route.worker);
+        }
+        assert_eq!(seen.len(), 2, "idle workers share the work");
+    }
+
+    #[test]
+    fn no_worker_and_overload_are_told_apart() {
+        let mut r = Registry::default();
+        assert_eq!(r.route("f", local(), None, 1).err(), Some(RouteError::NoWorker));
+        r.add_worker(1, "a".into(), outbox());
+        r.register_function(1, "f");
+        r.route("f", local(), None, 1).unwrap();
+        assert_eq!(
+            r.route("f", local(), None, 1).err(),
+            Some(RouteError::Overloaded { depth: 1 })
+        );
+        r.set_draining(1);
+        assert_eq!(r.route("f", local(), None, 9).err(), Some(RouteError::NoWorker));
+    }
+
+    #[test]
+    fn a_departing_worker_orphans_its_work_and_abandons_its_calls() {
+        let mut r = Registry::default();
+        r.add_worker(1, "caller".into(), outbox());
+        r.add_worker(2, "infer".into(), outbox());
+        r.register_function(1, "outer");
+        r.register_function(2, "inner");
+        let outer = r.route("outer", local(), None, 9).unwrap();
+        let inner = r
+            .route("inner", Sink::Remote { worker: 1, id: 5 }, Some((1, 5)), 9)
+            .unwrap();
+        let d = r.remove_worker(1);
+        assert_eq!(d.orphaned.len(), 1);
+        assert_eq!(d.orphaned[0].0, outer.id);
+        assert_eq!(d.abandoned.len(), 1);
+        assert_eq!(d.abandoned[0].id, inner.id);
+        assert!(r.complete(inner.id, 2).is_none(), "already cancelled");
+        assert!(r.cancel_from_origin(1, 5).is_none());
+    }
+
+    #[test]
+    fn only_the_running_worker_may_answer() {
+        let mut r = Registry::default();
+        r.add_worker(1, "a".into(), outbox());
+        r.add_worker(2, "b".into(), outbox());
+        r.register_function(1, "f");
+        let route = r.route("f", local(), None, 9).unwrap();
+        assert!(r.complete(route.id, 2).is_none());
+        assert!(r.complete(route.id, 1).is_some());
+    }
+
+    #[test]
+    fn triggers_survive_their_worker_and_readiness_names_the_gap() {
+        let mut r = Registry::default();
+        r.add_worker(1, "a".into(), outbox());
+        r.register_function(1, "f");
+        r.register_trigger("post", "/x", "f");
+        assert_eq!(r.trigger("POST", "/x"), Ok("f".to_string()));
+        assert_eq!(r.trigger("GET", "/x"), Err(true));
+        assert_eq!(r.trigger("GET", "/y"), Err(false));
+        assert!(r.unserved_triggers().is_empty());
+        r.remove_worker(1);
+        assert_eq!(r.unserved_triggers(), ["f"]);
+    }
+}

@@ -1,0 +1,18 @@
+//! meshd: a private, OpenAI-compatible LLM endpoint behind a secure worker mesh.
+//!
+//! One binary runs every role: the [`gateway`] (public HTTP, private mesh, state), workers built on
+//! [`worker`] (the caller and infer roles in [`roles`]), and all of them at once ([`up`]).
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod gateway;
+pub mod metrics;
+pub mod openai;
+pub mod protocol;
+pub mod roles;
+pub mod state;
+pub mod telemetry;
+pub mod transport;
+pub mod up;
+pub mod worker;

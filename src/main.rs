@@ -1,0 +1,310 @@
+//! The `meshd` binary: parses the command line, loads the role's settings, starts logging and
+//! hands off to the role. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use meshd::config::{LogFormat, Role, Settings};
+use meshd::engine::{Engine, EngineConfig};
+use meshd::gateway::{self, GatewayOptions};
+use meshd::state::StateStore;
+use meshd::worker::WorkerOptions;
+use meshd::{roles, telemetry, up};
+
+#[derive(Parser)]
+#[command(name = "meshd", version, about = "A private, OpenAI-compatible LLM endpoint behind a secure worker mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The public HTTP API (:3111) and the private worker mesh (:49134), with the state built-in.
+    Gateway(RoleArgs<GatewayFlags>),
+    /// A worker that validates HTTP requests and shapes responses.
+    Caller(RoleArgs<WorkerFlags>),
+    /// A worker that owns the model (llama.cpp) and the math function.
+    Infer(RoleArgs<InferFlags>),
+    /// Gateway, caller and infer in one process on loopback.
+    Up(RoleArgs<UpFlags>),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Loads and validates a role's config file; exit 1 with the reason when it is wrong.
+    Check {
+        file: PathBuf,
+        /// The role (default: the file's name, e.g. `gateway.toml` → gateway).
+        #[arg(long)]
+        role: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct RoleArgs<F: Args> {
+    /// A TOML file of settings (see roles/).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: F,
+}
+
+/// Flags every role takes. `None` means "not given": lower layers decide.
+#[derive(Args, Serialize)]
+struct CommonFlags {
+    /// `human` or `json`.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+    /// A tracing filter such as `info` or `meshd=debug`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_level: Option<String>,
+    /// Seconds to finish in-flight work after SIGTERM.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_timeout_secs: Option<u64>,
+}
+
+#[derive(Args, Serialize)]
+struct ListenFlags {
+    /// Public HTTP listener, e.g. `0.0.0.0:3111`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_addr: Option<String>,
+    /// Private mesh listener, e.g. `:49134`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mesh_addr: Option<String>,
+    /// Directory of the sled state.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Largest HTTP request body, in bytes.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_body_bytes: Option<usize>,
+    /// Invocations of one function in flight at once before 429.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_depth: Option<usize>,
+}
+
+#[derive(Args, Serialize)]
+struct TokenFlags {
+    /// The shared mesh secret (prefer --worker-token-file).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_token: Option<String>,
+    /// A file holding the shared mesh secret.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_token_file: Option<PathBuf>,
+}
+
+#[derive(Args, Serialize)]
+struct ConnectFlags {
+    /// The gateway's mesh address, e.g. `ws://10.20.1.10:49134`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway_url: Option<String>,
+    /// This worker's name in logs.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+}
+
+#[derive(Args, Serialize)]
+struct ModelFlags {
+    /// The GGUF model file.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<PathBuf>,
+    /// Sequences generated at once.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slots: Option<u32>,
+    /// Context positions per slot.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ctx_per_slot: Option<u32>,
+    /// Inference threads (0: one per core).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    threads: Option<u32>,
+    /// Layers offloaded to the GPU.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    n_gpu_layers: Option<u32>,
+}
+
+#[derive(Args, Serialize)]
+struct GatewayFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    listen: ListenFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    token: TokenFlags,
+}
+
+#[derive(Args, Serialize)]
+struct WorkerFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    connect: ConnectFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    token: TokenFlags,
+}
+
+#[derive(Args, Serialize)]
+struct InferFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    worker: WorkerFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    model: ModelFlags,
+}
+
+#[derive(Args, Serialize)]
+struct UpFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    listen: ListenFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    model: ModelFlags,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load<F: Args + Serialize>(role: Role, args: &RoleArgs<F>) -> anyhow::Result<Settings> {
+    let settings = Settings::load(role, args.config.as_deref(), &args.flags)?;
+    telemetry::init(settings.log_format, &settings.log_level);
+    Ok(settings)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn worker_options(s: &Settings) -> anyhow::Result<WorkerOptions> {
+    let token = s
+        .token()?
+        .context("a worker needs the mesh token: set worker_token_file (or --worker-token-file)")?;
+    Ok(WorkerOptions {
+        name: s.name.clone(),
+        gateway_url: s.gateway_url.clone(),
+        token,
+        max_frame_bytes: s.max_frame_bytes,
+        max_concurrency: s.max_concurrency,
+        drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Config(ConfigCommand::Check { file, role }) => {
+            let role_name = match role {
+                Some(r) => r,
+                None => file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            };
+            let role = Role::parse(&role_name).with_context(|| {
+                format!("cannot tell the role of {}: pass --role gateway|caller|infer|up", file.display())
+            })?;
+            Settings::load(role, Some(&file), serde_json::json!({}))?;
+            println!("{}: valid `meshd {}` configuration", file.display(), role.name());
+            Ok(())
+        }
+        Command::Gateway(args) => {
+            let settings = load(Role::Gateway, &args)?;
+            let token = settings.token()?.context(
+                "the gateway needs a worker token: set worker_token_file (or --worker-token-file)",
+            )?;
+            runtime()?.block_on(async {
+                let listeners = up::bind(&settings).await?;
+                announce(&listeners)?;
+                let state = StateStore::open(&settings.data_dir)
+                    .with_context(|| format!("cannot open state in {}", settings.data_dir.display()))?;
+                let opts = GatewayOptions::from_settings(&settings, token);
+                gateway::run(listeners, opts, state, shutdown_signal()).await
+            })
+        }
+        Command::Caller(args) => {
+            let settings = load(Role::Caller, &args)?;
+            let opts = worker_options(&settings)?;
+            runtime()?.block_on(roles::caller(opts).run(shutdown_signal()));
+            Ok(())
+        }
+        Command::Infer(args) => {
+            let settings = load(Role::Infer, &args)?;
+            let opts = worker_options(&settings)?;
+            runtime()?.block_on(async {
+                let engine = Engine::start(EngineConfig::from_settings(&settings)).await?;
+                roles::infer(opts, engine).run(shutdown_signal()).await;
+                Ok(())
+            })
+        }
+        Command::Up(args) => {
+            let settings = load(Role::Up, &args)?;
+            runtime()?.block_on(async {
+                let listeners = up::bind(&settings).await?;
+                announce(&listeners)?;
+                up::run(settings, listeners, shutdown_signal()).await
+            })
+        }
+    }
+}
+
+/// Prints the bound addresses on stdout (tests and scripts read them back when binding port 0).
+fn announce(l: &gateway::Listeners) -> anyhow::Result<()> {
+    println!(
+        "meshd listening http={} mesh={}",
+        l.http.local_addr()?,
+        l.mesh.local_addr()?
+    );
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,156 @@
+//! Prometheus text metrics, all prefixed `meshd_`. Label values come only from bounded sets
+//! (registered routes, status codes, refusal kinds), never from raw request input.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::gateway::registry::FunctionStatus;
+
+const BOUNDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    buckets: [u64; BOUNDS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, b) in BOUNDS.iter().enumerate() {
+            if secs <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: BTreeMap<(String, u16), u64>,
+    latency: BTreeMap<String, Histogram>,
+    refused: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn http_request(&self, route: &str, status: u16, elapsed: Duration) {
+        let mut m = self.lock();
+        *m.requests.entry((route.to_string(), status)).or_default() += 1;
+        m.latency
+            .entry(route.to_string())
+            .or_default()
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn worker_refused(&self, kind: &'static str) {
+        *self.lock().refused.entry(kind).or_default() += 1;
+    }
+
+    /// Renders every metric, with the registry's live view for the gauges.
+    pub fn render(&self, functions: &[FunctionStatus], workers: usize) -> String {
+        let m = self.lock();
+        let mut out = String::new();
+        out.push_str("# HELP meshd_http_requests_total HTTP requests answered, by route and status.\n");
+        out.push_str("# TYPE meshd_http_requests_total counter\n");
+        for ((route, status), n) in &m.requests {
+            let _ = writeln!(
+                out,
+                "meshd_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+        out.push_str("# HELP meshd_http_request_duration_seconds Time to the response head, by route.\n");
+        out.push_str("# TYPE meshd_http_request_duration_seconds histogram\n");
+        for (route, h) in &m.latency {
+            let route = escape(route);
+            for (b, n) in BOUNDS.iter().zip(h.buckets) {
+                let _ = writeln!(
+                    out,
+                    "meshd_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "meshd_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "meshd_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "meshd_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+                h.count
+            );
+        }
+        out.push_str("# HELP meshd_workers_refused_total Mesh connections refused, by reason.\n");
+        out.push_str("# TYPE meshd_workers_refused_total counter\n");
+        for (kind, n) in &m.refused {
+            let _ = writeln!(out, "meshd_workers_refused_total{{reason=\"{kind}\"}} {n}");
+        }
+        out.push_str("# HELP meshd_workers_connected Workers connected to the mesh.\n");
+        out.push_str("# TYPE meshd_workers_connected gauge\n");
+        let _ = writeln!(out, "meshd_workers_connected {workers}");
+        out.push_str("# HELP meshd_function_workers Live workers serving each function.\n");
+        out.push_str("# TYPE meshd_function_workers gauge\n");
+        for f in functions {
+            let _ = writeln!(
+                out,
+                "meshd_function_workers{{function=\"{}\"}} {}",
+                escape(&f.function),
+                f.workers.len()
+            );
+        }
+        out.push_str("# HELP meshd_function_inflight Invocations in flight (the admission queue depth), by function.\n");
+        out.push_str("# TYPE meshd_function_inflight gauge\n");
+        for f in functions {
+            let _ = writeln!(
+                out,
+                "meshd_function_inflight{{function=\"{}\"}} {}",
+                escape(&f.function),
+                f.inflight
+            );
+        }
+        out
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.http_request("/x", 200, Duration::from_millis(3));
+        m.http_request("/x", 200, Duration::from_millis(300));
+        m.worker_refused("token");
+        let text = m.render(&[], 2);
+        assert!(text.contains("meshd_http_requests_total{route=\"/x\",status=\"200\"} 2"));
+        assert!(text.contains("meshd_http_request_duration_seconds_bucket{route=\"/x\",le=\"0.005\"} 1"));
+        assert!(text.contains("meshd_http_request_duration_seconds_bucket{route=\"/x\",le=\"0.5\"} 2"));
+        assert!(text.contains("meshd_workers_refused_total{reason=\"token\"} 1"));
+        assert!(text.contains("meshd_workers_connected 2"));
+    }
+}

@@ -1,0 +1,452 @@
+//! The OpenAI-compatible API: requests are validated into [`ValidRequest`] (the only thing the
+//! caller sends on to inference), and generations are shaped into `chat.completion`,
+//! `chat.completion.chunk` and `text_completion` objects. Every field is either used, accepted and
+//! ignored (documented), or refused with a 400 naming it.
+
+use serde_json::{json, Map, Value};
+
+use crate::api::{ChatMessage, Completion, FinishReason, GenerateRequest, Prompt, Sampling};
+use crate::protocol::{ErrorBody, ErrorCode};
+
+/// Limits on what a request may ask for.
+pub const MAX_MESSAGES: usize = 1024;
+pub const MAX_STOPS: usize = 4;
+pub const MAX_STOP_LEN: usize = 256;
+pub const MAX_TOKENS_LIMIT: u64 = 1 << 20;
+
+/// Fields accepted and ignored: they change nothing a single-model server does.
+const IGNORED: [&str; 6] = ["user", "metadata", "store", "service_tier", "parallel_tool_calls", "logprobs"];
+/// Fields refused because meshd does not implement them.
+const UNSUPPORTED: [&str; 12] = [
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "logit_bias",
+    "top_logprobs",
+    "audio",
+    "modalities",
+    "prediction",
+    "response_format",
+    "suffix",
+    "best_of",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub kind: Kind,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub generate: GenerateRequest,
+}
+
+fn invalid(msg: impl Into<String>, param: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::BadRequest, msg).with_param(param)
+}
+
+/// Validates a `/v1/chat/completions` or `/v1/completions` body.
+pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidRequest, ErrorBody> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ErrorBody::new(ErrorCode::BadRequest, format!("We could not parse the JSON body of your request: {e}"))
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(ErrorBody::new(ErrorCode::BadRequest, "the request body must be a JSON object"));
+    };
+    let main = match kind {
+        Kind::Chat => "messages",
+        Kind::Completion => "prompt",
+    };
+    for key in obj.keys() {
+        if UNSUPPORTED.contains(&key.as_str()) && !obj[key].is_null() {
+            return Err(invalid(format!("`{key}` is not supported by this server"), key));
+        }
+        let known = [
+            "model", main, "stream", "stream_options", "max_tokens", "max_completion_tokens",
+            "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "presence_penalty",
+            "frequency_penalty", "repetition_penalty", "echo",
+        ];
+        if !known.contains(&key.as_str()) && !IGNORED.contains(&key.as_str()) && !UNSUPPORTED.contains(&key.as_str()) {
+            return Err(invalid(format!("Unrecognized request argument supplied: {key}"), key));
+        }
+    }
+    if obj.get("logprobs").is_some_and(|v| v.as_bool() == Some(true) || v.is_number()) {
+        return Err(invalid("`logprobs` is not supported by this server", "logprobs"));
+    }
+    if obj.get("echo").is_some_and(|v| v.as_bool() == Some(true)) {
+        return Err(invalid("`echo` is not supported by this server", "echo"));
+    }
+
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+        Some(_) => return Err(invalid("`model` must be a non-empty string", "model")),
+    };
+    let prompt = match kind {
+        Kind::Chat => Prompt::Chat {
+            messages: messages(obj.get("messages"))?,
+        },
+        Kind::Completion => Prompt::Text {
+            text: completion_prompt(obj.get("prompt"))?,
+        },
+    };
+    let stream = opt_bool(&obj, "stream")?.unwrap_or(false);
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(invalid("`stream_options.include_usage` must be a boolean", "stream_options")),
+        },
+        Some(_) => return Err(invalid("`stream_options` must be an object", "stream_options")),
+    };
+    if let Some(n) = obj.get("n").filter(|v| !v.is_null()) {
+        if n.as_u64() != Some(1) {
+            return Err(invalid("only `n: 1` is supported", "n"));
+        }
+    }
+    let max_tokens = match (int(&obj, "max_completion_tokens")?, int(&obj, "max_tokens")?) {
+        (Some(n), _) | (None, Some(n)) => {
+            if n < 1 || n as u64 > MAX_TOKENS_LIMIT {
+                let p = if obj.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" };
+                return Err(invalid(format!("`{p}` must be between 1 and {MAX_TOKENS_LIMIT}"), p));
+            }
+            Some(n as u32)
+        }
+        (None, None) => None,
+    };
+    let sampling = Sampling {
+        temperature: float(&obj, "temperature", 0.0..=2.0)?.unwrap_or(1.0),
+        top_p: float(&obj, "top_p", 0.0..=1.0)?.unwrap_or(1.0),
+        top_k: match int(&obj, "top_k")? {
+            Some(k) if !(0..=1_000_000).contains(&k) => return Err(invalid("`top_k` must be between 0 and 1000000", "top_k")),
+            k => k.unwrap_or(0) as i32,
+        },
+        min_p: float(&obj, "min_p", 0.0..=1.0)?.unwrap_or(0.0),
+        // Any integer is a seed; it is folded to the 32 bits llama.cpp takes.
+        seed: int(&obj, "seed")?.map_or(random_seed, |s| s as u32),
+        repetition_penalty: float(&obj, "repetition_penalty", 0.01..=10.0)?.unwrap_or(1.0),
+        presence_penalty: float(&obj, "presence_penalty", -2.0..=2.0)?.unwrap_or(0.0),
+        frequency_penalty: float(&obj, "frequency_penalty", -2.0..=2.0)?.unwrap_or(0.0),
+    };
+    if sampling.top_p == 0.0 {
+        return Err(invalid("`top_p` must be greater than 0", "top_p"));
+    }
+    Ok(ValidRequest {
+        kind,
+        stream,
+        include_usage,
+        generate: GenerateRequest {
+            model,
+            prompt,
+            max_tokens,
+            stop: stops(obj.get("stop"))?,
+            sampling,
+        },
+    })
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ErrorBody> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(invalid(format!("`{key}` must be a boolean"), key)),
+    }
+}
+
+fn int(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>, ErrorBody> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| invalid(format!("`{key}` must be an integer"), key)),
+    }
+}
+
+fn float(obj: &Map<String, Value>, key: &str, range: std::ops::RangeInclusive<f64>) -> Result<Option<f32>, ErrorBody> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(f) if range.contains(&f) => Ok(Some(f as f32)),
+            _ => Err(invalid(
+                format!("`{key}` must be a number between {} and {}", range.start(), range.end()),
+                key,
+            )),
+        },
+    }
+}
+
+fn messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ErrorBody> {
+    let Some(Value::Array(list)) = value else {
+        return Err(invalid("`messages` must be an array of messages", "messages"));
+    };
+    if list.is_empty() || list.len() > MAX_MESSAGES {
+        return Err(invalid(format!("`messages` must hold 1 to {MAX_MESSAGES} messages"), "messages"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let param = format!("messages[{i}]");
+            let Value::Object(m) = m else {
+                return Err(invalid(format!("`{param}` must be an object"), &param));
+            };
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+                Some("developer") => "system".to_string(),
+                Some(other) => {
+                    return Err(invalid(
+                        format!("`{param}.role` `{other}` is not supported (system, developer, user, assistant)"),
+                        &param,
+                    ))
+                }
+                None => return Err(invalid(format!("`{param}.role` is missing"), &param)),
+            };
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                            (Some("text"), Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(invalid(
+                                    format!("`{param}.content` parts must be {{\"type\":\"text\",\"text\":…}}"),
+                                    &param,
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => return Err(invalid(format!("`{param}.content` must be a string"), &param)),
+            };
+            if content.contains('\0') {
+                return Err(invalid(format!("`{param}.content` must not contain NUL"), &param));
+            }
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+fn completion_prompt(value: Option<&Value>) -> Result<String, ErrorBody> {
+    let text = match value {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        _ => return Err(invalid("`prompt` must be a string", "prompt")),
+    };
+    if text.is_empty() {
+        return Err(invalid("`prompt` must not be empty", "prompt"));
+    }
+    Ok(text)
+}
+
+fn stops(value: Option<&Value>) -> Result<Vec<String>, ErrorBody> {
+    let list = match value {
+        None | Some(Value::Null) => return Ok(vec![]),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid("`stop` must be a string or an array of strings", "stop"))?,
+        Some(_) => return Err(invalid("`stop` must be a string or an array of strings", "stop")),
+    };
+    if list.len() > MAX_STOPS || list.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
+        return Err(invalid(
+            format!("`stop` takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_LEN} bytes"),
+            "stop",
+        ));
+    }
+    Ok(list)
+}
+
+/// Shapes a generation's pieces into OpenAI objects for one request.
+pub struct Shaper {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Shaper {
+    pub fn new(kind: Kind, model: String) -> Self {
+        let prefix = match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        };
+        Shaper {
+            kind,
+            id: format!("{prefix}-{:024x}", rand::random::<u128>() >> 32),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model,
+        }
+    }
+
+    fn usage(prompt: u32, completion: u32) -> Value {
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    }
+
+    /// The whole (non-streamed) answer.
+    pub fn full(&self, c: &Completion) -> Value {
+        let usage = Self::usage(c.prompt_tokens, c.completion_tokens);
+        match self.kind {
+            Kind::Chat => json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": null, "finish_reason": c.finish_reason.as_str()}],
+                "usage": usage,
+            }),
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": c.text, "logprobs": null, "finish_reason": c.finish_reason.as_str()}],
+                "usage": usage,
+            }),
+        }
+    }
+
+    /// One streamed chunk: the first (`role` set), a text delta, or the last (`finish` set).
+    pub fn chunk(&self, text: Option<&str>, first: bool, finish: Option<FinishReason>) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        match self.kind {
+            Kind::Chat => {
+                let mut delta = Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                })
+            }
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+            }),
+        }
+    }
+
+    /// The usage chunk sent last when `stream_options.include_usage` is set.
+    pub fn usage_chunk(&self, prompt: u32, completion: u32) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": [], "usage": Self::usage(prompt, completion),
+        })
+    }
+}
+
+/// One server-sent event.
+pub fn sse(value: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(format!("data: {value}\n\n"))
+}
+
+pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<ValidRequest, ErrorBody> {
+        validate(Kind::Chat, body.as_bytes(), 7)
+    }
+
+    #[test]
+    fn the_seed_request_is_valid_with_defaults() {
+        let v = chat(r#"{"messages":[{"role":"user","content":"what color is apple?"}]}"#).unwrap();
+        assert!(!v.stream);
+        assert_eq!(v.generate.model, None);
+        assert_eq!(v.generate.max_tokens, None);
+        assert_eq!(v.generate.sampling.seed, 7);
+        assert_eq!(v.generate.sampling.temperature, 1.0);
+    }
+
+    #[test]
+    fn every_option_is_read() {
+        let v = chat(
+            r#"{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],
+                "stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":5,"max_tokens":9,
+                "temperature":0,"top_p":0.5,"top_k":3,"min_p":0.1,"seed":42,"stop":["x","y"],"n":1,
+                "presence_penalty":0.5,"frequency_penalty":-0.5,"repetition_penalty":1.1,"user":"u"}"#,
+        )
+        .unwrap();
+        assert!(v.stream && v.include_usage);
+        assert_eq!(v.generate.max_tokens, Some(5));
+        assert_eq!(v.generate.stop, ["x", "y"]);
+        let Prompt::Chat { messages } = &v.generate.prompt else { panic!() };
+        assert_eq!(messages[0], ChatMessage { role: "system".into(), content: "ab".into() });
+        let s = &v.generate.sampling;
+        assert_eq!((s.temperature, s.top_k, s.seed), (0.0, 3, 42));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            ("{", "", "parse the JSON"),
+            (r#"{"messages":[]}"#, "messages", "1 to"),
+            (r#"{"messages":"hi"}"#, "messages", "array"),
+            (r#"{"messages":[{"role":"tool","content":"x"}]}"#, "messages[0]", "not supported"),
+            (r#"{"messages":[{"role":"user"}]}"#, "messages[0]", "content"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature", "between"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "n", "n: 1"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens", "between 1"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, "stop", "up to 4"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tools":[]}"#, "tools", "not supported"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"frobnicate":1}"#, "frobnicate", "Unrecognized"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, "stream", "boolean"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"model":7}"#, "model", "string"),
+        ];
+        for (body, param, want) in cases {
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.http_status(), 400, "{body}");
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+            if !param.is_empty() {
+                assert_eq!(e.param.as_deref(), Some(param), "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn completions_take_a_prompt() {
+        let v = validate(Kind::Completion, br#"{"prompt":"zebra zebra","max_tokens":4}"#, 1).unwrap();
+        assert_eq!(v.generate.prompt, Prompt::Text { text: "zebra zebra".into() });
+        assert!(validate(Kind::Completion, br#"{"prompt":""}"#, 1).is_err());
+        assert!(validate(Kind::Completion, br#"{"prompt":"x","echo":true}"#, 1).is_err());
+    }
+
+    #[test]
+    fn shapes_follow_openai() {
+        let s = Shaper::new(Kind::Chat, "m".into());
+        let c = Completion {
+            model: "m".into(),
+            text: "hi".into(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+        };
+        let full = s.full(&c);
+        assert_eq!(full["object"], "chat.completion");
+        assert_eq!(full["choices"][0]["message"]["content"], "hi");
+        assert_eq!(full["usage"]["total_tokens"], 5);
+        let first = s.chunk(Some(""), true, None);
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        let last = s.chunk(None, false, Some(FinishReason::Stop));
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        assert_eq!(last["choices"][0]["delta"], json!({}));
+        assert_eq!(s.usage_chunk(1, 2)["choices"], json!([]));
+    }
+}

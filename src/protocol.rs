@@ -1,0 +1,443 @@
+//! The mesh wire: the only module that knows how workers and the gateway talk.
+//!
+//! Transport is WebSocket binary frames; one frame carries one MessagePack-encoded [`Message`] with
+//! named fields (`rmp_serde::to_vec_named`), so a field added later (always optional) never breaks an
+//! older decoder, and a message type an older peer does not know decodes as [`Message::Unknown`].
+//! Payloads are opaque bytes: the gateway routes them, it does not re-decode them.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// Bumped only on an incompatible change; a worker with another version is refused at `Hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts unless configured otherwise (payload plus envelope).
+pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
+
+/// One message on the mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// First frame a worker sends.
+    Hello {
+        protocol: u32,
+        name: String,
+        token: String,
+    },
+    /// The gateway's answer to an accepted `Hello`.
+    Welcome { worker_id: String },
+    /// Sent by the gateway just before it closes a connection it refuses.
+    Refused { reason: String },
+    RegisterFunction {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+    },
+    UnregisterFunction { name: String },
+    /// Maps an HTTP method + path on the gateway to a function.
+    RegisterTrigger {
+        method: String,
+        path: String,
+        function: String,
+    },
+    /// Calls a function. `id` is chosen by the sender and unique per connection.
+    Invoke {
+        id: u64,
+        function: String,
+        payload: ByteBuf,
+        /// Milliseconds the caller is willing to wait, counted from when the message is sent.
+        timeout_ms: u64,
+        trace_id: String,
+        /// Present when the invocation comes from an HTTP trigger.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        http: Option<HttpRequestHead>,
+    },
+    /// The one answer to a non-streaming invocation, or the head of a streaming one.
+    Result {
+        id: u64,
+        outcome: Outcome,
+    },
+    /// Part of a streaming answer: starts with `StreamStart`, any number of `StreamChunk`s, one `StreamEnd`.
+    StreamStart {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        http: Option<HttpResponseHead>,
+    },
+    StreamChunk {
+        id: u64,
+        data: ByteBuf,
+    },
+    StreamEnd {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ErrorBody>,
+    },
+    /// Stops an invocation; travels the whole chain.
+    Cancel { id: u64 },
+    /// Tells the gateway to stop routing new work here (drain before shutdown).
+    Draining {},
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+    /// Any message type this build does not know; ignored by the receiver.
+    #[serde(other)]
+    Unknown,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Ok {
+        payload: ByteBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        http: Option<HttpResponseHead>,
+    },
+    Error(ErrorBody),
+}
+
+/// An error travelling the mesh. `code` is one of [`ErrorCode`]'s names, kept a string on the wire
+/// so that a newer peer's code still reaches an older one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+    /// An HTTP status the function chose; the gateway uses it as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+/// The HTTP request behind an invocation made by a trigger. The body is the invocation's payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpRequestHead {
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub query: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// The HTTP response a function chose. The body is the outcome's payload (or the stream's chunks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpResponseHead {
+    pub status: u16,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// Errors the mesh itself raises; functions may use any code, these are the ones meshd maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    Unauthorized,
+    PayloadTooLarge,
+    Overloaded,
+    NoWorker,
+    WorkerLost,
+    DeadlineExceeded,
+    Cancelled,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 10] = [
+        Self::BadRequest,
+        Self::NotFound,
+        Self::Unauthorized,
+        Self::PayloadTooLarge,
+        Self::Overloaded,
+        Self::NoWorker,
+        Self::WorkerLost,
+        Self::DeadlineExceeded,
+        Self::Cancelled,
+        Self::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::NotFound => "not_found",
+            Self::Unauthorized => "unauthorized",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Overloaded => "overloaded",
+            Self::NoWorker => "no_worker",
+            Self::WorkerLost => "worker_lost",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Cancelled => "cancelled",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    pub fn parse(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
+    /// The one table from error to HTTP status.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::NotFound => 404,
+            Self::PayloadTooLarge => 413,
+            Self::Overloaded => 429,
+            Self::Cancelled => 499,
+            Self::Internal => 500,
+            Self::WorkerLost => 502,
+            Self::NoWorker => 503,
+            Self::DeadlineExceeded => 504,
+        }
+    }
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code.as_str().to_string(),
+            message: message.into(),
+            param: None,
+            status: None,
+        }
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    /// Replaces the code with a more specific one (e.g. `context_length_exceeded`), keeping the
+    /// status the original code maps to.
+    pub fn with_code(mut self, code: &str) -> Self {
+        self.status = Some(self.http_status());
+        self.code = code.to_string();
+        self
+    }
+
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// The HTTP status for this error: the function's own choice, else the code's, else 500.
+    pub fn http_status(&self) -> u16 {
+        self.status
+            .or_else(|| ErrorCode::parse(&self.code).map(ErrorCode::http_status))
+            .unwrap_or(500)
+    }
+}
+
+impl ErrorBody {
+    /// The OpenAI error `type` for this error's status.
+    pub fn openai_type(&self) -> &'static str {
+        match self.http_status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    /// `{"error":{"message","type","param","code"}}`: the body of every HTTP error meshd sends.
+    pub fn openai_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.openai_type(),
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed message: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("cannot encode message: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+/// Encodes one message as a frame body.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, CodecError> {
+    Ok(rmp_serde::to_vec_named(msg)?)
+}
+
+/// Decodes one frame body, refusing frames larger than `limit`.
+pub fn decode(frame: &[u8], limit: usize) -> Result<Message, CodecError> {
+    if frame.len() > limit {
+        return Err(CodecError::TooLarge {
+            size: frame.len(),
+            limit,
+        });
+    }
+    Ok(rmp_serde::from_slice(frame)?)
+}
+
+/// Encodes a payload value (what functions exchange) as MessagePack with named fields.
+pub fn to_payload<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("payload types always serialize")
+}
+
+/// Decodes a payload value.
+pub fn from_payload<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ErrorBody> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| ErrorBody::new(ErrorCode::BadRequest, format!("malformed payload: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                protocol: PROTOCOL_VERSION,
+                name: "infer-1".into(),
+                token: "secret".into(),
+            },
+            Message::Welcome {
+                worker_id: "w1".into(),
+            },
+            Message::Refused {
+                reason: "bad token".into(),
+            },
+            Message::RegisterFunction {
+                name: "math::add".into(),
+                description: None,
+            },
+            Message::UnregisterFunction {
+                name: "math::add".into(),
+            },
+            Message::RegisterTrigger {
+                method: "POST".into(),
+                path: "/math/add-two-numbers".into(),
+                function: "math::add_two_numbers".into(),
+            },
+            Message::Invoke {
+                id: 7,
+                function: "math::add".into(),
+                payload: ByteBuf::from(vec![0, 1, 2, 255]),
+                timeout_ms: 30_000,
+                trace_id: "abc".into(),
+                http: Some(HttpRequestHead {
+                    method: "POST".into(),
+                    path: "/x".into(),
+                    query: "a=1".into(),
+                    headers: vec![("content-type".into(), "application/json".into())],
+                }),
+            },
+            Message::Result {
+                id: 7,
+                outcome: Outcome::Ok {
+                    payload: ByteBuf::from(b"{}".to_vec()),
+                    http: Some(HttpResponseHead {
+                        status: 200,
+                        headers: vec![],
+                    }),
+                },
+            },
+            Message::Result {
+                id: 8,
+                outcome: Outcome::Error(
+                    ErrorBody::new(ErrorCode::BadRequest, "no").with_param("a"),
+                ),
+            },
+            Message::StreamStart { id: 9, http: None },
+            Message::StreamChunk {
+                id: 9,
+                data: ByteBuf::from(b"tok".to_vec()),
+            },
+            Message::StreamEnd { id: 9, error: None },
+            Message::Cancel { id: 9 },
+            Message::Draining {},
+            Message::Ping { nonce: 1 },
+            Message::Pong { nonce: 1 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in samples() {
+            let bytes = encode(&msg).unwrap();
+            assert_eq!(decode(&bytes, DEFAULT_MAX_FRAME).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn an_older_decoder_reads_a_message_with_a_new_optional_field() {
+        // A newer peer adds a field this build does not know: it is ignored, not an error.
+        #[derive(Serialize)]
+        struct NewerCancel {
+            r#type: &'static str,
+            id: u64,
+            reason: Option<String>,
+        }
+        let bytes = rmp_serde::to_vec_named(&NewerCancel {
+            r#type: "cancel",
+            id: 42,
+            reason: Some("client went away".into()),
+        })
+        .unwrap();
+        assert_eq!(
+            decode(&bytes, DEFAULT_MAX_FRAME).unwrap(),
+            Message::Cancel { id: 42 }
+        );
+    }
+
+    #[test]
+    fn a_message_type_from_the_future_decodes_as_unknown() {
+        #[derive(Serialize)]
+        struct Future {
+            r#type: &'static str,
+            x: u32,
+        }
+        let bytes = rmp_serde::to_vec_named(&Future {
+            r#type: "teleport",
+            x: 1,
+        })
+        .unwrap();
+        assert_eq!(decode(&bytes, DEFAULT_MAX_FRAME).unwrap(), Message::Unknown);
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_refused() {
+        let big = vec![0u8; 100];
+        assert!(matches!(
+            decode(&big, 10),
+            Err(CodecError::TooLarge { size: 100, .. })
+        ));
+        assert!(matches!(
+            decode(&[0xc1, 0xff, 0x00], 10),
+            Err(CodecError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn every_error_code_maps_to_a_status_and_back() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+            assert!((400..600).contains(&code.http_status()));
+        }
+        let chosen = ErrorBody::new(ErrorCode::Internal, "x").with_status(418);
+        assert_eq!(chosen.http_status(), 418);
+        let foreign = ErrorBody {
+            code: "martian".into(),
+            message: "?".into(),
+            param: None,
+            status: None,
+        };
+        assert_eq!(foreign.http_status(), 500);
+    }
+}

@@ -1,0 +1,176 @@
+//! The caller's OpenAI-compatible endpoints: `POST /v1/chat/completions`
+//! (`http::run_inference_over_http`), `POST /v1/completions`, `GET /v1/models`, and the mesh
+//! function `inference::get_response` (a whole generation, for any worker that wants one).
+//! Requests are validated here; generation happens on the infer worker, reached through the gateway.
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::api::{Completion, GenerateEvent, GenerateRequest, ModelList};
+use crate::openai::{self, Kind, Shaper};
+use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead};
+use crate::worker::{Call, CallStream, Mesh, Response, Worker};
+
+pub fn register(worker: Worker) -> Worker {
+    worker
+        .function("http::run_inference_over_http", |call| over_http(Kind::Chat, call))
+        .function("http::run_completion_over_http", |call| over_http(Kind::Completion, call))
+        .function("http::list_models", list_models)
+        .function("inference::get_response", |call: Call| async move {
+            let req: GenerateRequest = protocol::from_payload(&call.payload)?;
+            let done = get_response(&call.mesh, &req, &call.trace_id, call.deadline).await?;
+            Ok(Response::payload(protocol::to_payload(&done)))
+        })
+        .trigger("POST", "/v1/chat/completions", "http::run_inference_over_http")
+        .trigger("POST", "/v1/completions", "http::run_completion_over_http")
+        .trigger("GET", "/v1/models", "http::list_models")
+}
+
+fn head(status: u16, content_type: &str) -> Option<HttpResponseHead> {
+    let mut headers = vec![("content-type".to_string(), content_type.to_string())];
+    if content_type.starts_with("text/event-stream") {
+        headers.push(("cache-control".into(), "no-cache".into()));
+    }
+    Some(HttpResponseHead { status, headers })
+}
+
+fn json_response(value: &Value) -> Response {
+    Response::Full {
+        payload: value.to_string().into_bytes(),
+        http: head(200, "application/json"),
+    }
+}
+
+fn broken(why: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Internal, format!("inference stream broken: {why}"))
+}
+
+async fn start(mesh: &Mesh, req: &GenerateRequest, trace_id: &str, deadline: Instant) -> Result<(CallStream, String), ErrorBody> {
+    let mut stream = mesh
+        .call_stream("inference::run_inference", protocol::to_payload(req), trace_id, deadline)
+        .await?;
+    match stream.next().await {
+        Some(Ok(b)) => match protocol::from_payload::<GenerateEvent>(&b)? {
+            GenerateEvent::Start { model, .. } => Ok((stream, model)),
+            other => Err(broken(&format!("expected start, got {other:?}"))),
+        },
+        Some(Err(e)) => Err(e),
+        None => Err(broken("ended before it started")),
+    }
+}
+
+/// Runs a whole generation through `inference::run_inference`.
+pub async fn get_response(mesh: &Mesh, req: &GenerateRequest, trace_id: &str, deadline: Instant) -> Result<Completion, ErrorBody> {
+    let (mut stream, model) = start(mesh, req, trace_id, deadline).await?;
+    let mut text = String::new();
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| ErrorBody::new(ErrorCode::DeadlineExceeded, "the generation did not finish in time"))?;
+        match next {
+            Some(Ok(b)) => match protocol::from_payload::<GenerateEvent>(&b)? {
+                GenerateEvent::Delta { text: t } => text.push_str(&t),
+                GenerateEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    return Ok(Completion {
+                        model,
+                        text,
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    })
+                }
+                GenerateEvent::Start { .. } => {}
+            },
+            Some(Err(e)) => return Err(e),
+            None => return Err(broken("ended without a finish")),
+        }
+    }
+}
+
+async fn over_http(kind: Kind, call: Call) -> Result<Response, ErrorBody> {
+    let valid = openai::validate(kind, &call.payload, rand::random())?;
+    tracing::debug!(stream = valid.stream, max_tokens = ?valid.generate.max_tokens, "validated");
+    if !valid.stream {
+        let done = get_response(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
+        return Ok(json_response(&Shaper::new(kind, done.model.clone()).full(&done)));
+    }
+    let (stream, model) = start(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
+    let (tx, chunks) = mpsc::channel(64);
+    let shaper = Shaper::new(kind, model);
+    tokio::spawn(pump_sse(stream, shaper, valid.include_usage, call.deadline, tx));
+    Ok(Response::Stream {
+        http: head(200, "text/event-stream"),
+        chunks,
+    })
+}
+
+/// Turns generation events into server-sent events until the end, an error, or the client leaves
+/// (then dropping `stream` cancels the generation on the infer worker).
+async fn pump_sse(
+    mut stream: CallStream,
+    shaper: Shaper,
+    include_usage: bool,
+    deadline: Instant,
+    tx: mpsc::Sender<Result<Bytes, ErrorBody>>,
+) {
+    let send = |b: Bytes| tx.send(Ok(b));
+    if shaper.kind == Kind::Chat && send(openai::sse(&shaper.chunk(Some(""), true, None))).await.is_err() {
+        return;
+    }
+    loop {
+        let next = tokio::select! {
+            _ = tx.closed() => return,
+            n = tokio::time::timeout_at(deadline, stream.next()) => n,
+        };
+        let event = match next {
+            Err(_) => Err(ErrorBody::new(ErrorCode::DeadlineExceeded, "the generation did not finish in time")),
+            Ok(Some(Ok(b))) => protocol::from_payload::<GenerateEvent>(&b),
+            Ok(Some(Err(e))) => Err(e),
+            Ok(None) => Err(broken("ended without a finish")),
+        };
+        let sent = match event {
+            Ok(GenerateEvent::Start { .. }) => Ok(()),
+            Ok(GenerateEvent::Delta { text }) => send(openai::sse(&shaper.chunk(Some(&text), false, None))).await,
+            Ok(GenerateEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let _ = send(openai::sse(&shaper.chunk(None, false, Some(finish_reason)))).await;
+                if include_usage {
+                    let _ = send(openai::sse(&shaper.usage_chunk(prompt_tokens, completion_tokens))).await;
+                }
+                let _ = send(Bytes::from_static(openai::SSE_DONE)).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "generation failed mid-stream");
+                let _ = send(openai::sse(&e.openai_json())).await;
+                return;
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+async fn list_models(call: Call) -> Result<Response, ErrorBody> {
+    let reply = call
+        .mesh
+        .call("inference::models", Vec::new(), &call.trace_id, call.deadline)
+        .await?;
+    let list: ModelList = protocol::from_payload(&reply)?;
+    let data: Vec<Value> = list
+        .models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "meshd"}))
+        .collect();
+    Ok(json_response(&json!({"object": "list", "data": data})))
+}

@@ -1,0 +1,111 @@
+//! The infer role's model functions: `inference::run_inference` (streams a generation),
+//! `inference::models` and `inference::stats`, all over one [`Engine`].
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::api::{GenerateEvent, GenerateRequest, ModelList};
+use crate::engine::{Engine, EngineError, Event};
+use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead};
+use crate::worker::{Call, Response, Worker};
+
+/// Adds the model's functions to an infer worker.
+pub fn register(worker: Worker, engine: Engine) -> Worker {
+    let (e1, e2, e3) = (engine.clone(), engine.clone(), engine);
+    worker
+        .function("inference::run_inference", move |call| run_inference(e1.clone(), call))
+        .function("inference::models", move |_call| {
+            let models = ModelList {
+                models: vec![e2.model_id().to_string()],
+            };
+            async move { Ok(Response::payload(protocol::to_payload(&models))) }
+        })
+        .function("inference::stats", move |_call| {
+            let body = serde_json::to_vec(&e3.snapshot()).expect("stats serialize");
+            async move {
+                Ok(Response::Full {
+                    payload: body,
+                    http: Some(HttpResponseHead {
+                        status: 200,
+                        headers: vec![("content-type".into(), "application/json".into())],
+                    }),
+                })
+            }
+        })
+        .trigger("GET", "/v1/engine/stats", "inference::stats")
+}
+
+/// The one table from engine errors to mesh errors.
+pub fn engine_error(e: EngineError) -> ErrorBody {
+    let msg = e.to_string();
+    match e {
+        EngineError::ContextLength { .. } => ErrorBody::new(ErrorCode::BadRequest, msg)
+            .with_param("messages")
+            .with_code("context_length_exceeded"),
+        EngineError::Invalid(_) => ErrorBody::new(ErrorCode::BadRequest, msg),
+        EngineError::Overloaded { .. } => ErrorBody::new(ErrorCode::Overloaded, msg),
+        EngineError::Load { .. } | EngineError::Stopped => ErrorBody::new(ErrorCode::NoWorker, msg),
+        EngineError::Decode(_) => ErrorBody::new(ErrorCode::Internal, msg),
+    }
+}
+
+async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody> {
+    let req: GenerateRequest = protocol::from_payload(&call.payload)?;
+    if let Some(model) = req.model.as_deref() {
+        if model != engine.model_id() {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("The model `{model}` does not exist; this server serves `{}`", engine.model_id()),
+            )
+            .with_param("model")
+            .with_code("model_not_found"));
+        }
+    }
+    let prepared = engine
+        .prepare(&req.prompt, req.max_tokens, req.stop, req.sampling)
+        .map_err(engine_error)?;
+    let prompt_tokens = prepared.prompt_tokens();
+    let mut events = engine.submit(prepared).map_err(engine_error)?;
+    let (tx, chunks) = mpsc::channel::<Result<Bytes, ErrorBody>>(64);
+    let start = GenerateEvent::Start {
+        model: engine.model_id().to_string(),
+        prompt_tokens,
+    };
+    tokio::spawn(async move {
+        let encode = |e: &GenerateEvent| Ok(Bytes::from(protocol::to_payload(e)));
+        if tx.send(encode(&start)).await.is_err() {
+            return;
+        }
+        loop {
+            // Stop as soon as nobody listens: dropping `events` frees the slot in the engine.
+            let event = tokio::select! {
+                _ = tx.closed() => return,
+                e = events.recv() => e,
+            };
+            let (item, last) = match event {
+                Some(Event::Delta(text)) => (encode(&GenerateEvent::Delta { text }), false),
+                Some(Event::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    let done = GenerateEvent::Done {
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    };
+                    (encode(&done), true)
+                }
+                Some(Event::Error(e)) => (Err(ErrorBody::new(ErrorCode::Internal, e)), true),
+                None => {
+                    let e = ErrorBody::new(ErrorCode::Internal, "the engine dropped the request");
+                    (Err(e), true)
+                }
+            };
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    Ok(Response::Stream { http: None, chunks })
+}

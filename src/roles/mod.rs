@@ -1,0 +1,23 @@
+//! The functions each worker role serves, and the triggers it registers.
+//! Roles never import each other; only [`crate::up`] wires several together.
+
+pub mod chat;
+pub mod inference;
+pub mod math;
+
+use crate::engine::Engine;
+use crate::worker::{Worker, WorkerOptions};
+
+/// The caller role: validates HTTP requests, calls the infer functions, shapes responses.
+pub fn caller(opts: WorkerOptions) -> Worker {
+    let worker = Worker::new(opts)
+        .function("math::add_two_numbers", math::add_two_numbers)
+        .trigger("POST", "/math/add-two-numbers", "math::add_two_numbers");
+    chat::register(worker)
+}
+
+/// The infer role: the model's functions over a loaded engine, and `math::add`.
+pub fn infer(opts: WorkerOptions, engine: Engine) -> Worker {
+    let worker = Worker::new(opts).function("math::add", math::add);
+    inference::register(worker, engine)
+}

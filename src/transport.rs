@@ -1,0 +1,112 @@
+//! WebSocket plumbing shared by both ends of the mesh: a writer task that drains a bounded channel
+//! (batching frames into one flush) and a reader that yields decoded [`Message`]s.
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::protocol::{self, CodecError, Message};
+
+/// Frames queued for one connection before senders wait.
+pub const OUTBOX_CAPACITY: usize = 1024;
+
+/// What the writer task sends: a message, or a close with a reason.
+pub enum Outgoing {
+    Msg(Message),
+    Close(String),
+}
+
+pub type Outbox = mpsc::Sender<Outgoing>;
+
+/// WebSocket settings that enforce the frame limit below the codec as well.
+pub fn ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Starts the writer task for `sink`; it ends when every [`Outbox`] clone is dropped, after a
+/// close, or when the socket fails.
+pub fn spawn_writer<S>(mut sink: SplitSink<WebSocketStream<S>, WsMessage>) -> Outbox
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTBOX_CAPACITY);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            // Feed everything already queued, then flush once.
+            while let Some(out) = next.take() {
+                match out {
+                    Outgoing::Msg(msg) => {
+                        let bytes = match protocol::encode(&msg) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                tracing::error!(error = %e, "dropping a message that cannot be encoded");
+                                continue;
+                            }
+                        };
+                        if sink.feed(WsMessage::Binary(bytes.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Outgoing::Close(reason) => {
+                        let frame = CloseFrame {
+                            code: CloseCode::Policy,
+                            reason: reason.into(),
+                        };
+                        let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                        let _ = sink.close().await;
+                        return;
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    tx
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error("connection closed: {0}")]
+    Closed(String),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("websocket error: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("text frames are not part of the mesh protocol")]
+    Text,
+}
+
+/// Reads the next mesh message; control frames are handled by tungstenite and skipped here.
+pub async fn recv<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    max_frame: usize,
+) -> Result<Message, RecvError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match stream.next().await {
+            None => return Err(RecvError::Closed("end of stream".into())),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(WsMessage::Binary(b))) => return Ok(protocol::decode(&b, max_frame)?),
+            Some(Ok(WsMessage::Close(frame))) => {
+                let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                return Err(RecvError::Closed(reason));
+            }
+            Some(Ok(WsMessage::Text(_))) => return Err(RecvError::Text),
+            Some(Ok(_)) => continue,
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! The worker side of the mesh, shared by every role that connects out to a gateway: connect with
+//! jittered backoff, authenticate, register functions and triggers (again after every reconnect),
+//! run invocations concurrently, and call other functions through the gateway ([`Mesh`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::protocol::{
+    ErrorBody, ErrorCode, HttpRequestHead, HttpResponseHead, Message, Outcome, PROTOCOL_VERSION,
+};
+use crate::transport::{self, Outbox, Outgoing, RecvError};
+
+type WsStream = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+>;
+type WsReader = futures_util::stream::SplitStream<WsStream>;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub type Handler = Arc<dyn Fn(Call) -> BoxFuture<Result<Response, ErrorBody>> + Send + Sync>;
+
+/// One invocation as a function sees it.
+pub struct Call {
+    pub payload: Bytes,
+    pub http: Option<HttpRequestHead>,
+    pub trace_id: String,
+    pub deadline: Instant,
+    /// Calls other functions through the gateway.
+    pub mesh: Mesh,
+}
+
+/// What a function answers.
+pub enum Response {
+    Full {
+        payload: Vec<u8>,
+        http: Option<HttpResponseHead>,
+    },
+    /// Chunks are forwarded as they come; an `Err` ends the stream with that error.
+    Stream {
+        http: Option<HttpResponseHead>,
+        chunks: mpsc::Receiver<Result<Bytes, ErrorBody>>,
+    },
+}
+
+impl Response {
+    pub fn payload(payload: Vec<u8>) -> Self {
+        Response::Full {
+            payload,
+            http: None,
+        }
+    }
+}
+
+/// How a worker connects.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    pub name: String,
+    pub gateway_url: String,
+    pub token: String,
+    pub max_frame_bytes: usize,
+    pub max_concurrency: usize,
+    pub drain_timeout: Duration,
+}
+
+/// A worker: its functions and triggers, and the loop that keeps it connected.
+pub struct Worker {
+    opts: WorkerOptions,
+    functions: Vec<(String, Handler)>,
+    triggers: Vec<(String, String, String)>,
+    mesh: Mesh,
+}
+
+/// Silence after which a worker pings, and after twice which it reconnects.
+const IDLE: Duration = Duration::from_secs(15);
+
+impl Worker {
+    pub fn new(opts: WorkerOptions) -> Self {
+        Worker {
+            opts,
+            functions: Vec::new(),
+            triggers: Vec::new(),
+            mesh: Mesh::default(),
+        }
+    }
+
+    pub fn function<F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response, ErrorBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |call| Box::pin(f(call)));
+        self.functions.push((name.to_string(), handler));
+        self
+    }
+
+    pub fn trigger(mut self, method: &str, path: &str, function: &str) -> Self {
+        self.triggers
+            .push((method.to_string(), path.to_string(), function.to_string()));
+        self
+    }
+
+    /// A handle for calls made outside any invocation.
+    pub fn mesh(&self) -> Mesh {
+        self.mesh.clone()
+    }
+
+    /// Stays connected (reconnecting with backoff) until `shutdown`, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop = CancellationToken::new();
+        let body = Arc::new(self).run_until(stop.clone());
+        tokio::pin!(body);
+        tokio::select! {
+            _ = &mut body => {}
+            _ = shutdown => {
+                stop.cancel();
+                body.await;
+            }
+        }
+    }
+
+    async fn run_until(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let session = self.session(&stop).await;
+            match session {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Lost(why)) => {
+                    tracing::warn!(worker = %self.opts.name, reason = %why, "lost the gateway; reconnecting");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(why) => {
+                    tracing::warn!(worker = %self.opts.name, reason = %why, retry_in = ?backoff, "cannot join the mesh");
+                }
+            }
+            let jitter = rand::random::<f64>() * 0.5 + 0.75;
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One connection, from handshake to loss or shutdown.
+    async fn session(self: &Arc<Self>, stop: &CancellationToken) -> Result<SessionEnd, String> {
+        let (mut stream, outbox) = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(SessionEnd::Shutdown),
+            joined = self.handshake() => joined?,
+        };
+        let send = |m: Message| {
+            let outbox = outbox.clone();
+            async move { outbox.send(Outgoing::Msg(m)).await.map_err(|_| "connection closed".to_string()) }
+        };
+        for (name, _) in &self.functions {
+            send(Message::RegisterFunction {
+                name: name.clone(),
+                description: None,
+            })
+            .await?;
+        }
+        for (method, path, function) in &self.triggers {
+            send(Message::RegisterTrigger {
+                method: method.clone(),
+                path: path.clone(),
+                function: function.clone(),
+            })
+            .await?;
+        }
+        self.mesh.connected(outbox.clone());
+        let running = Running::default();
+        let end = self.serve(&mut stream, &outbox, &running, stop).await;
+        self.mesh.disconnected();
+        running.abort_all();
+        Ok(end)
+    }
+
+    /// Connects, says hello, and waits for the welcome.
+    async fn handshake(&self) -> Result<(WsReader, Outbox), String> {
+        let config = transport::ws_config(self.opts.max_frame_bytes);
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(&self.opts.gateway_url, Some(config), true)
+                .await
+                .map_err(|e| format!("cannot connect to {}: {e}", self.opts.gateway_url))?;
+        let (sink, mut stream) = ws.split();
+        let outbox = transport::spawn_writer(sink);
+        let hello = Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            name: self.opts.name.clone(),
+            token: self.opts.token.clone(),
+        };
+        outbox
+            .send(Outgoing::Msg(hello))
+            .await
+            .map_err(|_| "connection closed".to_string())?;
+        let max = self.opts.max_frame_bytes;
+        match tokio::time::timeout(Duration::from_secs(10), transport::recv(&mut stream, max)).await {
+            Ok(Ok(Message::Welcome { worker_id })) => {
+                tracing::info!(worker = %self.opts.name, %worker_id, url = %self.opts.gateway_url, "joined the mesh");
+                Ok((stream, outbox))
+            }
+            Ok(Ok(Message::Refused { reason })) => Err(format!("refused by the gateway: {reason}")),
+            Ok(Ok(other)) => Err(format!("unexpected answer to hello: {other:?}")),
+            Ok(Err(e)) => Err(format!("handshake failed: {e}")),
+            Err(_) => Err("no welcome within 10 s".into()),
+        }
+    }
+
+    async fn serve<S>(
+        self: &Arc<Self>,
+        stream: &mut futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<S>>,
+        outbox: &Outbox,
+        running: &Running,
+        stop: &CancellationToken,
+    ) -> SessionEnd
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let max = self.opts.max_frame_bytes;
+        let mut idle_ticks = 0;
+        loop {
+            let received = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    self.drain(outbox, running).await;
+                    return SessionEnd::Shutdown;
+                }
+                r = tokio::time::timeout(IDLE, transport::recv(stream, max)) => r,
+            };
+            let msg = match received {
+                Err(_) => {
+                    idle_ticks += 1;
+                    if idle_ticks >= 2 {
+                        return SessionEnd::Lost("no message from the gateway for 30 s".into());
+                    }
+                    let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce: 0 }));
+                    continue;
+                }
+                Ok(Err(RecvError::Closed(r))) => return SessionEnd::Lost(format!("closed ({r})")),
+                Ok(Err(e)) => return SessionEnd::Lost(e.to_string()),
+                Ok(Ok(m)) => m,
+            };
+            idle_ticks = 0;
+            match msg {
+                Message::Invoke {
+                    id,
+                    function,
+                    payload,
+                    timeout_ms,
+                    trace_id,
+                    http,
+                } => {
+                    let call = Call {
+                        payload: Bytes::from(payload.into_vec()),
+                        http,
+                        trace_id,
+                        deadline: Instant::now() + Duration::from_millis(timeout_ms),
+                        mesh: self.mesh.clone(),
+                    };
+                    self.start(id, &function, call, outbox, running);
+                }
+                Message::Cancel { id } => running.abort(id),
+                Message::Ping { nonce } => {
+                    let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));
+                }
+                Message::Result { .. }
+                | Message::StreamStart { .. }
+                | Message::StreamChunk { .. }
+                | Message::StreamEnd { .. } => self.mesh.answer(msg),
+                _ => {}
+            }
+        }
+    }
+
+    fn start(self: &Arc<Self>, id: u64, function: &str, call: Call, outbox: &Outbox, running: &Running) {
+        let handler = self
+            .functions
+            .iter()
+            .find(|(n, _)| n == function)
+            .map(|(_, h)| Arc::clone(h));
+        let refuse = |err: ErrorBody| {
+            let _ = outbox.try_send(Outgoing::Msg(Message::Result {
+                id,
+                outcome: Outcome::Error(err),
+            }));
+        };
+        let Some(handler) = handler else {
+            return refuse(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("`{function}` is not served by worker {}", self.opts.name),
+            ));
+        };
+        if running.len() >= self.opts.max_concurrency {
+            return refuse(ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!("worker {} is running its limit of {} invocations", self.opts.name, self.opts.max_concurrency),
+            ));
+        }
+        let span = tracing::info_span!("invoke", %function, trace_id = %call.trace_id);
+        let outbox = outbox.clone();
+        let running2 = running.clone();
+        let deadline = call.deadline;
+        let task = tokio::spawn(
+            async move {
+                let result = tokio::time::timeout_at(deadline, handler(call)).await;
+                let result = result.unwrap_or_else(|_| {
+                    Err(ErrorBody::new(ErrorCode::DeadlineExceeded, "the deadline passed"))
+                });
+                answer(id, result, &outbox).await;
+                running2.remove(id);
+            }
+            .instrument(span),
+        );
+        running.insert(id, task.abort_handle());
+    }
+
+    async fn drain(&self, outbox: &Outbox, running: &Running) {
+        let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
+        tracing::info!(worker = %self.opts.name, inflight = running.len(), "draining");
+        if tokio::time::timeout(self.opts.drain_timeout, running.idle()).await.is_err() {
+            tracing::warn!(worker = %self.opts.name, inflight = running.len(), "drain deadline passed");
+        }
+        let _ = outbox.send(Outgoing::Close("worker shutting down".into())).await;
+    }
+}
+
+/// Sends a function's answer, streaming it when it streams.
+async fn answer(id: u64, result: Result<Response, ErrorBody>, outbox: &Outbox) {
+    let send = |m| outbox.send(Outgoing::Msg(m));
+    match result {
+        Err(e) => {
+            let _ = send(Message::Result {
+                id,
+                outcome: Outcome::Error(e),
+            })
+            .await;
+        }
+        Ok(Response::Full { payload, http }) => {
+            let outcome = Outcome::Ok {
+                payload: serde_bytes::ByteBuf::from(payload),
+                http,
+            };
+            let _ = send(Message::Result { id, outcome }).await;
+        }
+        Ok(Response::Stream { http, mut chunks }) => {
+            if send(Message::StreamStart { id, http }).await.is_err() {
+                return;
+            }
+            let mut error = None;
+            while let Some(item) = chunks.recv().await {
+                match item {
+                    Ok(data) => {
+                        let data = serde_bytes::ByteBuf::from(Vec::from(data));
+                        if send(Message::StreamChunk { id, data }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            let _ = send(Message::StreamEnd { id, error }).await;
+        }
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// Invocations running on this worker, by the gateway's id.
+#[derive(Clone, Default)]
+struct Running {
+    tasks: Arc<Mutex<HashMap<u64, AbortHandle>>>,
+    emptied: Arc<Notify>,
+}
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AbortHandle>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+    fn insert(&self, id: u64, h: AbortHandle) {
+        self.lock().insert(id, h);
+    }
+    fn remove(&self, id: u64) {
+        let mut t = self.lock();
+        t.remove(&id);
+        if t.is_empty() {
+            self.emptied.notify_waiters();
+        }
+    }
+    /// Cancels one invocation: its future is dropped, and with it every call it made.
+    fn abort(&self, id: u64) {
+        if let Some(h) = self.lock().remove(&id) {
+            h.abort();
+        }
+    }
+    fn abort_all(&self) {
+        for (_, h) in self.lock().drain() {
+            h.abort();
+        }
+    }
+    async fn idle(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            if self.len() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// An answer to a call this worker made through the gateway.
+#[derive(Debug)]
+enum Answer {
+    Done(Outcome),
+    Start(Option<HttpResponseHead>),
+    Chunk(Bytes),
+    End(Option<ErrorBody>),
+}
+
+/// Calls functions through the gateway. Cheap to clone; survives reconnects.
+#[derive(Clone, Default)]
+pub struct Mesh {
+    inner: Arc<MeshInner>,
+}
+
+#[derive(Default)]
+struct MeshInner {
+    outbox: Mutex<Option<Outbox>>,
+    pending: Mutex<HashMap<u64, mpsc::Sender<Answer>>>,
+    next_id: AtomicU64,
+}
+
+/// A call in flight; dropping it cancels the call where it runs.
+struct CallGuard {
+    id: u64,
+    mesh: Mesh,
+    answers: mpsc::Receiver<Answer>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let was_pending = self.mesh.pending().remove(&self.id).is_some();
+        if was_pending {
+            if let Some(outbox) = self.mesh.outbox() {
+                let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id: self.id }));
+            }
+        }
+    }
+}
+
+/// A streamed answer from [`Mesh::call_stream`].
+pub struct CallStream {
+    guard: CallGuard,
+    pub http: Option<HttpResponseHead>,
+}
+
+impl CallStream {
+    /// The next chunk; `None` at the end; an `Err` ends the stream.
+    pub async fn next(&mut self) -> Option<Result<Bytes, ErrorBody>> {
+        match self.guard.answers.recv().await {
+            Some(Answer::Chunk(b)) => Some(Ok(b)),
+            Some(Answer::End(None)) => None,
+            Some(Answer::End(Some(e))) | Some(Answer::Done(Outcome::Error(e))) => Some(Err(e)),
+            Some(other) => Some(Err(unexpected(&other))),
+            None => Some(Err(lost())),
+        }
+    }
+}
+
+fn lost() -> ErrorBody {
+    ErrorBody::new(ErrorCode::WorkerLost, "the connection to the gateway was lost")
+}
+
+fn unexpected(a: &Answer) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Internal, format!("unexpected answer: {a:?}"))
+}
+
+impl Mesh {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<Answer>>> {
+        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn outbox(&self) -> Option<Outbox> {
+        self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn connected(&self, outbox: Outbox) {
+        *self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(outbox);
+    }
+
+    /// Fails every call in flight: their answers can no longer arrive.
+    fn disconnected(&self) {
+        *self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        for (_, tx) in self.pending().drain() {
+            let _ = tx.try_send(Answer::Done(Outcome::Error(lost())));
+        }
+    }
+
+    fn answer(&self, msg: Message) {
+        let (id, answer, last) = match msg {
+            Message::Result { id, outcome } => (id, Answer::Done(outcome), true),
+            Message::StreamStart { id, http } => (id, Answer::Start(http), false),
+            Message::StreamChunk { id, data } => (id, Answer::Chunk(Bytes::from(data.into_vec())), false),
+            Message::StreamEnd { id, error } => (id, Answer::End(error), true),
+            _ => return,
+        };
+        let mut pending = self.pending();
+        let tx = if last { pending.remove(&id) } else { pending.get(&id).cloned() };
+        drop(pending);
+        if let Some(tx) = tx {
+            if tx.try_send(answer).is_err() && !last {
+                // The caller is not reading fast enough (or left): stop the call.
+                if self.pending().remove(&id).is_some() {
+                    if let Some(outbox) = self.outbox() {
+                        let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&self, function: &str, payload: Vec<u8>, trace_id: &str, timeout: Duration) -> Result<CallGuard, ErrorBody> {
+        let outbox = self.outbox().ok_or_else(|| {
+            ErrorBody::new(ErrorCode::NoWorker, "this worker is not connected to the gateway")
+        })?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(512);
+        self.pending().insert(id, tx);
+        let guard = CallGuard {
+            id,
+            mesh: self.clone(),
+            answers: rx,
+        };
+        let msg = Message::Invoke {
+            id,
+            function: function.to_string(),
+            payload: serde_bytes::ByteBuf::from(payload),
+            timeout_ms: timeout.as_millis() as u64,
+            trace_id: trace_id.to_string(),
+            http: None,
+        };
+        outbox.try_send(Outgoing::Msg(msg)).map_err(|_| {
+            ErrorBody::new(ErrorCode::Overloaded, "the connection to the gateway is saturated")
+        })?;
+        Ok(guard)
+    }
+
+    /// Calls `function` and waits for its one answer, at most until `deadline`.
+    pub async fn call(&self, function: &str, payload: Vec<u8>, trace_id: &str, deadline: Instant) -> Result<Bytes, ErrorBody> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let mut guard = self.send(function, payload, trace_id, timeout)?;
+        match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
+            Err(_) => Err(ErrorBody::new(
+                ErrorCode::DeadlineExceeded,
+                format!("`{function}` did not answer in time"),
+            )),
+            Ok(None) => Err(lost()),
+            Ok(Some(Answer::Done(Outcome::Ok { payload, .. }))) => Ok(Bytes::from(payload.into_vec())),
+            Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
+            Ok(Some(other)) => Err(unexpected(&other)),
+        }
+    }
+
+    /// Calls a streaming function; answers once its stream has started (or it failed).
+    pub async fn call_stream(&self, function: &str, payload: Vec<u8>, trace_id: &str, deadline: Instant) -> Result<CallStream, ErrorBody> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let mut guard = self.send(function, payload, trace_id, timeout)?;
+        match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
+            Err(_) => Err(ErrorBody::new(
+                ErrorCode::DeadlineExceeded,
+                format!("`{function}` did not start in time"),
+            )),
+            Ok(None) => Err(lost()),
+            Ok(Some(Answer::Start(http))) => Ok(CallStream { guard, http }),
+            Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
+            Ok(Some(other)) => Err(unexpected(&other)),
+        }
+    }
+}
