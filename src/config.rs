@@ -155,9 +155,19 @@ impl Settings {
     pub fn defaults(role: Role) -> Settings {
         let loopback = role == Role::Up;
         Settings {
-            http_addr: if loopback { "127.0.0.1:3111" } else { "0.0.0.0:3111" }.into(),
+            http_addr: if loopback {
+                "127.0.0.1:3111"
+            } else {
+                "0.0.0.0:3111"
+            }
+            .into(),
             mesh_addr: if loopback { "127.0.0.1:0" } else { ":49134" }.into(),
-            data_dir: if loopback { ".meshd/data" } else { "/var/lib/meshd" }.into(),
+            data_dir: if loopback {
+                ".meshd/data"
+            } else {
+                "/var/lib/meshd"
+            }
+            .into(),
             gateway_url: "ws://127.0.0.1:49134".into(),
             name: role.name().into(),
             worker_token: None,
@@ -208,8 +218,10 @@ impl Settings {
     fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("`{key}`: {why}")));
         if matches!(role, Role::Gateway | Role::Up) {
-            resolve_addr(&self.http_addr).map_err(|e| ConfigError::Invalid(format!("`http_addr`: {e}")))?;
-            resolve_addr(&self.mesh_addr).map_err(|e| ConfigError::Invalid(format!("`mesh_addr`: {e}")))?;
+            resolve_addr(&self.http_addr)
+                .map_err(|e| ConfigError::Invalid(format!("`http_addr`: {e}")))?;
+            resolve_addr(&self.mesh_addr)
+                .map_err(|e| ConfigError::Invalid(format!("`mesh_addr`: {e}")))?;
         }
         if matches!(role, Role::Caller | Role::Infer)
             && !(self.gateway_url.starts_with("ws://") || self.gateway_url.starts_with("wss://"))
@@ -248,7 +260,10 @@ impl Settings {
             return Ok(None);
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::Invalid(format!("cannot read worker_token_file {}: {e}", path.display()))
+            ConfigError::Invalid(format!(
+                "cannot read worker_token_file {}: {e}",
+                path.display()
+            ))
         })?;
         let token = text.lines().next().unwrap_or("").trim().to_string();
         if token.is_empty() {

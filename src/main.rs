@@ -17,7 +17,11 @@ use meshd::worker::WorkerOptions;
 use meshd::{roles, telemetry, up};
 
 #[derive(Parser)]
-#[command(name = "meshd", version, about = "A private, OpenAI-compatible LLM endpoint behind a secure worker mesh")]
+#[command(
+    name = "meshd",
+    version,
+    about = "A private, OpenAI-compatible LLM endpoint behind a secure worker mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -214,7 +218,9 @@ fn load<F: Args + Serialize>(role: Role, args: &RoleArgs<F>) -> anyhow::Result<S
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn worker_options(s: &Settings) -> anyhow::Result<WorkerOptions> {
@@ -243,10 +249,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .to_string(),
             };
             let role = Role::parse(&role_name).with_context(|| {
-                format!("cannot tell the role of {}: pass --role gateway|caller|infer|up", file.display())
+                format!(
+                    "cannot tell the role of {}: pass --role gateway|caller|infer|up",
+                    file.display()
+                )
             })?;
             Settings::load(role, Some(&file), serde_json::json!({}))?;
-            println!("{}: valid `meshd {}` configuration", file.display(), role.name());
+            println!(
+                "{}: valid `meshd {}` configuration",
+                file.display(),
+                role.name()
+            );
             Ok(())
         }
         Command::Gateway(args) => {
@@ -257,8 +270,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(async {
                 let listeners = up::bind(&settings).await?;
                 announce(&listeners)?;
-                let state = StateStore::open(&settings.data_dir)
-                    .with_context(|| format!("cannot open state in {}", settings.data_dir.display()))?;
+                let state = StateStore::open(&settings.data_dir).with_context(|| {
+                    format!("cannot open state in {}", settings.data_dir.display())
+                })?;
                 let opts = GatewayOptions::from_settings(&settings, token);
                 gateway::run(listeners, opts, state, shutdown_signal()).await
             })

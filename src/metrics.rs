@@ -65,7 +65,9 @@ impl Metrics {
     pub fn render(&self, functions: &[FunctionStatus], workers: usize) -> String {
         let m = self.lock();
         let mut out = String::new();
-        out.push_str("# HELP meshd_http_requests_total HTTP requests answered, by route and status.\n");
+        out.push_str(
+            "# HELP meshd_http_requests_total HTTP requests answered, by route and status.\n",
+        );
         out.push_str("# TYPE meshd_http_requests_total counter\n");
         for ((route, status), n) in &m.requests {
             let _ = writeln!(
@@ -74,7 +76,9 @@ impl Metrics {
                 escape(route)
             );
         }
-        out.push_str("# HELP meshd_http_request_duration_seconds Time to the response head, by route.\n");
+        out.push_str(
+            "# HELP meshd_http_request_duration_seconds Time to the response head, by route.\n",
+        );
         out.push_str("# TYPE meshd_http_request_duration_seconds histogram\n");
         for (route, h) in &m.latency {
             let route = escape(route);
@@ -133,7 +137,9 @@ impl Metrics {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -148,8 +154,11 @@ mod tests {
         m.worker_refused("token");
         let text = m.render(&[], 2);
         assert!(text.contains("meshd_http_requests_total{route=\"/x\",status=\"200\"} 2"));
-        assert!(text.contains("meshd_http_request_duration_seconds_bucket{route=\"/x\",le=\"0.005\"} 1"));
-        assert!(text.contains("meshd_http_request_duration_seconds_bucket{route=\"/x\",le=\"0.5\"} 2"));
+        assert!(text
+            .contains("meshd_http_request_duration_seconds_bucket{route=\"/x\",le=\"0.005\"} 1"));
+        assert!(
+            text.contains("meshd_http_request_duration_seconds_bucket{route=\"/x\",le=\"0.5\"} 2")
+        );
         assert!(text.contains("meshd_workers_refused_total{reason=\"token\"} 1"));
         assert!(text.contains("meshd_workers_connected 2"));
     }

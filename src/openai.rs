@@ -15,7 +15,14 @@ pub const MAX_STOP_LEN: usize = 256;
 pub const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 
 /// Fields accepted and ignored: they change nothing a single-model server does.
-const IGNORED: [&str; 6] = ["user", "metadata", "store", "service_tier", "parallel_tool_calls", "logprobs"];
+const IGNORED: [&str; 6] = [
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "logprobs",
+];
 /// Fields refused because meshd does not implement them.
 const UNSUPPORTED: [&str; 12] = [
     "tools",
@@ -54,10 +61,16 @@ fn invalid(msg: impl Into<String>, param: &str) -> ErrorBody {
 /// Validates a `/v1/chat/completions` or `/v1/completions` body.
 pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidRequest, ErrorBody> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ErrorBody::new(ErrorCode::BadRequest, format!("We could not parse the JSON body of your request: {e}"))
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("We could not parse the JSON body of your request: {e}"),
+        )
     })?;
     let Value::Object(obj) = value else {
-        return Err(ErrorBody::new(ErrorCode::BadRequest, "the request body must be a JSON object"));
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "the request body must be a JSON object",
+        ));
     };
     let main = match kind {
         Kind::Chat => "messages",
@@ -65,19 +78,48 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
     };
     for key in obj.keys() {
         if UNSUPPORTED.contains(&key.as_str()) && !obj[key].is_null() {
-            return Err(invalid(format!("`{key}` is not supported by this server"), key));
+            return Err(invalid(
+                format!("`{key}` is not supported by this server"),
+                key,
+            ));
         }
         let known = [
-            "model", main, "stream", "stream_options", "max_tokens", "max_completion_tokens",
-            "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "presence_penalty",
-            "frequency_penalty", "repetition_penalty", "echo",
+            "model",
+            main,
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "stop",
+            "n",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "echo",
         ];
-        if !known.contains(&key.as_str()) && !IGNORED.contains(&key.as_str()) && !UNSUPPORTED.contains(&key.as_str()) {
-            return Err(invalid(format!("Unrecognized request argument supplied: {key}"), key));
+        if !known.contains(&key.as_str())
+            && !IGNORED.contains(&key.as_str())
+            && !UNSUPPORTED.contains(&key.as_str())
+        {
+            return Err(invalid(
+                format!("Unrecognized request argument supplied: {key}"),
+                key,
+            ));
         }
     }
-    if obj.get("logprobs").is_some_and(|v| v.as_bool() == Some(true) || v.is_number()) {
-        return Err(invalid("`logprobs` is not supported by this server", "logprobs"));
+    if obj
+        .get("logprobs")
+        .is_some_and(|v| v.as_bool() == Some(true) || v.is_number())
+    {
+        return Err(invalid(
+            "`logprobs` is not supported by this server",
+            "logprobs",
+        ));
     }
     if obj.get("echo").is_some_and(|v| v.as_bool() == Some(true)) {
         return Err(invalid("`echo` is not supported by this server", "echo"));
@@ -102,20 +144,40 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(invalid("`stream_options.include_usage` must be a boolean", "stream_options")),
+            Some(_) => {
+                return Err(invalid(
+                    "`stream_options.include_usage` must be a boolean",
+                    "stream_options",
+                ))
+            }
         },
-        Some(_) => return Err(invalid("`stream_options` must be an object", "stream_options")),
+        Some(_) => {
+            return Err(invalid(
+                "`stream_options` must be an object",
+                "stream_options",
+            ))
+        }
     };
     if let Some(n) = obj.get("n").filter(|v| !v.is_null()) {
         if n.as_u64() != Some(1) {
             return Err(invalid("only `n: 1` is supported", "n"));
         }
     }
-    let max_tokens = match (int(&obj, "max_completion_tokens")?, int(&obj, "max_tokens")?) {
+    let max_tokens = match (
+        int(&obj, "max_completion_tokens")?,
+        int(&obj, "max_tokens")?,
+    ) {
         (Some(n), _) | (None, Some(n)) => {
             if n < 1 || n as u64 > MAX_TOKENS_LIMIT {
-                let p = if obj.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" };
-                return Err(invalid(format!("`{p}` must be between 1 and {MAX_TOKENS_LIMIT}"), p));
+                let p = if obj.contains_key("max_completion_tokens") {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                };
+                return Err(invalid(
+                    format!("`{p}` must be between 1 and {MAX_TOKENS_LIMIT}"),
+                    p,
+                ));
             }
             Some(n as u32)
         }
@@ -125,7 +187,9 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
         temperature: float(&obj, "temperature", 0.0..=2.0)?.unwrap_or(1.0),
         top_p: float(&obj, "top_p", 0.0..=1.0)?.unwrap_or(1.0),
         top_k: match int(&obj, "top_k")? {
-            Some(k) if !(0..=1_000_000).contains(&k) => return Err(invalid("`top_k` must be between 0 and 1000000", "top_k")),
+            Some(k) if !(0..=1_000_000).contains(&k) => {
+                return Err(invalid("`top_k` must be between 0 and 1000000", "top_k"))
+            }
             k => k.unwrap_or(0) as i32,
         },
         min_p: float(&obj, "min_p", 0.0..=1.0)?.unwrap_or(0.0),
@@ -170,13 +234,21 @@ fn int(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>, ErrorBody> {
     }
 }
 
-fn float(obj: &Map<String, Value>, key: &str, range: std::ops::RangeInclusive<f64>) -> Result<Option<f32>, ErrorBody> {
+fn float(
+    obj: &Map<String, Value>,
+    key: &str,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<Option<f32>, ErrorBody> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
             Some(f) if range.contains(&f) => Ok(Some(f as f32)),
             _ => Err(invalid(
-                format!("`{key}` must be a number between {} and {}", range.start(), range.end()),
+                format!(
+                    "`{key}` must be a number between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
                 key,
             )),
         },
@@ -185,10 +257,16 @@ fn float(obj: &Map<String, Value>, key: &str, range: std::ops::RangeInclusive<f6
 
 fn messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ErrorBody> {
     let Some(Value::Array(list)) = value else {
-        return Err(invalid("`messages` must be an array of messages", "messages"));
+        return Err(invalid(
+            "`messages` must be an array of messages",
+            "messages",
+        ));
     };
     if list.is_empty() || list.len() > MAX_MESSAGES {
-        return Err(invalid(format!("`messages` must hold 1 to {MAX_MESSAGES} messages"), "messages"));
+        return Err(invalid(
+            format!("`messages` must hold 1 to {MAX_MESSAGES} messages"),
+            "messages",
+        ));
     }
     list.iter()
         .enumerate()
@@ -238,7 +316,9 @@ fn messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ErrorBody> {
 fn completion_prompt(value: Option<&Value>) -> Result<String, ErrorBody> {
     let text = match value {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
         _ => return Err(invalid("`prompt` must be a string", "prompt")),
     };
     if text.is_empty() {
@@ -256,11 +336,18 @@ fn stops(value: Option<&Value>) -> Result<Vec<String>, ErrorBody> {
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| invalid("`stop` must be a string or an array of strings", "stop"))?,
-        Some(_) => return Err(invalid("`stop` must be a string or an array of strings", "stop")),
+        Some(_) => {
+            return Err(invalid(
+                "`stop` must be a string or an array of strings",
+                "stop",
+            ))
+        }
     };
     if list.len() > MAX_STOPS || list.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
         return Err(invalid(
-            format!("`stop` takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_LEN} bytes"),
+            format!(
+                "`stop` takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_LEN} bytes"
+            ),
             "stop",
         ));
     }
@@ -387,8 +474,16 @@ mod tests {
         assert!(v.stream && v.include_usage);
         assert_eq!(v.generate.max_tokens, Some(5));
         assert_eq!(v.generate.stop, ["x", "y"]);
-        let Prompt::Chat { messages } = &v.generate.prompt else { panic!() };
-        assert_eq!(messages[0], ChatMessage { role: "system".into(), content: "ab".into() });
+        let Prompt::Chat { messages } = &v.generate.prompt else {
+            panic!()
+        };
+        assert_eq!(
+            messages[0],
+            ChatMessage {
+                role: "system".into(),
+                content: "ab".into()
+            }
+        );
         let s = &v.generate.sampling;
         assert_eq!((s.temperature, s.top_k, s.seed), (0.0, 3, 42));
     }
@@ -399,16 +494,56 @@ mod tests {
             ("{", "", "parse the JSON"),
             (r#"{"messages":[]}"#, "messages", "1 to"),
             (r#"{"messages":"hi"}"#, "messages", "array"),
-            (r#"{"messages":[{"role":"tool","content":"x"}]}"#, "messages[0]", "not supported"),
-            (r#"{"messages":[{"role":"user"}]}"#, "messages[0]", "content"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature", "between"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "n", "n: 1"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens", "between 1"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, "stop", "up to 4"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"tools":[]}"#, "tools", "not supported"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"frobnicate":1}"#, "frobnicate", "Unrecognized"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, "stream", "boolean"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"model":7}"#, "model", "string"),
+            (
+                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                "messages[0]",
+                "not supported",
+            ),
+            (
+                r#"{"messages":[{"role":"user"}]}"#,
+                "messages[0]",
+                "content",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "temperature",
+                "between",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "n",
+                "n: 1",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                "max_tokens",
+                "between 1",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+                "stop",
+                "up to 4",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[]}"#,
+                "tools",
+                "not supported",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"frobnicate":1}"#,
+                "frobnicate",
+                "Unrecognized",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+                "stream",
+                "boolean",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"model":7}"#,
+                "model",
+                "string",
+            ),
         ];
         for (body, param, want) in cases {
             let e = chat(body).unwrap_err();
@@ -422,8 +557,18 @@ mod tests {
 
     #[test]
     fn completions_take_a_prompt() {
-        let v = validate(Kind::Completion, br#"{"prompt":"zebra zebra","max_tokens":4}"#, 1).unwrap();
-        assert_eq!(v.generate.prompt, Prompt::Text { text: "zebra zebra".into() });
+        let v = validate(
+            Kind::Completion,
+            br#"{"prompt":"zebra zebra","max_tokens":4}"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            v.generate.prompt,
+            Prompt::Text {
+                text: "zebra zebra".into()
+            }
+        );
         assert!(validate(Kind::Completion, br#"{"prompt":""}"#, 1).is_err());
         assert!(validate(Kind::Completion, br#"{"prompt":"x","echo":true}"#, 1).is_err());
     }

@@ -25,20 +25,29 @@ pub enum Message {
         token: String,
     },
     /// The gateway's answer to an accepted `Hello`.
-    Welcome { worker_id: String },
+    Welcome {
+        worker_id: String,
+    },
     /// Sent by the gateway just before it closes a connection it refuses.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     RegisterFunction {
         name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         description: Option<String>,
     },
-    UnregisterFunction { name: String },
+    UnregisterFunction {
+        name: String,
+    },
     /// Maps an HTTP method + path on the gateway to a function.
     RegisterTrigger {
         method: String,
         path: String,
         function: String,
+        /// Functions the trigger's function calls; `/readyz` waits for them too.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        requires: Vec<String>,
     },
     /// Calls a function. `id` is chosen by the sender and unique per connection.
     Invoke {
@@ -73,11 +82,17 @@ pub enum Message {
         error: Option<ErrorBody>,
     },
     /// Stops an invocation; travels the whole chain.
-    Cancel { id: u64 },
+    Cancel {
+        id: u64,
+    },
     /// Tells the gateway to stop routing new work here (drain before shutdown).
     Draining {},
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Any message type this build does not know; ignored by the receiver.
     #[serde(other)]
     Unknown,
@@ -324,6 +339,7 @@ mod tests {
                 method: "POST".into(),
                 path: "/math/add-two-numbers".into(),
                 function: "math::add_two_numbers".into(),
+                requires: vec!["math::add".into()],
             },
             Message::Invoke {
                 id: 7,

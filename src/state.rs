@@ -157,7 +157,10 @@ impl StateStore {
             db: self.db.clone(),
             done,
         };
-        self.flush_tx.send(waiter).await.map_err(|_| StateError::Closed)?;
+        self.flush_tx
+            .send(waiter)
+            .await
+            .map_err(|_| StateError::Closed)?;
         rx.await
             .map_err(|_| StateError::Closed)?
             .map_err(|e| StateError::Storage(sled::Error::Unsupported(e)))
@@ -224,7 +227,12 @@ mod tests {
         s.set("b", "k1", &json!(3)).await.unwrap();
         assert_eq!(s.get("a", "k1").unwrap(), Some(json!({"x": 1})));
         assert_eq!(s.get("b", "k1").unwrap(), Some(json!(3)));
-        let keys: Vec<_> = s.list("a", "k", 10).unwrap().into_iter().map(|i| i.key).collect();
+        let keys: Vec<_> = s
+            .list("a", "k", 10)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
         assert_eq!(keys, ["k1", "k2"]);
         assert!(s.delete("a", "k1").await.unwrap());
         assert!(!s.delete("a", "k1").await.unwrap());
@@ -261,7 +269,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::open(dir.path()).unwrap();
         s.incr("m", "t", i64::MAX - 1).await.unwrap();
-        assert!(matches!(s.incr("m", "t", 5).await, Err(StateError::Invalid(_))));
+        assert!(matches!(
+            s.incr("m", "t", 5).await,
+            Err(StateError::Invalid(_))
+        ));
         assert_eq!(s.get("m", "t").unwrap(), Some(json!(i64::MAX - 1)));
         s.set("m", "s", &json!("text")).await.unwrap();
         assert!(s.incr("m", "s", 1).await.is_err());

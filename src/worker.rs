@@ -22,9 +22,8 @@ use crate::protocol::{
 };
 use crate::transport::{self, Outbox, Outgoing, RecvError};
 
-type WsStream = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 type WsReader = futures_util::stream::SplitStream<WsStream>;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -62,6 +61,13 @@ impl Response {
     }
 }
 
+struct Trigger {
+    method: String,
+    path: String,
+    function: String,
+    requires: Vec<String>,
+}
+
 /// How a worker connects.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -77,7 +83,7 @@ pub struct WorkerOptions {
 pub struct Worker {
     opts: WorkerOptions,
     functions: Vec<(String, Handler)>,
-    triggers: Vec<(String, String, String)>,
+    triggers: Vec<Trigger>,
     mesh: Mesh,
 }
 
@@ -104,9 +110,14 @@ impl Worker {
         self
     }
 
-    pub fn trigger(mut self, method: &str, path: &str, function: &str) -> Self {
-        self.triggers
-            .push((method.to_string(), path.to_string(), function.to_string()));
+    /// Maps `method path` on the gateway to `function`, which calls the functions in `requires`.
+    pub fn trigger(mut self, method: &str, path: &str, function: &str, requires: &[&str]) -> Self {
+        self.triggers.push(Trigger {
+            method: method.to_string(),
+            path: path.to_string(),
+            function: function.to_string(),
+            requires: requires.iter().map(|r| r.to_string()).collect(),
+        });
         self
     }
 
@@ -162,7 +173,12 @@ impl Worker {
         };
         let send = |m: Message| {
             let outbox = outbox.clone();
-            async move { outbox.send(Outgoing::Msg(m)).await.map_err(|_| "connection closed".to_string()) }
+            async move {
+                outbox
+                    .send(Outgoing::Msg(m))
+                    .await
+                    .map_err(|_| "connection closed".to_string())
+            }
         };
         for (name, _) in &self.functions {
             send(Message::RegisterFunction {
@@ -171,11 +187,12 @@ impl Worker {
             })
             .await?;
         }
-        for (method, path, function) in &self.triggers {
+        for t in &self.triggers {
             send(Message::RegisterTrigger {
-                method: method.clone(),
-                path: path.clone(),
-                function: function.clone(),
+                method: t.method.clone(),
+                path: t.path.clone(),
+                function: t.function.clone(),
+                requires: t.requires.clone(),
             })
             .await?;
         }
@@ -190,10 +207,13 @@ impl Worker {
     /// Connects, says hello, and waits for the welcome.
     async fn handshake(&self) -> Result<(WsReader, Outbox), String> {
         let config = transport::ws_config(self.opts.max_frame_bytes);
-        let (ws, _) =
-            tokio_tungstenite::connect_async_with_config(&self.opts.gateway_url, Some(config), true)
-                .await
-                .map_err(|e| format!("cannot connect to {}: {e}", self.opts.gateway_url))?;
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(
+            &self.opts.gateway_url,
+            Some(config),
+            true,
+        )
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", self.opts.gateway_url))?;
         let (sink, mut stream) = ws.split();
         let outbox = transport::spawn_writer(sink);
         let hello = Message::Hello {
@@ -206,7 +226,8 @@ impl Worker {
             .await
             .map_err(|_| "connection closed".to_string())?;
         let max = self.opts.max_frame_bytes;
-        match tokio::time::timeout(Duration::from_secs(10), transport::recv(&mut stream, max)).await {
+        match tokio::time::timeout(Duration::from_secs(10), transport::recv(&mut stream, max)).await
+        {
             Ok(Ok(Message::Welcome { worker_id })) => {
                 tracing::info!(worker = %self.opts.name, %worker_id, url = %self.opts.gateway_url, "joined the mesh");
                 Ok((stream, outbox))
@@ -284,7 +305,14 @@ impl Worker {
         }
     }
 
-    fn start(self: &Arc<Self>, id: u64, function: &str, call: Call, outbox: &Outbox, running: &Running) {
+    fn start(
+        self: &Arc<Self>,
+        id: u64,
+        function: &str,
+        call: Call,
+        outbox: &Outbox,
+        running: &Running,
+    ) {
         let handler = self
             .functions
             .iter()
@@ -305,7 +333,10 @@ impl Worker {
         if running.len() >= self.opts.max_concurrency {
             return refuse(ErrorBody::new(
                 ErrorCode::Overloaded,
-                format!("worker {} is running its limit of {} invocations", self.opts.name, self.opts.max_concurrency),
+                format!(
+                    "worker {} is running its limit of {} invocations",
+                    self.opts.name, self.opts.max_concurrency
+                ),
             ));
         }
         let span = tracing::info_span!("invoke", %function, trace_id = %call.trace_id);
@@ -316,7 +347,10 @@ impl Worker {
             async move {
                 let result = tokio::time::timeout_at(deadline, handler(call)).await;
                 let result = result.unwrap_or_else(|_| {
-                    Err(ErrorBody::new(ErrorCode::DeadlineExceeded, "the deadline passed"))
+                    Err(ErrorBody::new(
+                        ErrorCode::DeadlineExceeded,
+                        "the deadline passed",
+                    ))
                 });
                 answer(id, result, &outbox).await;
                 running2.remove(id);
@@ -329,10 +363,15 @@ impl Worker {
     async fn drain(&self, outbox: &Outbox, running: &Running) {
         let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
         tracing::info!(worker = %self.opts.name, inflight = running.len(), "draining");
-        if tokio::time::timeout(self.opts.drain_timeout, running.idle()).await.is_err() {
+        if tokio::time::timeout(self.opts.drain_timeout, running.idle())
+            .await
+            .is_err()
+        {
             tracing::warn!(worker = %self.opts.name, inflight = running.len(), "drain deadline passed");
         }
-        let _ = outbox.send(Outgoing::Close("worker shutting down".into())).await;
+        let _ = outbox
+            .send(Outgoing::Close("worker shutting down".into()))
+            .await;
     }
 }
 
@@ -489,7 +528,10 @@ impl CallStream {
 }
 
 fn lost() -> ErrorBody {
-    ErrorBody::new(ErrorCode::WorkerLost, "the connection to the gateway was lost")
+    ErrorBody::new(
+        ErrorCode::WorkerLost,
+        "the connection to the gateway was lost",
+    )
 }
 
 fn unexpected(a: &Answer) -> ErrorBody {
@@ -502,7 +544,11 @@ impl Mesh {
     }
 
     fn outbox(&self) -> Option<Outbox> {
-        self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn connected(&self, outbox: Outbox) {
@@ -521,12 +567,18 @@ impl Mesh {
         let (id, answer, last) = match msg {
             Message::Result { id, outcome } => (id, Answer::Done(outcome), true),
             Message::StreamStart { id, http } => (id, Answer::Start(http), false),
-            Message::StreamChunk { id, data } => (id, Answer::Chunk(Bytes::from(data.into_vec())), false),
+            Message::StreamChunk { id, data } => {
+                (id, Answer::Chunk(Bytes::from(data.into_vec())), false)
+            }
             Message::StreamEnd { id, error } => (id, Answer::End(error), true),
             _ => return,
         };
         let mut pending = self.pending();
-        let tx = if last { pending.remove(&id) } else { pending.get(&id).cloned() };
+        let tx = if last {
+            pending.remove(&id)
+        } else {
+            pending.get(&id).cloned()
+        };
         drop(pending);
         if let Some(tx) = tx {
             if tx.try_send(answer).is_err() && !last {
@@ -540,9 +592,18 @@ impl Mesh {
         }
     }
 
-    fn send(&self, function: &str, payload: Vec<u8>, trace_id: &str, timeout: Duration) -> Result<CallGuard, ErrorBody> {
+    fn send(
+        &self,
+        function: &str,
+        payload: Vec<u8>,
+        trace_id: &str,
+        timeout: Duration,
+    ) -> Result<CallGuard, ErrorBody> {
         let outbox = self.outbox().ok_or_else(|| {
-            ErrorBody::new(ErrorCode::NoWorker, "this worker is not connected to the gateway")
+            ErrorBody::new(
+                ErrorCode::NoWorker,
+                "this worker is not connected to the gateway",
+            )
         })?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(512);
@@ -561,13 +622,22 @@ impl Mesh {
             http: None,
         };
         outbox.try_send(Outgoing::Msg(msg)).map_err(|_| {
-            ErrorBody::new(ErrorCode::Overloaded, "the connection to the gateway is saturated")
+            ErrorBody::new(
+                ErrorCode::Overloaded,
+                "the connection to the gateway is saturated",
+            )
         })?;
         Ok(guard)
     }
 
     /// Calls `function` and waits for its one answer, at most until `deadline`.
-    pub async fn call(&self, function: &str, payload: Vec<u8>, trace_id: &str, deadline: Instant) -> Result<Bytes, ErrorBody> {
+    pub async fn call(
+        &self,
+        function: &str,
+        payload: Vec<u8>,
+        trace_id: &str,
+        deadline: Instant,
+    ) -> Result<Bytes, ErrorBody> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let mut guard = self.send(function, payload, trace_id, timeout)?;
         match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
@@ -576,14 +646,22 @@ impl Mesh {
                 format!("`{function}` did not answer in time"),
             )),
             Ok(None) => Err(lost()),
-            Ok(Some(Answer::Done(Outcome::Ok { payload, .. }))) => Ok(Bytes::from(payload.into_vec())),
+            Ok(Some(Answer::Done(Outcome::Ok { payload, .. }))) => {
+                Ok(Bytes::from(payload.into_vec()))
+            }
             Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
             Ok(Some(other)) => Err(unexpected(&other)),
         }
     }
 
     /// Calls a streaming function; answers once its stream has started (or it failed).
-    pub async fn call_stream(&self, function: &str, payload: Vec<u8>, trace_id: &str, deadline: Instant) -> Result<CallStream, ErrorBody> {
+    pub async fn call_stream(
+        &self,
+        function: &str,
+        payload: Vec<u8>,
+        trace_id: &str,
+        deadline: Instant,
+    ) -> Result<CallStream, ErrorBody> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let mut guard = self.send(function, payload, trace_id, timeout)?;
         match tokio::time::timeout_at(deadline, guard.answers.recv()).await {

@@ -194,7 +194,16 @@ impl Engine {
         let thread_cfg = config.clone();
         std::thread::Builder::new()
             .name("meshd-engine".into())
-            .spawn(move || scheduler::run(backend, thread_model, thread_cfg, rx, thread_stats, ready_tx))
+            .spawn(move || {
+                scheduler::run(
+                    backend,
+                    thread_model,
+                    thread_cfg,
+                    rx,
+                    thread_stats,
+                    ready_tx,
+                )
+            })
             .map_err(|e| load_err(e.to_string()))?;
         ready_rx
             .await
@@ -241,7 +250,9 @@ impl Engine {
                 let text = self
                     .model
                     .apply_chat_template(&self.template, &chat, true)
-                    .map_err(|e| EngineError::Invalid(format!("cannot apply the chat template: {e}")))?;
+                    .map_err(|e| {
+                        EngineError::Invalid(format!("cannot apply the chat template: {e}"))
+                    })?;
                 vocab.tokenize(text.as_bytes(), true, true)
             }
         };

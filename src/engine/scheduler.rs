@@ -96,7 +96,9 @@ pub(super) fn run(
                 continue;
             }
             let p = job.prepared;
-            stats.prompt_tokens.fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
+            stats
+                .prompt_tokens
+                .fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
             stats.active.fetch_add(1, Ordering::Relaxed);
             slots[free] = Some(Seq {
                 id: free as i32,
@@ -133,7 +135,9 @@ pub(super) fn run(
         for &i in &order {
             let seq = slots[i].as_mut().expect("ordered slots are occupied");
             if let Some(tok) = seq.next.take() {
-                batch.add(tok, seq.pos, &[seq.id], true).expect("budget checked");
+                batch
+                    .add(tok, seq.pos, &[seq.id], true)
+                    .expect("budget checked");
                 seq.logits_at = Some(batch.n_tokens() - 1);
                 seq.pos += 1;
                 budget -= 1;
@@ -170,7 +174,9 @@ pub(super) fn run(
             tracing::error!(error = %e, tokens = batch.n_tokens(), "decode failed");
             for &i in &order {
                 if let Some(seq) = slots[i].as_ref() {
-                    let _ = seq.events.try_send(Event::Error(format!("decode failed: {e}")));
+                    let _ = seq
+                        .events
+                        .try_send(Event::Error(format!("decode failed: {e}")));
                 }
                 free(&mut ctx, &mut slots[i], &stats);
             }
@@ -234,7 +240,10 @@ pub(super) fn run(
 /// Sends a text delta; a consumer that cannot keep up is treated as gone.
 fn send(seq: &mut Seq, text: String) {
     if !text.is_empty() && seq.events.try_send(Event::Delta(text)).is_err() {
-        tracing::warn!(seq = seq.id, "event receiver full or gone; cancelling the sequence");
+        tracing::warn!(
+            seq = seq.id,
+            "event receiver full or gone; cancelling the sequence"
+        );
         let (closed, _) = mpsc::channel(1);
         seq.events = closed;
     }

@@ -71,7 +71,11 @@ pub async fn call(state: &StateStore, function: &str, payload: &[u8]) -> Outcome
     }
 }
 
-async fn dispatch(state: &StateStore, function: &str, payload: &[u8]) -> Result<Vec<u8>, ErrorBody> {
+async fn dispatch(
+    state: &StateStore,
+    function: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, ErrorBody> {
     let reply = match function {
         "state::get" => {
             let r: KeyRequest = protocol::from_payload(payload)?;
@@ -81,7 +85,10 @@ async fn dispatch(state: &StateStore, function: &str, payload: &[u8]) -> Result<
         }
         "state::set" => {
             let r: SetRequest = protocol::from_payload(payload)?;
-            state.set(&r.scope, &r.key, &r.value).await.map_err(state_error)?;
+            state
+                .set(&r.scope, &r.key, &r.value)
+                .await
+                .map_err(state_error)?;
             protocol::to_payload(&ValueReply { value: None })
         }
         "state::delete" => {
@@ -92,12 +99,17 @@ async fn dispatch(state: &StateStore, function: &str, payload: &[u8]) -> Result<
         "state::list" => {
             let r: ListRequest = protocol::from_payload(payload)?;
             let limit = r.limit.unwrap_or(crate::state::MAX_LIST);
-            let items = state.list(&r.scope, &r.prefix, limit).map_err(state_error)?;
+            let items = state
+                .list(&r.scope, &r.prefix, limit)
+                .map_err(state_error)?;
             protocol::to_payload(&ListReply { items })
         }
         "state::incr" => {
             let r: IncrRequest = protocol::from_payload(payload)?;
-            let value = state.incr(&r.scope, &r.key, r.by).await.map_err(state_error)?;
+            let value = state
+                .incr(&r.scope, &r.key, r.by)
+                .await
+                .map_err(state_error)?;
             protocol::to_payload(&IncrReply { value })
         }
         other => {

@@ -84,7 +84,11 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
 }
 
 /// Answers one request; returns the route label for metrics with the response.
-async fn route(req: Request<Incoming>, shared: &Arc<Shared>, trace_id: &str) -> (String, Response<Body>) {
+async fn route(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    trace_id: &str,
+) -> (String, Response<Body>) {
     let path = req.uri().path().to_string();
     if req.method() == Method::GET {
         match path.as_str() {
@@ -103,7 +107,10 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>, trace_id: &str) -> 
             }
             "/status" => {
                 let functions = shared.registry().status();
-                return (path, json(200, &serde_json::json!({"functions": functions})));
+                return (
+                    path,
+                    json(200, &serde_json::json!({"functions": functions})),
+                );
             }
             _ => {}
         }
@@ -112,9 +119,17 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>, trace_id: &str) -> 
         Ok(f) => f,
         Err(other_method) => {
             let (code, msg, status) = if other_method {
-                (ErrorCode::BadRequest, format!("{} is not allowed on {path}", req.method()), 405)
+                (
+                    ErrorCode::BadRequest,
+                    format!("{} is not allowed on {path}", req.method()),
+                    405,
+                )
             } else {
-                (ErrorCode::NotFound, format!("no route for {} {path}", req.method()), 404)
+                (
+                    ErrorCode::NotFound,
+                    format!("no route for {} {path}", req.method()),
+                    404,
+                )
             };
             let err = ErrorBody::new(code, msg).with_status(status);
             return ("unmatched".into(), error(&err));
@@ -124,7 +139,12 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>, trace_id: &str) -> 
     (path, resp)
 }
 
-async fn invoke(req: Request<Incoming>, shared: &Arc<Shared>, function: &str, trace_id: &str) -> Response<Body> {
+async fn invoke(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    function: &str,
+    trace_id: &str,
+) -> Response<Body> {
     let limit = shared.opts.max_body_bytes;
     let too_large = || {
         error(&ErrorBody::new(
@@ -143,7 +163,10 @@ async fn invoke(req: Request<Incoming>, shared: &Arc<Shared>, function: &str, tr
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, limit).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return too_large()
         }
         Err(e) => {
@@ -180,7 +203,10 @@ async fn invoke(req: Request<Incoming>, shared: &Arc<Shared>, function: &str, tr
             ErrorCode::DeadlineExceeded,
             format!("`{function}` did not answer within {} s", timeout.as_secs()),
         )),
-        Ok(None) => error(&ErrorBody::new(ErrorCode::Internal, "the invocation was dropped")),
+        Ok(None) => error(&ErrorBody::new(
+            ErrorCode::Internal,
+            "the invocation was dropped",
+        )),
         Ok(Some(Reply::Done(Outcome::Ok { payload, http }))) => {
             let head = http.unwrap_or(HttpResponseHead {
                 status: 200,
@@ -194,10 +220,9 @@ async fn invoke(req: Request<Incoming>, shared: &Arc<Shared>, function: &str, tr
                 status: 200,
                 headers: vec![],
             });
-            let sse = head
-                .headers
-                .iter()
-                .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream"));
+            let sse = head.headers.iter().any(|(k, v)| {
+                k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream")
+            });
             let body = ReplyBody {
                 call,
                 sse,
@@ -248,7 +273,10 @@ impl hyper::body::Body for ReplyBody {
             self.done = true;
             // An SSE client gets the error as an event; anything else sees the body break off.
             return Poll::Ready(Some(if self.sse {
-                Ok(Frame::data(Bytes::from(format!("data: {}\n\n", err.openai_json()))))
+                Ok(Frame::data(Bytes::from(format!(
+                    "data: {}\n\n",
+                    err.openai_json()
+                ))))
             } else {
                 Err(std::io::Error::other(err.to_string()))
             }));
@@ -259,7 +287,11 @@ impl hyper::body::Body for ReplyBody {
 fn readyz(shared: &Shared) -> Response<Body> {
     let (missing, triggers, workers) = {
         let reg = shared.registry();
-        (reg.unserved_triggers(), reg.trigger_count(), reg.worker_count())
+        (
+            reg.unserved_triggers(),
+            reg.trigger_count(),
+            reg.worker_count(),
+        )
     };
     let ready = triggers > 0 && missing.is_empty();
     let body = serde_json::json!({
@@ -276,16 +308,28 @@ fn trace_id_of(req: &Request<Incoming>) -> String {
     let valid = |s: &str| {
         !s.is_empty()
             && s.len() <= 128
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     };
-    if let Some(id) = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+    if let Some(id) = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
         if valid(id) {
             return id.to_string();
         }
     }
-    if let Some(tp) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
+    if let Some(tp) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
         let parts: Vec<&str> = tp.split('-').collect();
-        if parts.len() == 4 && parts[1].len() == 32 && parts[1].bytes().all(|b| b.is_ascii_hexdigit()) {
+        if parts.len() == 4
+            && parts[1].len() == 32
+            && parts[1].bytes().all(|b| b.is_ascii_hexdigit())
+        {
             return parts[1].to_ascii_lowercase();
         }
     }

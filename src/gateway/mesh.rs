@@ -85,22 +85,44 @@ async fn serve_worker(stream: TcpStream, peer: String, shared: Arc<Shared>) {
             name
         }
         Ok(Ok(_)) => {
-            refuse(&shared, &outbox, &peer, "handshake", "first message must be hello".into())
-                .await;
+            refuse(
+                &shared,
+                &outbox,
+                &peer,
+                "handshake",
+                "first message must be hello".into(),
+            )
+            .await;
             return;
         }
         Ok(Err(e)) => {
-            refuse(&shared, &outbox, &peer, "handshake", format!("bad handshake: {e}")).await;
+            refuse(
+                &shared,
+                &outbox,
+                &peer,
+                "handshake",
+                format!("bad handshake: {e}"),
+            )
+            .await;
             return;
         }
         Err(_) => {
-            refuse(&shared, &outbox, &peer, "handshake", "no hello within 10 s".into()).await;
+            refuse(
+                &shared,
+                &outbox,
+                &peer,
+                "handshake",
+                "no hello within 10 s".into(),
+            )
+            .await;
             return;
         }
     };
 
     let id = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
-    shared.registry().add_worker(id, name.clone(), outbox.clone());
+    shared
+        .registry()
+        .add_worker(id, name.clone(), outbox.clone());
     let _ = outbox
         .send(Outgoing::Msg(Message::Welcome {
             worker_id: id.to_string(),
@@ -187,9 +209,12 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
             method,
             path,
             function,
+            requires,
         } => {
-            tracing::info!(%method, %path, %function, "trigger registered");
-            shared.registry().register_trigger(&method, &path, &function);
+            tracing::info!(%method, %path, %function, ?requires, "trigger registered");
+            shared
+                .registry()
+                .register_trigger(&method, &path, &function, requires);
         }
         Message::Invoke {
             id,
@@ -204,7 +229,9 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
                 let outbox = outbox.clone();
                 tokio::spawn(async move {
                     let outcome = builtins::call(&shared.state, &function, &payload).await;
-                    let _ = outbox.send(Outgoing::Msg(Message::Result { id, outcome })).await;
+                    let _ = outbox
+                        .send(Outgoing::Msg(Message::Result { id, outcome }))
+                        .await;
                 });
                 return;
             }
@@ -228,7 +255,9 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
                 }
                 Err(e) => {
                     let outcome = Outcome::Error(e.to_error(&function));
-                    let _ = outbox.send(Outgoing::Msg(Message::Result { id, outcome })).await;
+                    let _ = outbox
+                        .send(Outgoing::Msg(Message::Result { id, outcome }))
+                        .await;
                 }
             }
         }
@@ -260,7 +289,10 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
         Message::Cancel { id } => {
             let target = shared.registry().cancel_from_origin(me, id);
             if let Some(t) = target {
-                let _ = t.outbox.send(Outgoing::Msg(Message::Cancel { id: t.id })).await;
+                let _ = t
+                    .outbox
+                    .send(Outgoing::Msg(Message::Cancel { id: t.id }))
+                    .await;
             }
         }
         Message::Draining {} => {

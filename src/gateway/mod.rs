@@ -111,7 +111,10 @@ impl Shared {
                     self.cancel(id).await;
                 }
             }
-            Sink::Remote { worker, id: their_id } => {
+            Sink::Remote {
+                worker,
+                id: their_id,
+            } => {
                 let Some(outbox) = self.registry().outbox(worker) else {
                     return;
                 };
@@ -125,7 +128,10 @@ impl Shared {
                         id: their_id,
                         data: serde_bytes::ByteBuf::from(Vec::from(data)),
                     },
-                    Reply::End(error) => Message::StreamEnd { id: their_id, error },
+                    Reply::End(error) => Message::StreamEnd {
+                        id: their_id,
+                        error,
+                    },
                 };
                 let _ = outbox.send(Outgoing::Msg(msg)).await;
             }
@@ -136,21 +142,28 @@ impl Shared {
     pub async fn cancel(&self, id: u64) {
         let target = self.registry().cancel(id);
         if let Some(t) = target {
-            let _ = t.outbox.send(Outgoing::Msg(Message::Cancel { id: t.id })).await;
+            let _ = t
+                .outbox
+                .send(Outgoing::Msg(Message::Cancel { id: t.id }))
+                .await;
         }
     }
 
     /// Fails every invocation left without a worker, and cancels the calls it had made.
     pub async fn worker_left(self: &Arc<Self>, departure: registry::Departure, name: &str) {
         for t in departure.abandoned {
-            let _ = t.outbox.send(Outgoing::Msg(Message::Cancel { id: t.id })).await;
+            let _ = t
+                .outbox
+                .send(Outgoing::Msg(Message::Cancel { id: t.id }))
+                .await;
         }
         for (id, sink) in departure.orphaned {
             let err = ErrorBody::new(
                 ErrorCode::WorkerLost,
                 format!("worker `{name}` disconnected while handling this request"),
             );
-            self.deliver(id, sink, Reply::Done(Outcome::Error(err))).await;
+            self.deliver(id, sink, Reply::Done(Outcome::Error(err)))
+                .await;
         }
     }
 }
@@ -167,7 +180,9 @@ impl Drop for LocalCall {
     fn drop(&mut self) {
         let target = self.shared.registry().cancel(self.id);
         if let Some(t) = target {
-            let _ = t.outbox.try_send(Outgoing::Msg(Message::Cancel { id: t.id }));
+            let _ = t
+                .outbox
+                .try_send(Outgoing::Msg(Message::Cancel { id: t.id }));
         }
     }
 }

@@ -34,6 +34,8 @@ struct Worker {
     name: String,
     outbox: Outbox,
     inflight: usize,
+    /// Invocations routed to it since it connected.
+    served: u64,
     draining: bool,
 }
 
@@ -95,6 +97,8 @@ pub struct Registry {
     function_inflight: HashMap<String, usize>,
     /// (method, path) → function.
     triggers: HashMap<(String, String), String>,
+    /// Function → what it calls, declared with its triggers (readiness waits for them too).
+    requires: HashMap<String, Vec<String>>,
     pending: HashMap<InvocationId, Pending>,
     by_origin: HashMap<(WorkerId, u64), InvocationId>,
     next_id: InvocationId,
@@ -105,8 +109,17 @@ pub struct Registry {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FunctionStatus {
     pub function: String,
-    pub workers: Vec<String>,
+    pub workers: Vec<WorkerStatus>,
     pub inflight: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub id: WorkerId,
+    pub inflight: usize,
+    pub served: u64,
+    pub draining: bool,
 }
 
 impl Registry {
@@ -117,6 +130,7 @@ impl Registry {
                 name,
                 outbox,
                 inflight: 0,
+                served: 0,
                 draining: false,
             },
         );
@@ -139,11 +153,20 @@ impl Registry {
         }
     }
 
-    pub fn register_trigger(&mut self, method: &str, path: &str, function: &str) {
+    pub fn register_trigger(
+        &mut self,
+        method: &str,
+        path: &str,
+        function: &str,
+        requires: Vec<String>,
+    ) {
         self.triggers.insert(
             (method.to_ascii_uppercase(), path.to_string()),
             function.to_string(),
         );
+        if !requires.is_empty() {
+            self.requires.insert(function.to_string(), requires);
+        }
     }
 
     /// The function behind `method path`; `Err(true)` when the path exists with another method.
@@ -174,6 +197,7 @@ impl Registry {
         let mut missing: Vec<String> = self
             .triggers
             .values()
+            .flat_map(|f| std::iter::once(f).chain(self.requires.get(f).into_iter().flatten()))
             .filter(|f| self.live_workers(f).next().is_none())
             .cloned()
             .collect();
@@ -217,8 +241,12 @@ impl Registry {
         let id = self.next_id;
         let w = self.workers.get_mut(&worker).expect("live worker");
         w.inflight += 1;
+        w.served += 1;
         let outbox = w.outbox.clone();
-        *self.function_inflight.entry(function.to_string()).or_default() += 1;
+        *self
+            .function_inflight
+            .entry(function.to_string())
+            .or_default() += 1;
         if let Some(o) = origin {
             self.by_origin.insert(o, id);
         }
@@ -315,8 +343,14 @@ impl Registry {
                 function: f.clone(),
                 workers: ids
                     .iter()
-                    .filter_map(|id| self.workers.get(id))
-                    .map(|w| format!("{}{}", w.name, if w.draining { " (draining)" } else { "" }))
+                    .filter_map(|id| self.workers.get(id).map(|w| (id, w)))
+                    .map(|(id, w)| WorkerStatus {
+                        name: w.name.clone(),
+                        id: *id,
+                        inflight: w.inflight,
+                        served: w.served,
+                        draining: w.draining,
+                    })
                     .collect(),
                 inflight: self.function_inflight.get(f).copied().unwrap_or(0),
             })
@@ -348,7 +382,10 @@ mod tests {
         r.register_function(2, "f");
         let first = r.route("f", local(), None, 100).unwrap();
         let second = r.route("f", local(), None, 100).unwrap();
-        assert_ne!(first.worker, second.worker, "a loaded worker is passed over");
+        assert_ne!(
+            first.worker, second.worker,
+            "a loaded worker is passed over"
+        );
         r.complete(first.id, first.worker).unwrap();
         r.complete(second.id, second.worker).unwrap();
         let mut seen = std::collections::HashSet::new();
@@ -363,7 +400,10 @@ mod tests {
     #[test]
     fn no_worker_and_overload_are_told_apart() {
         let mut r = Registry::default();
-        assert_eq!(r.route("f", local(), None, 1).err(), Some(RouteError::NoWorker));
+        assert_eq!(
+            r.route("f", local(), None, 1).err(),
+            Some(RouteError::NoWorker)
+        );
         r.add_worker(1, "a".into(), outbox());
         r.register_function(1, "f");
         r.route("f", local(), None, 1).unwrap();
@@ -372,7 +412,10 @@ mod tests {
             Some(RouteError::Overloaded { depth: 1 })
         );
         r.set_draining(1);
-        assert_eq!(r.route("f", local(), None, 9).err(), Some(RouteError::NoWorker));
+        assert_eq!(
+            r.route("f", local(), None, 9).err(),
+            Some(RouteError::NoWorker)
+        );
     }
 
     #[test]
@@ -411,7 +454,9 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.register_function(1, "f");
-        r.register_trigger("post", "/x", "f");
+        r.register_trigger("post", "/x", "f", vec!["g".into()]);
+        assert_eq!(r.unserved_triggers(), ["g"]);
+        r.register_function(1, "g");
         assert_eq!(r.trigger("POST", "/x"), Ok("f".to_string()));
         assert_eq!(r.trigger("GET", "/x"), Err(true));
         assert_eq!(r.trigger("GET", "/y"), Err(false));

@@ -13,19 +13,40 @@ use crate::openai::{self, Kind, Shaper};
 use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead};
 use crate::worker::{Call, CallStream, Mesh, Response, Worker};
 
+const INFERENCE: &[&str] = &["inference::run_inference"];
+
 pub fn register(worker: Worker) -> Worker {
     worker
-        .function("http::run_inference_over_http", |call| over_http(Kind::Chat, call))
-        .function("http::run_completion_over_http", |call| over_http(Kind::Completion, call))
+        .function("http::run_inference_over_http", |call| {
+            over_http(Kind::Chat, call)
+        })
+        .function("http::run_completion_over_http", |call| {
+            over_http(Kind::Completion, call)
+        })
         .function("http::list_models", list_models)
         .function("inference::get_response", |call: Call| async move {
             let req: GenerateRequest = protocol::from_payload(&call.payload)?;
             let done = get_response(&call.mesh, &req, &call.trace_id, call.deadline).await?;
             Ok(Response::payload(protocol::to_payload(&done)))
         })
-        .trigger("POST", "/v1/chat/completions", "http::run_inference_over_http")
-        .trigger("POST", "/v1/completions", "http::run_completion_over_http")
-        .trigger("GET", "/v1/models", "http::list_models")
+        .trigger(
+            "POST",
+            "/v1/chat/completions",
+            "http::run_inference_over_http",
+            INFERENCE,
+        )
+        .trigger(
+            "POST",
+            "/v1/completions",
+            "http::run_completion_over_http",
+            INFERENCE,
+        )
+        .trigger(
+            "GET",
+            "/v1/models",
+            "http::list_models",
+            &["inference::models"],
+        )
 }
 
 fn head(status: u16, content_type: &str) -> Option<HttpResponseHead> {
@@ -44,12 +65,25 @@ fn json_response(value: &Value) -> Response {
 }
 
 fn broken(why: &str) -> ErrorBody {
-    ErrorBody::new(ErrorCode::Internal, format!("inference stream broken: {why}"))
+    ErrorBody::new(
+        ErrorCode::Internal,
+        format!("inference stream broken: {why}"),
+    )
 }
 
-async fn start(mesh: &Mesh, req: &GenerateRequest, trace_id: &str, deadline: Instant) -> Result<(CallStream, String), ErrorBody> {
+async fn start(
+    mesh: &Mesh,
+    req: &GenerateRequest,
+    trace_id: &str,
+    deadline: Instant,
+) -> Result<(CallStream, String), ErrorBody> {
     let mut stream = mesh
-        .call_stream("inference::run_inference", protocol::to_payload(req), trace_id, deadline)
+        .call_stream(
+            "inference::run_inference",
+            protocol::to_payload(req),
+            trace_id,
+            deadline,
+        )
         .await?;
     match stream.next().await {
         Some(Ok(b)) => match protocol::from_payload::<GenerateEvent>(&b)? {
@@ -62,13 +96,23 @@ async fn start(mesh: &Mesh, req: &GenerateRequest, trace_id: &str, deadline: Ins
 }
 
 /// Runs a whole generation through `inference::run_inference`.
-pub async fn get_response(mesh: &Mesh, req: &GenerateRequest, trace_id: &str, deadline: Instant) -> Result<Completion, ErrorBody> {
+pub async fn get_response(
+    mesh: &Mesh,
+    req: &GenerateRequest,
+    trace_id: &str,
+    deadline: Instant,
+) -> Result<Completion, ErrorBody> {
     let (mut stream, model) = start(mesh, req, trace_id, deadline).await?;
     let mut text = String::new();
     loop {
         let next = tokio::time::timeout_at(deadline, stream.next())
             .await
-            .map_err(|_| ErrorBody::new(ErrorCode::DeadlineExceeded, "the generation did not finish in time"))?;
+            .map_err(|_| {
+                ErrorBody::new(
+                    ErrorCode::DeadlineExceeded,
+                    "the generation did not finish in time",
+                )
+            })?;
         match next {
             Some(Ok(b)) => match protocol::from_payload::<GenerateEvent>(&b)? {
                 GenerateEvent::Delta { text: t } => text.push_str(&t),
@@ -98,12 +142,20 @@ async fn over_http(kind: Kind, call: Call) -> Result<Response, ErrorBody> {
     tracing::debug!(stream = valid.stream, max_tokens = ?valid.generate.max_tokens, "validated");
     if !valid.stream {
         let done = get_response(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
-        return Ok(json_response(&Shaper::new(kind, done.model.clone()).full(&done)));
+        return Ok(json_response(
+            &Shaper::new(kind, done.model.clone()).full(&done),
+        ));
     }
     let (stream, model) = start(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
     let (tx, chunks) = mpsc::channel(64);
     let shaper = Shaper::new(kind, model);
-    tokio::spawn(pump_sse(stream, shaper, valid.include_usage, call.deadline, tx));
+    tokio::spawn(pump_sse(
+        stream,
+        shaper,
+        valid.include_usage,
+        call.deadline,
+        tx,
+    ));
     Ok(Response::Stream {
         http: head(200, "text/event-stream"),
         chunks,
@@ -120,7 +172,11 @@ async fn pump_sse(
     tx: mpsc::Sender<Result<Bytes, ErrorBody>>,
 ) {
     let send = |b: Bytes| tx.send(Ok(b));
-    if shaper.kind == Kind::Chat && send(openai::sse(&shaper.chunk(Some(""), true, None))).await.is_err() {
+    if shaper.kind == Kind::Chat
+        && send(openai::sse(&shaper.chunk(Some(""), true, None)))
+            .await
+            .is_err()
+    {
         return;
     }
     loop {
@@ -129,14 +185,19 @@ async fn pump_sse(
             n = tokio::time::timeout_at(deadline, stream.next()) => n,
         };
         let event = match next {
-            Err(_) => Err(ErrorBody::new(ErrorCode::DeadlineExceeded, "the generation did not finish in time")),
+            Err(_) => Err(ErrorBody::new(
+                ErrorCode::DeadlineExceeded,
+                "the generation did not finish in time",
+            )),
             Ok(Some(Ok(b))) => protocol::from_payload::<GenerateEvent>(&b),
             Ok(Some(Err(e))) => Err(e),
             Ok(None) => Err(broken("ended without a finish")),
         };
         let sent = match event {
             Ok(GenerateEvent::Start { .. }) => Ok(()),
-            Ok(GenerateEvent::Delta { text }) => send(openai::sse(&shaper.chunk(Some(&text), false, None))).await,
+            Ok(GenerateEvent::Delta { text }) => {
+                send(openai::sse(&shaper.chunk(Some(&text), false, None))).await
+            }
             Ok(GenerateEvent::Done {
                 finish_reason,
                 prompt_tokens,
@@ -144,7 +205,10 @@ async fn pump_sse(
             }) => {
                 let _ = send(openai::sse(&shaper.chunk(None, false, Some(finish_reason)))).await;
                 if include_usage {
-                    let _ = send(openai::sse(&shaper.usage_chunk(prompt_tokens, completion_tokens))).await;
+                    let _ = send(openai::sse(
+                        &shaper.usage_chunk(prompt_tokens, completion_tokens),
+                    ))
+                    .await;
                 }
                 let _ = send(Bytes::from_static(openai::SSE_DONE)).await;
                 return;
@@ -164,7 +228,12 @@ async fn pump_sse(
 async fn list_models(call: Call) -> Result<Response, ErrorBody> {
     let reply = call
         .mesh
-        .call("inference::models", Vec::new(), &call.trace_id, call.deadline)
+        .call(
+            "inference::models",
+            Vec::new(),
+            &call.trace_id,
+            call.deadline,
+        )
         .await?;
     let list: ModelList = protocol::from_payload(&reply)?;
     let data: Vec<Value> = list

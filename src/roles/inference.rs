@@ -13,7 +13,9 @@ use crate::worker::{Call, Response, Worker};
 pub fn register(worker: Worker, engine: Engine) -> Worker {
     let (e1, e2, e3) = (engine.clone(), engine.clone(), engine);
     worker
-        .function("inference::run_inference", move |call| run_inference(e1.clone(), call))
+        .function("inference::run_inference", move |call| {
+            run_inference(e1.clone(), call)
+        })
         .function("inference::models", move |_call| {
             let models = ModelList {
                 models: vec![e2.model_id().to_string()],
@@ -32,7 +34,7 @@ pub fn register(worker: Worker, engine: Engine) -> Worker {
                 })
             }
         })
-        .trigger("GET", "/v1/engine/stats", "inference::stats")
+        .trigger("GET", "/v1/engine/stats", "inference::stats", &[])
 }
 
 /// The one table from engine errors to mesh errors.
@@ -55,7 +57,10 @@ async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody
         if model != engine.model_id() {
             return Err(ErrorBody::new(
                 ErrorCode::NotFound,
-                format!("The model `{model}` does not exist; this server serves `{}`", engine.model_id()),
+                format!(
+                    "The model `{model}` does not exist; this server serves `{}`",
+                    engine.model_id()
+                ),
             )
             .with_param("model")
             .with_code("model_not_found"));

@@ -26,20 +26,33 @@ pub struct AddReply {
 
 /// Validates an HTTP body into a [`ValidAdd`].
 pub fn validate(body: &[u8]) -> Result<ValidAdd, ErrorBody> {
-    let bad = |msg: String, param: &str| ErrorBody::new(ErrorCode::BadRequest, msg).with_param(param);
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ErrorBody::new(ErrorCode::BadRequest, format!("body is not valid JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ErrorBody::new(ErrorCode::BadRequest, "body must be a JSON object like {\"a\": 1, \"b\": 2}"))?;
+    let bad =
+        |msg: String, param: &str| ErrorBody::new(ErrorCode::BadRequest, msg).with_param(param);
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    let obj = value.as_object().ok_or_else(|| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            "body must be a JSON object like {\"a\": 1, \"b\": 2}",
+        )
+    })?;
     let number = |name: &str| -> Result<i64, ErrorBody> {
-        let v = obj.get(name).ok_or_else(|| bad(format!("`{name}` is missing"), name))?;
+        let v = obj
+            .get(name)
+            .ok_or_else(|| bad(format!("`{name}` is missing"), name))?;
         if let Some(n) = v.as_i64() {
             return Ok(n);
         }
         match v.as_f64() {
             Some(f) if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 => Ok(f as i64),
-            Some(_) if v.is_u64() => Err(bad(format!("`{name}` is out of the 64-bit integer range"), name)),
+            Some(_) if v.is_u64() => Err(bad(
+                format!("`{name}` is out of the 64-bit integer range"),
+                name,
+            )),
             Some(f) => Err(bad(format!("`{name}` must be an integer, got {f}"), name)),
             None => Err(bad(format!("`{name}` must be a number, got {v}"), name)),
         }
@@ -55,7 +68,12 @@ pub async fn add_two_numbers(call: Call) -> Result<Response, ErrorBody> {
     let valid = validate(&call.payload)?;
     let reply = call
         .mesh
-        .call("math::add", protocol::to_payload(&valid), &call.trace_id, call.deadline)
+        .call(
+            "math::add",
+            protocol::to_payload(&valid),
+            &call.trace_id,
+            call.deadline,
+        )
         .await?;
     let reply: AddReply = protocol::from_payload(&reply)?;
     let body = serde_json::json!({
@@ -76,7 +94,10 @@ pub async fn add_two_numbers(call: Call) -> Result<Response, ErrorBody> {
 pub async fn add(call: Call) -> Result<Response, ErrorBody> {
     let req: ValidAdd = protocol::from_payload(&call.payload)?;
     let c = req.a.checked_add(req.b).ok_or_else(|| {
-        ErrorBody::new(ErrorCode::BadRequest, format!("{} + {} overflows a 64-bit integer", req.a, req.b))
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{} + {} overflows a 64-bit integer", req.a, req.b),
+        )
     })?;
     let incr = IncrRequest {
         scope: "math".into(),
@@ -85,7 +106,12 @@ pub async fn add(call: Call) -> Result<Response, ErrorBody> {
     };
     let total = call
         .mesh
-        .call("state::incr", protocol::to_payload(&incr), &call.trace_id, call.deadline)
+        .call(
+            "state::incr",
+            protocol::to_payload(&incr),
+            &call.trace_id,
+            call.deadline,
+        )
         .await?;
     let total: IncrReply = protocol::from_payload(&total)?;
     tracing::debug!(c, running_total = total.value, "added");
@@ -101,8 +127,14 @@ mod tests {
 
     #[test]
     fn accepts_integers_and_whole_floats() {
-        assert_eq!(validate(br#"{"a":100,"b":200}"#).unwrap(), ValidAdd { a: 100, b: 200 });
-        assert_eq!(validate(br#"{"a":1.0,"b":-2}"#).unwrap(), ValidAdd { a: 1, b: -2 });
+        assert_eq!(
+            validate(br#"{"a":100,"b":200}"#).unwrap(),
+            ValidAdd { a: 100, b: 200 }
+        );
+        assert_eq!(
+            validate(br#"{"a":1.0,"b":-2}"#).unwrap(),
+            ValidAdd { a: 1, b: -2 }
+        );
     }
 
     #[test]
@@ -118,7 +150,12 @@ mod tests {
         ];
         for (body, want) in cases {
             let err = validate(body).unwrap_err();
-            assert!(err.message.contains(want), "{}: {}", String::from_utf8_lossy(body), err.message);
+            assert!(
+                err.message.contains(want),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                err.message
+            );
             assert_eq!(err.http_status(), 400);
         }
     }

@@ -12,7 +12,12 @@ use crate::worker::{Worker, WorkerOptions};
 pub fn caller(opts: WorkerOptions) -> Worker {
     let worker = Worker::new(opts)
         .function("math::add_two_numbers", math::add_two_numbers)
-        .trigger("POST", "/math/add-two-numbers", "math::add_two_numbers");
+        .trigger(
+            "POST",
+            "/math/add-two-numbers",
+            "math::add_two_numbers",
+            &["math::add"],
+        );
     chat::register(worker)
 }
 

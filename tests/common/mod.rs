@@ -1,0 +1,347 @@
+//! Shared helpers for the end-to-end tests: real `meshd` processes on loopback (ports bound by
+//! the processes and read back from their first stdout line), and a small HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+pub const TOKEN: &str = "test-mesh-token-0123456789";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshd")
+}
+
+/// The offline model, fetched by `scripts/fetch-model`.
+pub fn model() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma3-270m-q4_k_m.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model first",
+        path.display()
+    );
+    path
+}
+
+/// A `meshd` child process, killed (SIGKILL) when dropped, and by the kernel if the test dies.
+pub struct Proc {
+    pub child: Child,
+    pub http: Option<SocketAddr>,
+    pub mesh: Option<SocketAddr>,
+    pub log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Proc {
+    /// Starts `meshd ARGS`; for a listening role, waits for and parses its address line.
+    pub fn start(args: &[&str], listens: bool) -> Proc {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr.log");
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .env("RUST_LOG", "info");
+        // Die with the test process, whatever happens to it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn meshd");
+        let (mut http, mut mesh) = (None, None);
+        if listens {
+            let stdout = child.stdout.take().unwrap();
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            if line.is_empty() {
+                let _ = child.wait();
+                panic!(
+                    "meshd {args:?} exited before listening:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            for part in line.split_whitespace() {
+                if let Some(a) = part.strip_prefix("http=") {
+                    http = Some(a.parse().unwrap());
+                }
+                if let Some(a) = part.strip_prefix("mesh=") {
+                    mesh = Some(a.parse().unwrap());
+                }
+            }
+        }
+        Proc {
+            child,
+            http,
+            mesh,
+            log,
+            _dir: Some(dir),
+        }
+    }
+
+    pub fn http(&self) -> SocketAddr {
+        self.http.expect("a listening role")
+    }
+
+    pub fn mesh_url(&self) -> String {
+        format!("ws://{}", self.mesh.expect("a listening role"))
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status (bounded).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "meshd did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn gateway(data_dir: &Path, http: &str, mesh: &str) -> Proc {
+    Proc::start(
+        &[
+            "gateway",
+            "--http-addr",
+            http,
+            "--mesh-addr",
+            mesh,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--worker-token",
+            TOKEN,
+        ],
+        true,
+    )
+}
+
+pub fn caller(url: &str, name: &str) -> Proc {
+    Proc::start(
+        &[
+            "caller",
+            "--gateway-url",
+            url,
+            "--worker-token",
+            TOKEN,
+            "--name",
+            name,
+        ],
+        false,
+    )
+}
+
+pub fn infer(url: &str, name: &str) -> Proc {
+    let model = model();
+    Proc::start(
+        &[
+            "infer",
+            "--gateway-url",
+            url,
+            "--worker-token",
+            TOKEN,
+            "--name",
+            name,
+            "--model",
+            model.to_str().unwrap(),
+            "--slots",
+            "4",
+            "--threads",
+            "2",
+        ],
+        false,
+    )
+}
+
+pub fn up(data_dir: &Path, extra: &[&str]) -> Proc {
+    let model = model();
+    let mut args = vec![
+        "up",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, true)
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A keep-alive HTTP/1 connection.
+pub struct Client {
+    sender: SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Client { sender, addr })
+    }
+
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<Resp, String> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub async fn post(&mut self, path: &str, body: &str) -> Result<Resp, String> {
+        self.send("POST", path, body.as_bytes(), &[]).await
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<Resp, String> {
+        self.send("GET", path, b"", &[]).await
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Resp {
+    let mut c = Client::connect(addr).await.expect("connect");
+    c.send(method, path, body.as_bytes(), &[])
+        .await
+        .expect("request")
+}
+
+/// Writes raw bytes on a fresh connection and reads what comes back until the server closes or
+/// 2 s pass (for requests a well-behaved client cannot send).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes (then panics with `what`).
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `GET /readyz` answers 200.
+pub async fn ready(addr: SocketAddr) {
+    eventually(Duration::from_secs(60), "readyz 200", || async move {
+        match Client::connect(addr).await {
+            Ok(mut c) => c
+                .get("/readyz")
+                .await
+                .map(|r| r.status == 200)
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+pub async fn add(client: &mut Client, a: i64, b: i64) -> Result<Resp, String> {
+    client
+        .post(
+            "/math/add-two-numbers",
+            &format!(r#"{{"a": {a}, "b": {b}}}"#),
+        )
+        .await
+}

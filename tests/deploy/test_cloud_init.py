@@ -1,0 +1,134 @@
+"""cloud-init/meshd.yaml.tftpl rendered the way Terraform's templatefile() does, for every role, then checked
+by `cloud-init schema`; the files it carries are exactly the repo's roles/, systemd/ and bootstrap script."""
+import base64
+import gzip
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from deploylib import BOOTSTRAP, CLOUD_INIT_TEMPLATE, REPO, ROLES, SYSTEMD_DIR, render_template, template_variables
+
+TEST_TOKEN = "tok-SENTINEL-0123456789abcdef"  # must never show up in user data
+
+
+def gz_b64(path):
+    """Terraform's base64gzip(file(path))."""
+    return base64.b64encode(gzip.compress(path.read_bytes(), mtime=0)).decode()
+
+
+def test_values(role):
+    """The same keys Terraform passes (local.cloud_init_common + role, config_gz_b64, unit_gz_b64), with test values."""
+    return {
+        "region": "us-east-1",
+        "token_parameter": "/meshd/worker-token",
+        "binary_s3_uri": "s3://meshd-artifacts-test/meshd/" + "a" * 64 + "/meshd",
+        "binary_url": "",
+        "binary_sha256": "a" * 64,
+        "gateway_url": "ws://10.20.1.10:49134",
+        "model_url": "https://huggingface.co/ggml-org/gemma-3-270m-it-GGUF/resolve/main/gemma-3-270m-it-Q8_0.gguf",
+        "model_sha256": "0ef57d2c838458a1952664260dcba38e5bdda37494f3af732f06e4add24068e3",
+        "bootstrap_gz_b64": gz_b64(BOOTSTRAP),
+        "role": role,
+        "config_gz_b64": gz_b64(REPO / "roles" / f"{role}.toml"),
+        "unit_gz_b64": gz_b64(SYSTEMD_DIR / f"meshd-{role}.service"),
+    }
+
+
+test_values.__test__ = False  # a helper, not a test
+
+
+def terraform_template_keys(tf):
+    """Keys Terraform passes to templatefile(): local.cloud_init_common plus the merge()d literal object."""
+    keys = set(tf.locals["cloud_init_common"])
+    expr = tf.locals["user_data"]
+    assert "cloud-init/meshd.yaml.tftpl" in expr
+    m = re.search(r"merge\(local\.cloud_init_common, \{(.*)\}\)\)", expr)
+    assert m, expr
+    keys |= set(re.findall(r"(?:^|, )([a-z_0-9]+) = ", m.group(1)))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def cloud_init_bin():
+    exe = shutil.which("cloud-init")
+    assert exe, "cloud-init is not installed (scripts/deploy-checks installs it: apt-get install cloud-init)"
+    return exe
+
+
+def test_template_variables_match_terraform(tf):
+    used = template_variables(CLOUD_INIT_TEMPLATE.read_text())
+    passed = terraform_template_keys(tf)
+    assert used == passed, f"template uses {sorted(used - passed)} not passed; passed but unused {sorted(passed - used)}"
+    assert used == set(test_values("gateway"))
+    assert not any("token" in k and k != "token_parameter" for k in passed), "no token value goes into user data"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_rendered_cloud_config_is_valid(role, tmp_path, cloud_init_bin):
+    rendered = render_template(CLOUD_INIT_TEMPLATE.read_text(), test_values(role))
+    assert rendered.startswith("#cloud-config\n")
+    assert len(rendered.encode()) < 16384, "EC2 user data is limited to 16 KiB"
+    path = tmp_path / f"{role}.yaml"
+    path.write_text(rendered)
+    proc = subprocess.run([cloud_init_bin, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Valid cloud-config" in out, out
+    assert "deprecat" not in out.lower(), out
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_rendered_files_are_the_repo_files(role):
+    doc = yaml.safe_load(render_template(CLOUD_INIT_TEMPLATE.read_text(), test_values(role)))
+    files = {f["path"]: f for f in doc["write_files"]}
+
+    def content(path):
+        f = files[path]
+        if f.get("encoding") == "gz+b64":
+            return gzip.decompress(base64.b64decode(f["content"]))
+        assert "encoding" not in f, f
+        return f["content"].encode()
+
+    assert content(f"/etc/meshd/{role}.toml") == (REPO / "roles" / f"{role}.toml").read_bytes()
+    assert content(f"/etc/systemd/system/meshd-{role}.service") == (SYSTEMD_DIR / f"meshd-{role}.service").read_bytes()
+    assert content("/usr/local/sbin/meshd-bootstrap") == BOOTSTRAP.read_bytes()
+    assert files["/usr/local/sbin/meshd-bootstrap"]["permissions"] == "0755"
+    hook = content("/var/lib/cloud/scripts/per-boot/50-meshd-bootstrap").decode()
+    assert "exec /usr/local/sbin/meshd-bootstrap" in hook
+    env = content("/etc/meshd/bootstrap.env").decode()
+    assert f"MESHD_ROLE='{role}'" in env
+    assert "MESHD_GATEWAY_URL='ws://10.20.1.10:49134'" in env
+    assert files["/etc/meshd/bootstrap.env"]["permissions"] == "0600"
+    # Nothing that looks like a token value: only the parameter's name.
+    assert TEST_TOKEN not in json.dumps(doc)
+    assert "MESHD_TOKEN_PARAMETER='/meshd/worker-token'" in env
+    for path in files:
+        assert "worker-token" not in path, "the token file is written at boot from SSM, not by cloud-init"
+
+
+def test_role_configs_reference_token_file_not_token():
+    for role in ROLES:
+        text = (REPO / "roles" / f"{role}.toml").read_text()
+        assert re.search(r'^worker_token_file\s*=\s*"/etc/meshd/worker-token"', text, re.M), role
+        assert not re.search(r"^worker_token\s*=", text, re.M), f"roles/{role}.toml must not carry a token"
+
+
+def test_bootstrap_script_syntax():
+    subprocess.run(["bash", "-n", str(BOOTSTRAP)], check=True)
+    sc = shutil.which("shellcheck")
+    assert sc, "shellcheck is not installed (scripts/deploy-checks installs it)"
+    proc = subprocess.run([sc, "-S", "warning", str(BOOTSTRAP)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_template_values_need_no_shell_quoting(tf):
+    # bootstrap.env quotes every value in single quotes; Terraform's validations keep quotes out of the URLs.
+    for role in ROLES:
+        for k, v in test_values(role).items():
+            assert "'" not in v, k
+    for var in ("meshd_binary_url", "model_url"):
+        assert "'\\\"" in json.dumps(tf.variables[var]["validation"]) or "'" in json.dumps(tf.variables[var]["validation"]), var

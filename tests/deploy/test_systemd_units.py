@@ -1,0 +1,151 @@
+"""systemd/meshd-<role>.service: `systemd-analyze verify` clean (no warning at all) in a scratch root that has the
+distribution's units and a stand-in /usr/local/bin/meshd, `systemd-analyze security --offline=true` <= 2.0, and
+the settings the binary and cloud-init rely on."""
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from deploylib import REPO, ROLES, SYSTEMD_DIR, parse_unit
+
+MAX_EXPOSURE = 2.0
+
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectClock": "yes",
+    "ProtectHostname": "yes",
+    "ProtectProc": "invisible",
+    "ProcSubset": "pid",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "LockPersonality": "yes",
+    "SystemCallArchitectures": "native",
+    "CapabilityBoundingSet": "",
+    "AmbientCapabilities": "",
+    "MemoryDenyWriteExecute": "yes",
+    "UMask": "0077",
+    "DynamicUser": "yes",
+    "Restart": "on-failure",
+    "TimeoutStopSec": "30",
+}
+
+
+def systemd_analyze():
+    exe = shutil.which("systemd-analyze")
+    assert exe, "systemd-analyze is not installed (scripts/deploy-checks installs the systemd package)"
+    return exe
+
+
+def unit_path(role) -> Path:
+    return SYSTEMD_DIR / f"meshd-{role}.service"
+
+
+def test_one_unit_per_role():
+    assert sorted(p.name for p in SYSTEMD_DIR.glob("*.service")) == sorted(f"meshd-{r}.service" for r in ROLES)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_unit_settings(role):
+    svc = parse_unit(unit_path(role))["Service"]
+    one = {k: v[-1] for k, v in svc.items()}
+    assert svc["ExecStart"] == [f"/usr/local/bin/meshd {role} --config /etc/meshd/{role}.toml"]
+    assert svc["EnvironmentFile"] == [f"-/etc/meshd/{role}.env"]
+    for key, want in HARDENING.items():
+        assert one.get(key) == want, f"{key}={one.get(key)!r}, want {want!r}"
+    assert svc["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    # The token arrives as a credential; the file on disk stays root-only.
+    assert svc["LoadCredential"] == ["worker-token:/etc/meshd/worker-token"]
+    assert "MESHD_WORKER_TOKEN_FILE=%d/worker-token" in svc["Environment"]
+    # systemd waits longer than the binary drains.
+    cfg = tomllib.loads((REPO / "roles" / f"{role}.toml").read_text())
+    assert int(one["TimeoutStopSec"]) > cfg["drain_timeout_secs"]
+    assert parse_unit(unit_path(role))["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_gateway_state_directory_is_its_data_dir():
+    svc = parse_unit(unit_path("gateway"))["Service"]
+    cfg = tomllib.loads((REPO / "roles" / "gateway.toml").read_text())
+    assert svc["StateDirectory"] == ["meshd"]
+    assert cfg["data_dir"] == "/var/lib/meshd"
+    assert "MESHD_DATA_DIR=/var/lib/meshd" in svc["Environment"]
+
+
+def test_infer_model_lives_in_its_cache_directory():
+    svc = parse_unit(unit_path("infer"))["Service"]
+    cfg = tomllib.loads((REPO / "roles" / "infer.toml").read_text())
+    assert svc["CacheDirectory"] == ["meshd"]
+    assert cfg["model"] == "/var/cache/meshd/models/model.gguf"
+    assert f"MESHD_MODEL={cfg['model']}" in svc["Environment"]
+
+
+@pytest.mark.parametrize("role", ["caller", "infer"])
+def test_workers_ip_allow_list(role):
+    svc = parse_unit(unit_path(role))["Service"]
+    assert svc["IPAddressDeny"] == ["any"]
+    allowed = " ".join(svc["IPAddressAllow"]).split()
+    assert "localhost" in allowed and "10.0.0.0/8" in allowed
+    assert "0.0.0.0/0" not in allowed and "any" not in allowed
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    """A root with the distribution's unit files (for sysinit.target & co) and an executable at ExecStart's path."""
+    root = tmp_path_factory.mktemp("sysroot")
+    src = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()), None)
+    assert src, "no /usr/lib/systemd/system: install the systemd package"
+    shutil.copytree(src, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    exe = root / "usr/local/bin/meshd"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    return root
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_systemd_analyze_verify_clean(role, fake_root):
+    name = f"meshd-{role}.service"
+    shutil.copy(unit_path(role), fake_root / "etc/systemd/system" / name)
+    proc = subprocess.run(
+        [systemd_analyze(), "verify", "--man=no", f"--root={fake_root}", f"/etc/systemd/system/{name}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 0, out
+    assert out == "", f"systemd-analyze verify printed warnings:\n{out}"
+
+
+def test_verify_catches_a_missing_binary(tmp_path, fake_root):
+    """The check above is meaningful: without the stand-in binary verify fails."""
+    root = tmp_path / "root"
+    shutil.copytree(fake_root / "usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(unit_path("caller"), root / "etc/systemd/system/meshd-caller.service")
+    proc = subprocess.run([systemd_analyze(), "verify", "--man=no", f"--root={root}", "/etc/systemd/system/meshd-caller.service"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "meshd" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_security_exposure_at_most_2(role):
+    proc = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager", str(unit_path(role))],
+                          capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    m = re.search(r"Overall exposure level for meshd-%s\.service:\s*([0-9.]+)" % role, out)
+    assert m, out
+    score = float(m.group(1))
+    print(f"meshd-{role}.service exposure {score}")
+    assert score <= MAX_EXPOSURE, out

@@ -1,0 +1,267 @@
+"""The Terraform describes the topology of docs/DEPLOY.md: parsed with python-hcl2, no provider, no account."""
+import ipaddress
+import json
+import re
+
+import pytest
+
+from deploylib import ROLES, block
+
+GATEWAY_SG = "${aws_security_group.gateway.id}"
+WORKERS_SG = "${aws_security_group.workers.id}"
+
+
+def instances(tf):
+    return tf.resources["aws_instance"]
+
+
+# ---- network ----------------------------------------------------------------------------------------------------------
+
+
+def test_vpc_and_subnet_defaults(tf):
+    v = tf.variables
+    assert v["vpc_cidr"]["default"] == "10.20.0.0/16"
+    assert v["public_subnet_cidr"]["default"] == "10.20.1.0/24"
+    assert v["private_subnet_cidr"]["default"] == "10.20.2.0/24"
+    vpc = ipaddress.ip_network(v["vpc_cidr"]["default"])
+    for s in ("public_subnet_cidr", "private_subnet_cidr"):
+        assert ipaddress.ip_network(v[s]["default"]).subnet_of(vpc)
+    subnets = tf.resources["aws_subnet"]
+    assert set(subnets) == {"public", "private"}
+    assert subnets["public"]["cidr_block"] == "${var.public_subnet_cidr}"
+    assert subnets["private"]["cidr_block"] == "${var.private_subnet_cidr}"
+    for s in subnets.values():
+        assert s["map_public_ip_on_launch"] is False
+
+
+def test_routes_igw_public_nat_private_and_s3_endpoint(tf):
+    rts = tf.resources["aws_route_table"]
+    pub = block(rts["public"], "route")
+    priv = block(rts["private"], "route")
+    assert pub["gateway_id"] == "${aws_internet_gateway.this.id}" and pub["cidr_block"] == "0.0.0.0/0"
+    assert priv["nat_gateway_id"] == "${aws_nat_gateway.this.id}" and priv["cidr_block"] == "0.0.0.0/0"
+    assert "gateway_id" not in priv, "the private subnet must not route to the internet gateway"
+    assoc = tf.resources["aws_route_table_association"]
+    assert assoc["private"]["subnet_id"] == "${aws_subnet.private.id}"
+    assert assoc["private"]["route_table_id"] == "${aws_route_table.private.id}"
+    assert assoc["public"]["subnet_id"] == "${aws_subnet.public.id}"
+    nat = tf.resources["aws_nat_gateway"]["this"]
+    assert nat["subnet_id"] == "${aws_subnet.public.id}"
+    ep = tf.resources["aws_vpc_endpoint"]["s3"]
+    assert ep["vpc_endpoint_type"] == "Gateway"
+    assert ep["service_name"].endswith(".s3")
+    assert set(ep["route_table_ids"]) == {"${aws_route_table.public.id}", "${aws_route_table.private.id}"}
+
+
+def test_flow_logs_to_kms_encrypted_log_group_kept_a_year(tf):
+    fl = tf.resources["aws_flow_log"]["vpc"]
+    assert fl["vpc_id"] == "${aws_vpc.this.id}"
+    assert fl["traffic_type"] == "ALL"
+    assert fl["log_destination_type"] == "cloud-watch-logs"
+    lg = tf.resources["aws_cloudwatch_log_group"]["flow_logs"]
+    assert lg["kms_key_id"].startswith("${aws_kms_key.")
+    assert lg["retention_in_days"] == "${var.log_retention_days}"
+    assert tf.variables["log_retention_days"]["default"] >= 365
+    cond = json.dumps(tf.variables["log_retention_days"]["validation"])
+    assert "365" in cond
+    assert tf.resources["aws_kms_key"]["meshd"]["enable_key_rotation"] is True
+
+
+def test_default_security_group_has_no_rules(tf):
+    d = tf.resources["aws_default_security_group"]["default"]
+    assert "ingress" not in d and "egress" not in d
+
+
+# ---- instances --------------------------------------------------------------------------------------------------------
+
+
+def test_three_roles_and_infer_count(tf):
+    inst = instances(tf)
+    assert set(inst) == set(ROLES)
+    assert inst["infer"]["count"] == "${var.infer_count}"
+    assert "count" not in inst["gateway"] and "for_each" not in inst["gateway"]
+    v = tf.variables["infer_count"]
+    assert v["type"] == "${number}" or v["type"] == "number"
+    assert v["default"] == 1
+    assert ">= 1" in json.dumps(v["validation"]), "infer_count must be validated >= 1"
+    # Nothing else launches machines behind our back.
+    for other in ("aws_launch_template", "aws_autoscaling_group", "aws_spot_instance_request"):
+        assert other not in tf.resources
+
+
+@pytest.mark.parametrize("role", ["caller", "infer"])
+def test_workers_private_subnet_no_public_ip(tf, role):
+    i = instances(tf)[role]
+    assert i["associate_public_ip_address"] is False
+    assert i["subnet_id"] == "${aws_subnet.private.id}"
+    assert i["vpc_security_group_ids"] == [WORKERS_SG]
+    # No Elastic IP points at a worker.
+    for eip in tf.resources.get("aws_eip", {}).values():
+        assert f"aws_instance.{role}" not in json.dumps(eip)
+
+
+def test_gateway_public_subnet_fixed_private_ip_and_eip(tf):
+    g = instances(tf)["gateway"]
+    assert g["subnet_id"] == "${aws_subnet.public.id}"
+    assert g["vpc_security_group_ids"] == [GATEWAY_SG]
+    assert g["private_ip"] == "${local.gateway_private_ip}"
+    assert tf.resources["aws_eip"]["gateway"]["instance"] == "${aws_instance.gateway.id}"
+    assert tf.locals["gateway_mesh_url"] == "ws://${local.gateway_private_ip}:${local.mesh_port}"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_instance_hardening(tf, role):
+    i = instances(tf)[role]
+    md = block(i, "metadata_options")
+    assert md["http_tokens"] == "required", "IMDSv2 must be required"
+    assert md["http_endpoint"] == "enabled"
+    assert md["http_put_response_hop_limit"] == 1
+    root = block(i, "root_block_device")
+    assert root["encrypted"] is True
+    assert root["kms_key_id"] == "${aws_kms_key.meshd.arn}"
+    assert i["monitoring"] is True
+    assert i["ebs_optimized"] is True
+    assert i["iam_instance_profile"] == "${aws_iam_instance_profile.node.name}"
+    assert i["key_name"] == "${var.ssh_key_name}"
+    assert tf.variables["ssh_key_name"]["default"] is None
+    assert i["user_data"] == f'${{local.user_data["{role}"]}}'
+    assert i["user_data_replace_on_change"] is True
+    assert not any(k.startswith("ebs_block_device") for k in i), "extra volumes would need their own encryption"
+
+
+# ---- security groups --------------------------------------------------------------------------------------------------
+
+
+def _port(tf, value):
+    return tf.resolve(value)
+
+
+def test_only_the_expected_ingress_rules(tf):
+    # No inline rules and no legacy aws_security_group_rule: every rule is one reviewable resource.
+    for name, sg in tf.resources["aws_security_group"].items():
+        assert "ingress" not in sg and "egress" not in sg, f"inline rules in aws_security_group.{name}"
+    assert "aws_security_group_rule" not in tf.resources
+    assert set(tf.resources["aws_security_group"]) == {"gateway", "workers"}
+
+    ingress = tf.resources["aws_vpc_security_group_ingress_rule"]
+    assert set(ingress) == {"gateway_api", "gateway_mesh_from_workers", "gateway_ssh"}
+    for name, r in ingress.items():
+        assert r["security_group_id"] == GATEWAY_SG, f"{name}: workers accept no inbound"
+        assert r["ip_protocol"] == "tcp"
+        assert r["from_port"] == r["to_port"], f"{name}: one port per rule"
+        assert "cidr_ipv6" not in r and "prefix_list_id" not in r
+
+    api = ingress["gateway_api"]
+    assert _port(tf, api["from_port"]) == 3111
+    assert api["for_each"] == "${toset(var.allowed_api_cidrs)}"
+    assert api["cidr_ipv4"] == "${each.value}"
+    assert "referenced_security_group_id" not in api
+
+    mesh = ingress["gateway_mesh_from_workers"]
+    assert _port(tf, mesh["from_port"]) == 49134
+    assert mesh["referenced_security_group_id"] == WORKERS_SG
+    assert "cidr_ipv4" not in mesh, "the mesh port is open to the workers' group only, never to a CIDR"
+
+    ssh = ingress["gateway_ssh"]
+    assert _port(tf, ssh["from_port"]) == 22
+    assert ssh["for_each"] == "${toset(var.ssh_allowed_cidrs)}"
+    assert tf.variables["ssh_allowed_cidrs"]["default"] == [], "no SSH by default"
+
+
+def test_egress_limited_per_role(tf):
+    egress = tf.resources["aws_vpc_security_group_egress_rule"]
+    by_sg = {}
+    for name, r in egress.items():
+        assert r["ip_protocol"] == "tcp", f"{name}: no all-protocol egress"
+        assert r["from_port"] == r["to_port"]
+        dest = r.get("referenced_security_group_id") or r.get("cidr_ipv4")
+        by_sg.setdefault(r["security_group_id"], set()).add((_port(tf, r["from_port"]), dest))
+    assert by_sg[WORKERS_SG] == {(49134, GATEWAY_SG), (443, "0.0.0.0/0")}
+    assert by_sg[GATEWAY_SG] == {(443, "0.0.0.0/0")}
+
+
+def test_api_cidrs_required_and_never_open_by_default(tf):
+    v = tf.variables["allowed_api_cidrs"]
+    assert "default" not in v, "allowed_api_cidrs must have no default"
+    conds = json.dumps(v["validation"])
+    assert "/0" in conds and "var.allow_public_api" in conds
+    assert tf.variables["allow_public_api"]["default"] is False
+
+
+# ---- secrets ----------------------------------------------------------------------------------------------------------
+
+
+def test_worker_token_in_ssm_securestring_with_kms(tf):
+    assert "random_password" in tf.resources and "worker_token" in tf.resources["random_password"]
+    p = tf.resources["aws_ssm_parameter"]["worker_token"]
+    assert p["type"] == "SecureString"
+    assert p["key_id"] == "${aws_kms_key.meshd.arn}"
+    assert p["value"] == "${random_password.worker_token.result}"
+
+
+def test_token_never_in_user_data(tf):
+    for role, i in instances(tf).items():
+        text = tf.expand_locals(i["user_data"])
+        assert "random_password" not in text, f"{role}: user data depends on the token"
+        assert not re.search(r"aws_ssm_parameter\.[a-z_]+\.(value|insecure_value)", text)
+        assert "aws_ssm_parameter.worker_token.name" in text, f"{role}: VMs get the parameter's name"
+    # The only consumer of the token value is the SSM parameter.
+    uses = re.findall(r"random_password\.worker_token\.result", tf.all_text())
+    assert len(uses) == 1, "random_password.worker_token.result must only feed the SSM parameter"
+    # No output exposes it either.
+    assert "random_password" not in json.dumps(tf.outputs)
+
+
+def test_instance_role_is_least_privilege(tf):
+    pol = tf.resources["aws_iam_role_policy"]["node"]["policy"]
+    assert "ssm:GetParameter" in pol and "aws_ssm_parameter.worker_token.arn" in pol
+    assert "kms:ViaService" in pol
+    assert '"*"' not in pol and ":*" not in pol, "no wildcard actions or resources"
+    attach = tf.resources["aws_iam_role_policy_attachment"]
+    assert [a["policy_arn"] for a in attach.values()] == ["arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"]
+
+
+# ---- artifacts --------------------------------------------------------------------------------------------------------
+
+
+def test_artifact_bucket_private_versioned_kms(tf):
+    r = tf.resources
+    pab = r["aws_s3_bucket_public_access_block"]["artifacts"]
+    assert all(pab[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets"))
+    assert block(r["aws_s3_bucket_versioning"]["artifacts"], "versioning_configuration")["status"] == "Enabled"
+    sse = block(block(r["aws_s3_bucket_server_side_encryption_configuration"]["artifacts"], "rule"), "apply_server_side_encryption_by_default")
+    assert sse["sse_algorithm"] == "aws:kms" and sse["kms_master_key_id"] == "${aws_kms_key.meshd.arn}"
+    obj = r["aws_s3_object"]["meshd_binary"]
+    assert obj["source"] == "${local.binary_local_path}"
+    assert "filesha256(local.binary_local_path)" in tf.locals["binary_sha256"]
+    assert "var.meshd_binary_sha256" in tf.locals["binary_sha256"]
+
+
+def test_model_pinned_by_sha256(tf):
+    v = tf.variables
+    assert v["model_url"]["default"].startswith("https://huggingface.co/ggml-org/gemma-3-270m-it-GGUF/")
+    assert v["model_url"]["default"].endswith("gemma-3-270m-it-Q8_0.gguf")
+    assert re.fullmatch(r"[0-9a-f]{64}", v["model_sha256"]["default"])
+
+
+def test_variables_have_types_and_descriptions(tf):
+    for name, v in tf.variables.items():
+        assert v.get("type"), f"variable {name} has no type"
+        assert v.get("description"), f"variable {name} has no description"
+
+
+# ---- outputs ----------------------------------------------------------------------------------------------------------
+
+
+def test_outputs_ready_to_paste_curl(tf):
+    o = tf.outputs
+    for name in ("gateway_public_ip", "gateway_private_ip", "caller_private_ip", "infer_private_ips",
+                 "curl_add_two_numbers", "curl_chat_completions"):
+        assert name in o and o[name].get("description"), name
+    add = o["curl_add_two_numbers"]["value"]
+    assert "POST ${local.api_base_url}/math/add-two-numbers" in add
+    assert "-d '{\"a\":100,\"b\":200}'" in add
+    chat = o["curl_chat_completions"]["value"]
+    assert "POST ${local.api_base_url}/v1/chat/completions" in chat
+    assert "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"what color is apple?\"}]}'" in chat
+    assert tf.locals["api_base_url"] == "http://${aws_eip.gateway.public_ip}:${local.api_port}"
