@@ -100,7 +100,7 @@ pub enum Message {
 
 /// How an invocation ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Ok {
         payload: ByteBuf,
@@ -367,7 +367,9 @@ mod tests {
             Message::Result {
                 id: 8,
                 outcome: Outcome::Error(
-                    ErrorBody::new(ErrorCode::BadRequest, "no").with_param("a"),
+                    ErrorBody::new(ErrorCode::BadRequest, "no")
+                        .with_param("a")
+                        .with_code("context_length_exceeded"),
                 ),
             },
             Message::StreamStart { id: 9, http: None },

@@ -52,7 +52,7 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .env("RUST_LOG", "info");
-        // Die with the test process, whatever happens to it.
+        // Die with the thread that started it (and so with the test), whatever happens to it.
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

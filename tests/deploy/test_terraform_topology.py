@@ -126,6 +126,7 @@ def test_instance_hardening(tf, role):
     assert tf.variables["ssh_key_name"]["default"] is None
     assert i["user_data"] == f'${{local.user_data["{role}"]}}'
     assert i["user_data_replace_on_change"] is True
+    assert block(i, "lifecycle")["ignore_changes"] == ["ami"], "a new AMI must not replace VMs on an unrelated apply"
     assert not any(k.startswith("ebs_block_device") for k in i), "extra volumes would need their own encryption"
 
 

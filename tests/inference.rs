@@ -1,0 +1,352 @@
+//! Real inference through the whole mesh (`meshd up`, the real Gemma GGUF): determinism, streaming
+//! equals non-streaming, batching isolation, limits, usage, cancellation and the error shapes.
+//! The model is the base model, so these tests check behaviour, never wording.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// One `meshd up` shared by every test here (a model load per test would only cost time). It is
+/// started from a thread that lives as long as the test binary: the child dies with the thread
+/// that spawned it, and each test's own thread ends with the test.
+fn server() -> SocketAddr {
+    static SERVER: OnceLock<SocketAddr> = OnceLock::new();
+    *SERVER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let p = up(
+                dir.path(),
+                &["--slots", "8", "--ctx-per-slot", "512", "--threads", "2"],
+            );
+            tx.send(p.http()).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().unwrap()
+    })
+}
+
+async fn addr() -> SocketAddr {
+    let a = server();
+    ready(a).await;
+    a
+}
+
+async fn post(path: &str, body: Value) -> Resp {
+    request(addr().await, "POST", path, &body.to_string()).await
+}
+
+fn content(r: &Resp) -> String {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Parses an SSE body into its JSON events; asserts it ends with `[DONE]`.
+fn events(r: &Resp) -> Vec<Value> {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text();
+    let datas: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data event: {e:?}"))
+        })
+        .collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"), "{text}");
+    datas[..datas.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 24});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_request_works_without_a_model_field() {
+    let r = post(
+        "/v1/chat/completions",
+        json!({"messages":[{"role":"user","content":"what color is apple?"}], "max_tokens": 8}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "gemma-3-270m");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_is_deterministic_and_streaming_equals_non_streaming() {
+    let body = chat("Tell me about the sea.", json!({}));
+    let a = post("/v1/chat/completions", body.clone()).await;
+    let b = post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(content(&a), content(&b));
+    assert!(!content(&a).is_empty());
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let s = post("/v1/chat/completions", streamed).await;
+    let ev = events(&s);
+    assert_eq!(ev[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = ev
+        .iter()
+        .filter_map(|e| {
+            e["choices"].get(0)?["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, content(&a));
+    let last_choice = &ev[ev.len() - 2]["choices"][0];
+    assert_eq!(
+        last_choice["finish_reason"],
+        a.json()["choices"][0]["finish_reason"]
+    );
+    let usage = ev.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], a.json()["usage"]);
+    assert!(ev
+        .iter()
+        .all(|e| e["id"] == ev[0]["id"] && e["object"] == "chat.completion.chunk"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_completions_never_mix() {
+    const WORDS: [&str; 8] = [
+        "zebra", "apple", "river", "candle", "pepper", "guitar", "tunnel", "violet",
+    ];
+    let a = addr().await;
+    let prompt = |w: &str| vec![w; 6].join(" ");
+    let body =
+        |w: &str| json!({"prompt": prompt(w), "max_tokens": 16, "temperature": 0}).to_string();
+    let solo = {
+        let r = request(a, "POST", "/v1/completions", &body(WORDS[0])).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let tasks: Vec<_> = WORDS
+        .iter()
+        .map(|w| {
+            let b = body(w);
+            tokio::spawn(async move { request(a, "POST", "/v1/completions", &b).await })
+        })
+        .collect();
+    let mut outputs = Vec::new();
+    for (w, t) in WORDS.iter().zip(tasks) {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(text.contains(w), "{w}: {text:?}");
+        for other in WORDS.iter().filter(|o| *o != w) {
+            assert!(
+                !text.contains(other),
+                "{w}'s output holds {other}: {text:?}"
+            );
+        }
+        outputs.push(text);
+    }
+    // Batched output need not equal solo output bit for bit (llama.cpp is not batch-invariant on
+    // CPU); report how much of it agrees.
+    let agree = solo
+        .to_lowercase()
+        .split_whitespace()
+        .zip(outputs[0].split_whitespace())
+        .take_while(|(x, y)| x == y)
+        .count();
+    println!(
+        "batched vs solo: {agree} leading words agree ({solo:?} vs {:?})",
+        outputs[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_stop_strings_and_usage_are_exact() {
+    let r = post(
+        "/v1/completions",
+        json!({"prompt": "zebra zebra zebra zebra zebra zebra", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    // Every added " zebra" is one more prompt token.
+    let more = post("/v1/completions", json!({"prompt": "zebra zebra zebra zebra zebra zebra zebra zebra zebra", "max_tokens": 1, "temperature": 0})).await;
+    assert_eq!(
+        more.json()["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + 3
+    );
+
+    let r = post("/v1/completions", json!({"prompt": "zebra zebra zebra zebra zebra zebra", "max_tokens": 20, "temperature": 0, "stop": ["zebra"]})).await;
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert!(
+        !v["choices"][0]["text"].as_str().unwrap().contains("zebra"),
+        "{v}"
+    );
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_that_cannot_fit_is_refused_before_generation() {
+    let long = "zebra ".repeat(600);
+    let r = post("/v1/chat/completions", chat(&long, json!({}))).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "context_length_exceeded");
+    assert_eq!(e["type"], "invalid_request_error");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length is 512 tokens"),
+        "{e}"
+    );
+    let r = post(
+        "/v1/chat/completions",
+        chat("hi", json!({"max_tokens": 600})),
+    )
+    .await;
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_has_the_openai_shape() {
+    let cases = [
+        (
+            chat("hi", json!({"model": "gpt-9"})),
+            404,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            chat("hi", json!({"temperature": -1})),
+            400,
+            "bad_request",
+            Some("temperature"),
+        ),
+        (
+            json!({"messages": []}),
+            400,
+            "bad_request",
+            Some("messages"),
+        ),
+        (chat("hi", json!({"n": 3})), 400, "bad_request", Some("n")),
+        (
+            chat("hi", json!({"tools": [{"type": "function"}]})),
+            400,
+            "bad_request",
+            Some("tools"),
+        ),
+    ];
+    for (body, status, code, param) in cases {
+        let r = post("/v1/chat/completions", body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(e["code"], code, "{e}");
+        assert_eq!(e["param"].as_str(), param, "{e}");
+        assert!(e["message"].is_string() && e["type"].is_string(), "{e}");
+    }
+    let a = addr().await;
+    let r = request(a, "POST", "/v1/chat/completions", "{not json").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    // The same model name is accepted.
+    let r = post(
+        "/v1/chat/completions",
+        chat("hi", json!({"model": "gemma-3-270m", "max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // A streamed request refused before it starts is a plain JSON error, not a stream.
+    let r = post(
+        "/v1/chat/completions",
+        chat("hi", json!({"model": "nope", "stream": true})),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_listed() {
+    let r = request(addr().await, "GET", "/v1/models", "").await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "gemma-3-270m");
+    assert_eq!(v["data"][0]["object"], "model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = addr().await;
+    let stats = || async move { request(a, "GET", "/v1/engine/stats", "").await.json() };
+    let cancelled_before = stats().await["cancelled"].as_u64().unwrap();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.8, "stream": true}).to_string();
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut seen = String::new();
+    while !seen.contains("\"text\"") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    common::eventually(
+        Duration::from_secs(10),
+        "a sequence is generating",
+        || async move { stats().await["active_sequences"].as_u64().unwrap() >= 1 },
+    )
+    .await;
+    drop(s);
+    common::eventually(
+        Duration::from_secs(10),
+        "the slot is freed",
+        || async move {
+            let v = stats().await;
+            v["cancelled"].as_u64().unwrap() > cancelled_before
+        },
+    )
+    .await;
+    let v = stats().await;
+    assert!(v["completion_tokens_total"].as_u64().unwrap() > 0);
+}
