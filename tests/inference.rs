@@ -144,7 +144,7 @@ async fn eight_concurrent_completions_never_mix() {
         "zebra", "apple", "river", "candle", "pepper", "guitar", "tunnel", "violet",
     ];
     let a = addr().await;
-    let prompt = |w: &str| vec![w; 6].join(" ");
+    let prompt = |w: &str| [w; 6].join(" ");
     let body =
         |w: &str| json!({"prompt": prompt(w), "max_tokens": 16, "temperature": 0}).to_string();
     let solo = {

@@ -174,3 +174,51 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
         key, _, value = line.partition("=")
         current.setdefault(key.strip(), []).append(value.strip())
     return sections
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real Terraform, offline: `terraform console` evaluates variables (with their validations), locals and functions
+# such as templatefile() without providers, init or an account.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def terraform_exe() -> str | None:
+    """$TERRAFORM (scripts/deploy-checks sets it), else terraform on PATH, else /usr/local/bin/terraform."""
+    import shutil
+
+    exe = os.environ.get("TERRAFORM") or shutil.which("terraform")
+    if not exe and os.access("/usr/local/bin/terraform", os.X_OK):
+        exe = "/usr/local/bin/terraform"
+    return exe
+
+
+def terraform_version(exe: str) -> tuple[int, ...]:
+    import subprocess
+
+    out = subprocess.run([exe, "version"], capture_output=True, text=True, env=_tf_env(), timeout=60).stdout
+    m = re.search(r"Terraform v(\d+)\.(\d+)\.(\d+)", out)
+    assert m, out
+    return tuple(int(x) for x in m.groups())
+
+
+def _tf_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TF_CLI_CONFIG_FILE", os.devnull)
+    env["CHECKPOINT_DISABLE"] = "1"
+    env["TF_IN_AUTOMATION"] = "1"
+    return env
+
+
+def terraform_console(exe: str, directory: Path, expression: str, tf_vars: dict | None = None) -> tuple[str, str | None]:
+    """Evaluate one expression in `directory`; returns (printed value, error text or None)."""
+    import subprocess
+
+    args = [exe, "console", "-no-color"]
+    for k, v in (tf_vars or {}).items():
+        args += ["-var", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    proc = subprocess.run(args, input=expression + "\n", capture_output=True, text=True, cwd=directory,
+                          env=_tf_env(), timeout=120)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 or re.search(r"^\s*Error: ", out, re.M):
+        return proc.stdout, out
+    return proc.stdout.strip(), None

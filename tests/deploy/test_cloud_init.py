@@ -10,7 +10,8 @@ import subprocess
 import pytest
 import yaml
 
-from deploylib import BOOTSTRAP, CLOUD_INIT_TEMPLATE, REPO, ROLES, SYSTEMD_DIR, render_template, template_variables
+from deploylib import (BOOTSTRAP, CLOUD_INIT_TEMPLATE, REPO, ROLES, SYSTEMD_DIR, render_template, template_variables,
+                       terraform_console, terraform_exe)
 
 TEST_TOKEN = "tok-SENTINEL-0123456789abcdef"  # must never show up in user data
 
@@ -132,3 +133,70 @@ def test_template_values_need_no_shell_quoting(tf):
             assert "'" not in v, k
     for var in ("meshd_binary_url", "model_url"):
         assert "'\\\"" in json.dumps(tf.variables[var]["validation"]) or "'" in json.dumps(tf.variables[var]["validation"]), var
+
+
+# ---- the same, rendered by the real Terraform ------------------------------------------------------------------------
+
+
+def decoded(doc):
+    """A cloud-config with every gz+b64 file decoded, so two renderings compare whatever the gzip bytes."""
+    for f in doc.get("write_files", []):
+        if f.get("encoding") == "gz+b64":
+            f["content"] = gzip.decompress(base64.b64decode(f["content"])).decode()
+            f["encoding"] = "decoded"
+    return doc
+
+
+@pytest.fixture(scope="module")
+def terraform_rendered(tf, tmp_path_factory):
+    """local.user_data of terraform/instances.tf, evaluated by `terraform console` in a scratch module that has the
+    exact same expression and local.cloud_init_common with test values in place of resources and variables."""
+    exe = terraform_exe()
+    assert exe, "terraform is not installed (scripts/deploy-checks provides one)"
+    root = tmp_path_factory.mktemp("tfrender")
+    for d in ("cloud-init", "roles", "systemd"):
+        (root / d).symlink_to(REPO / d)
+    mod = root / "terraform"
+    mod.mkdir()
+
+    def expr(value):
+        assert value.startswith("${") and value.endswith("}"), value
+        return value[2:-1]
+
+    values = test_values("gateway")
+    common = []
+    for key, value in tf.locals["cloud_init_common"].items():
+        if re.search(r"\b(var|local|aws_[a-z_]+|random_[a-z_]+)\.", value):
+            common.append(f"    {key} = {json.dumps(values[key])}")
+        else:
+            common.append(f"    {key} = {expr(value)}")
+    roles = json.dumps(tf.locals["roles"])
+    (mod / "main.tf").write_text(
+        "locals {\n"
+        f"  roles = {roles}\n"
+        "  cloud_init_common = {\n" + "\n".join(common) + "\n  }\n"
+        f"  user_data = {expr(tf.locals['user_data'])}\n"
+        "}\n"
+    )
+    out, err = terraform_console(exe, mod, "base64encode(jsonencode(local.user_data))")
+    assert err is None, f"{err}\n{(mod / 'main.tf').read_text()}"
+    return json.loads(base64.b64decode(json.loads(out)))
+
+
+def test_terraform_renders_what_the_test_renderer_renders(terraform_rendered):
+    assert set(terraform_rendered) == set(ROLES)
+    for role in ROLES:
+        ours = render_template(CLOUD_INIT_TEMPLATE.read_text(), test_values(role))
+        theirs = terraform_rendered[role]
+        assert decoded(yaml.safe_load(theirs)) == decoded(yaml.safe_load(ours)), role
+        mask = lambda text: re.sub(r"(?m)^(\s+content: )[A-Za-z0-9+/=]{20,}$", r"\1<gz+b64>", text)  # noqa: E731
+        assert mask(theirs) == mask(ours), role
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_terraform_rendered_cloud_config_is_valid(role, terraform_rendered, tmp_path, cloud_init_bin):
+    path = tmp_path / f"{role}.yaml"
+    path.write_text(terraform_rendered[role])
+    assert len(terraform_rendered[role].encode()) < 16384, "EC2 user data is limited to 16 KiB"
+    proc = subprocess.run([cloud_init_bin, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Valid cloud-config" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

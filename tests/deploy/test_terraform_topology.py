@@ -47,6 +47,7 @@ def test_routes_igw_public_nat_private_and_s3_endpoint(tf):
     assert assoc["public"]["subnet_id"] == "${aws_subnet.public.id}"
     nat = tf.resources["aws_nat_gateway"]["this"]
     assert nat["subnet_id"] == "${aws_subnet.public.id}"
+    assert nat["private_ip"] == "${cidrhost(var.public_subnet_cidr, 5)}", "fixed, never the gateway's address"
     ep = tf.resources["aws_vpc_endpoint"]["s3"]
     assert ep["vpc_endpoint_type"] == "Gateway"
     assert ep["service_name"].endswith(".s3")
@@ -266,3 +267,57 @@ def test_outputs_ready_to_paste_curl(tf):
     assert "POST ${local.api_base_url}/v1/chat/completions" in chat
     assert "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"what color is apple?\"}]}'" in chat
     assert tf.locals["api_base_url"] == "http://${aws_eip.gateway.public_ip}:${local.api_port}"
+
+
+# ---- variable validations, evaluated by the real Terraform (offline: `terraform console`, no providers) ----------------
+
+VALID = {"allowed_api_cidrs": ["203.0.113.7/32"]}
+
+VALIDATION_CASES = [
+    ({}, None),
+    ({"allowed_api_cidrs": ["0.0.0.0/0"]}, "allow_public_api"),
+    ({"allowed_api_cidrs": ["10.0.0.0/0"]}, "allow_public_api"),
+    ({"allowed_api_cidrs": ["0.0.0.0/0"], "allow_public_api": "true"}, None),
+    ({"allowed_api_cidrs": []}, "non-empty"),
+    ({"allowed_api_cidrs": ["not-a-cidr"]}, "IPv4 CIDR"),
+    ({"infer_count": "0"}, "infer_count"),
+    ({"infer_count": "1.5"}, "infer_count"),
+    ({"infer_count": "3"}, None),
+    ({"ssh_allowed_cidrs": ["0.0.0.0/0"]}, "ssh_allowed_cidrs"),
+    ({"ssh_allowed_cidrs": ["198.51.100.0/24"]}, None),
+    ({"meshd_binary_url": "https://example.com/meshd"}, "meshd_binary_sha256 is required"),
+    ({"meshd_binary_url": "http://example.com/meshd", "meshd_binary_sha256": "a" * 64}, "https://"),
+    ({"meshd_binary_url": "https://example.com/meshd", "meshd_binary_sha256": "a" * 64}, None),
+    ({"model_sha256": "abc"}, "model_sha256"),
+    ({"log_retention_days": "30"}, "log_retention_days"),
+    ({"vpc_cidr": "10.20.0.0"}, "vpc_cidr"),
+    ({"gateway_private_ip_hostnum": "5"}, "NAT gateway"),
+]
+
+
+@pytest.fixture(scope="module")
+def tf_vars_dir(tmp_path_factory):
+    from deploylib import TF_DIR, terraform_exe, terraform_version
+
+    exe = terraform_exe()
+    assert exe, "terraform is not installed (scripts/deploy-checks provides one)"
+    if terraform_version(exe) < (1, 9, 0):
+        pytest.skip(f"terraform {terraform_version(exe)} cannot evaluate cross-variable validations (needs >= 1.9)")
+    d = tmp_path_factory.mktemp("tfvars")
+    (d / "variables.tf").write_text((TF_DIR / "variables.tf").read_text())
+    return exe, d
+
+
+@pytest.mark.parametrize("overrides,error", VALIDATION_CASES, ids=lambda x: json.dumps(x) if isinstance(x, dict) else str(x))
+def test_variable_validation(tf_vars_dir, overrides, error):
+    from deploylib import terraform_console
+
+    exe, d = tf_vars_dir
+    tf_vars = {**VALID, **overrides}
+    out, err = terraform_console(exe, d, "var.allowed_api_cidrs", tf_vars)
+    if error is None:
+        assert err is None, err
+    else:
+        assert err is not None, f"{overrides} was accepted"
+        assert "Invalid value for variable" in err and error in err, err
+

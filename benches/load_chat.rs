@@ -1,0 +1,193 @@
+//! Load harness for `POST /v1/chat/completions` (temperature 0, max_tokens 64, streaming) through
+//! `meshd up` at concurrency 1, 4, 8, 16 — and, in the same run, the engine alone in-process on the
+//! same prompts (no HTTP, no mesh). Reports req/s, completion tokens/s, p50/p99 latency, time to
+//! first token, and the mesh/engine throughput ratio at each concurrency.
+//!
+//! `cargo bench --bench load_chat` (env `ROUNDS`: requests per client, default 2).
+
+mod harness;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{quantile_ms, Conn, Up};
+use http_body_util::BodyExt;
+use meshd::api::{ChatMessage, Prompt, Sampling};
+use meshd::engine::{Engine, EngineConfig, Event};
+
+const MAX_TOKENS: u32 = 64;
+const LEVELS: [usize; 4] = [1, 4, 8, 16];
+
+fn prompt(i: usize) -> String {
+    const TOPICS: [&str; 8] = ["the sea", "a mountain", "bread", "the moon", "a river", "trains", "a garden", "winter"];
+    format!("Write a short story about {}.", TOPICS[i % TOPICS.len()])
+}
+
+#[derive(Default)]
+struct Run {
+    latency: Vec<Duration>,
+    ttft: Vec<Duration>,
+    tokens: u64,
+    wall: Duration,
+}
+
+impl Run {
+    fn merge(&mut self, o: Run) {
+        self.latency.extend(o.latency);
+        self.ttft.extend(o.ttft);
+        self.tokens += o.tokens;
+    }
+    fn rps(&self) -> f64 {
+        self.latency.len() as f64 / self.wall.as_secs_f64()
+    }
+    fn tps(&self) -> f64 {
+        self.tokens as f64 / self.wall.as_secs_f64()
+    }
+}
+
+async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|c| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut run = Run::default();
+                for r in 0..rounds {
+                    let messages = vec![ChatMessage { role: "user".into(), content: prompt(c + r * conc) }];
+                    let sampling = Sampling { temperature: 0.0, ..Sampling::default() };
+                    let t = Instant::now();
+                    let prepared = engine.prepare(&Prompt::Chat { messages }, Some(MAX_TOKENS), vec![], sampling).unwrap();
+                    let mut events = engine.submit(prepared).unwrap();
+                    let mut first = None;
+                    while let Some(e) = events.recv().await {
+                        match e {
+                            Event::Delta(_) => {
+                                first.get_or_insert(t.elapsed());
+                            }
+                            Event::Done { completion_tokens, .. } => {
+                                run.tokens += completion_tokens as u64;
+                                break;
+                            }
+                            Event::Error(e) => panic!("{e}"),
+                        }
+                    }
+                    run.latency.push(t.elapsed());
+                    run.ttft.push(first.unwrap_or(t.elapsed()));
+                }
+                run
+            })
+        })
+        .collect();
+    let mut run = Run::default();
+    for t in tasks {
+        run.merge(t.await.unwrap());
+    }
+    run.wall = start.elapsed();
+    run
+}
+
+async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
+    let addr = up.addr;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|c| {
+            tokio::spawn(async move {
+                let mut conn = Conn::connect(addr).await.unwrap();
+                let mut run = Run::default();
+                for r in 0..rounds {
+                    let body = serde_json::json!({
+                        "messages": [{"role": "user", "content": prompt(c + r * conc)}],
+                        "temperature": 0, "max_tokens": MAX_TOKENS, "stream": true,
+                        "stream_options": {"include_usage": true},
+                    })
+                    .to_string();
+                    let t = Instant::now();
+                    let resp = conn.start("POST", "/v1/chat/completions", body.as_bytes()).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    let mut body = resp.into_body();
+                    let mut first = None;
+                    let mut text = String::new();
+                    while let Some(frame) = body.frame().await {
+                        if let Ok(data) = frame.unwrap().into_data() {
+                            let chunk = String::from_utf8_lossy(&data);
+                            if first.is_none() && chunk.contains("\"content\":\"") && !chunk.contains("\"content\":\"\"") {
+                                first = Some(t.elapsed());
+                            }
+                            text.push_str(&chunk);
+                        }
+                    }
+                    let usage = text
+                        .split("\"completion_tokens\":")
+                        .nth(1)
+                        .and_then(|s| s.split(|ch: char| !ch.is_ascii_digit()).next())
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .expect("a usage chunk");
+                    run.tokens += usage;
+                    run.latency.push(t.elapsed());
+                    run.ttft.push(first.unwrap_or(t.elapsed()));
+                }
+                run
+            })
+        })
+        .collect();
+    let mut run = Run::default();
+    for t in tasks {
+        run.merge(t.await.unwrap());
+    }
+    run.wall = start.elapsed();
+    run
+}
+
+fn main() {
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config = EngineConfig {
+            model: harness::model().into(),
+            model_id: "gemma-3-270m".into(),
+            slots: 16,
+            ctx_per_slot: 512,
+            batch_size: 512,
+            threads,
+            n_gpu_layers: 0,
+            chat_template: "gemma".into(),
+            max_queued: 64,
+        };
+        let engine = Engine::start(config).await.unwrap();
+        let up = Arc::new(Up::start(&["--slots", "16", "--ctx-per-slot", "512", "--threads", &threads.to_string()]));
+        up.ready().await;
+        println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {threads} threads");
+        println!(
+            "{:<7} {:>3} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
+            "target", "c", "req/s", "tok/s", "p50 ms", "p99 ms", "ttft p50", "ttft p99", "mesh/engine"
+        );
+        let mut base = None;
+        for conc in LEVELS {
+            let e = engine_level(&engine, conc, rounds).await;
+            let m = mesh_level(&up, conc, rounds).await;
+            for (name, r) in [("engine", &e), ("mesh", &m)] {
+                let mut lat = r.latency.clone();
+                lat.sort();
+                let mut ttft = r.ttft.clone();
+                ttft.sort();
+                println!(
+                    "{name:<7} {conc:>3} {:>7.2} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.3}",
+                    r.rps(),
+                    r.tps(),
+                    quantile_ms(&lat, 0.5),
+                    quantile_ms(&lat, 0.99),
+                    quantile_ms(&ttft, 0.5),
+                    quantile_ms(&ttft, 0.99),
+                    m.tps() / e.tps(),
+                );
+            }
+            if conc == 1 {
+                base = Some(m.tps());
+            }
+            if conc == 8 {
+                println!("mesh aggregate tok/s at c=8 vs c=1: {:.2}x", m.tps() / base.unwrap());
+            }
+        }
+    });
+}

@@ -1,0 +1,96 @@
+//! Load harness for `POST /math/add-two-numbers` through `meshd up` (gateway → caller → gateway →
+//! infer → gateway `state::incr` with a durable flush → back), next to a bare hyper "hello"
+//! server measured in the same run: the ceiling for a loopback HTTP request on this machine.
+//!
+//! `cargo bench --bench load_math` (env `SECONDS`, default 5 per point).
+
+mod harness;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use harness::{quantile_ms, Conn, Up};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+struct Point {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    errors: usize,
+}
+
+async fn drive(addr: SocketAddr, path: &'static str, body: &'static [u8], conc: usize, secs: f64) -> Point {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Conn::connect(addr).await.unwrap();
+                let (mut lat, mut errors) = (Vec::new(), 0);
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    match c.send("POST", path, body).await {
+                        Ok((200, _)) => lat.push(t.elapsed()),
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        lat.extend(l);
+        errors += e;
+    }
+    lat.sort();
+    Point {
+        rps: lat.len() as f64 / secs,
+        p50: quantile_ms(&lat, 0.5),
+        p99: quantile_ms(&lat, 0.99),
+        errors,
+    }
+}
+
+async fn hello_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req| async { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"hello")))) });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+fn main() {
+    let secs: f64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let up = Arc::new(Up::start(&["--slots", "1"]));
+        up.ready().await;
+        let hello = hello_server().await;
+        println!("load_math: {secs} s per point, 2 cores shared by client and server");
+        println!("{:<10} {:>4} {:>10} {:>9} {:>9} {:>7} {:>14}", "target", "c", "req/s", "p50 ms", "p99 ms", "errors", "vs hello");
+        for conc in [1usize, 32] {
+            let h = drive(hello, "/", b"", conc, secs).await;
+            let m = drive(up.addr, "/math/add-two-numbers", br#"{"a": 1, "b": 2}"#, conc, secs).await;
+            for (name, p) in [("hello", &h), ("math", &m)] {
+                println!(
+                    "{name:<10} {conc:>4} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>13.1}%",
+                    p.rps, p.p50, p.p99, p.errors, 100.0 * p.rps / h.rps
+                );
+            }
+        }
+    });
+}

@@ -1,0 +1,174 @@
+#!/bin/bash
+# meshd-bootstrap: run by cloud-init on every boot (/var/lib/cloud/scripts/per-boot), as root.
+# Idempotent; reads its settings from /etc/meshd/bootstrap.env (written by cloud-init, no secrets in it).
+#
+#  1. AWS CLI: installed once (snap) if missing; it authenticates through the instance role over IMDSv2.
+#  2. /usr/local/bin/meshd: downloaded (S3 through the gateway endpoint, or MESHD_BINARY_URL) only when its
+#     sha256 differs from MESHD_BINARY_SHA256; a download that does not match is refused.
+#  3. /etc/meshd/worker-token (root, 0600) from the SSM SecureString MESHD_TOKEN_PARAMETER; the unit receives it
+#     with LoadCredential=.
+#  4. /etc/meshd/<role>.env: MESHD_GATEWAY_URL for the workers.
+#  5. infer: /var/cache/meshd/models/model.gguf from MESHD_MODEL_URL, with retries, checked against
+#     MESHD_MODEL_SHA256; not downloaded again when the file on disk already matches.
+#  6. `meshd config check`, then enable and (re)start meshd-<role>.service (restart only if something changed).
+set -euo pipefail
+umask 077
+
+# For tests only: MESHD_BOOTSTRAP_ROOT prefixes every path it writes, MESHD_BOOTSTRAP_RETRY_DELAY sets the first
+# backoff delay. Both are unset on a VM.
+ROOT=${MESHD_BOOTSTRAP_ROOT:-}
+RETRY_DELAY=${MESHD_BOOTSTRAP_RETRY_DELAY:-2}
+
+ENV_FILE=$ROOT/etc/meshd/bootstrap.env
+# shellcheck disable=SC1090
+. "$ENV_FILE"
+
+: "${MESHD_ROLE:?}" "${AWS_REGION:?}" "${MESHD_TOKEN_PARAMETER:?}" "${MESHD_BINARY_SHA256:?}"
+export AWS_REGION AWS_DEFAULT_REGION="$AWS_REGION"
+
+BIN=$ROOT/usr/local/bin/meshd
+ETC=$ROOT/etc/meshd
+CACHE=$ROOT/var/cache/meshd
+UNIT="meshd-$MESHD_ROLE.service"
+CHANGED=0
+
+log() { echo "meshd-bootstrap[$MESHD_ROLE]: $*"; logger -t meshd-bootstrap -- "$*" 2>/dev/null || true; }
+die() { log "FATAL: $*"; exit 1; }
+
+# retry ATTEMPTS COMMAND...: exponential backoff, 2 s doubling up to 60 s.
+retry() {
+  local attempts=$1 n=1 delay=$RETRY_DELAY
+  shift
+  until "$@"; do
+    if [ "$n" -ge "$attempts" ]; then
+      return 1
+    fi
+    log "attempt $n/$attempts failed: $*; retrying in $delay s"
+    sleep "$delay"
+    n=$((n + 1))
+    delay=$((delay * 2))
+    if [ "$delay" -gt 60 ]; then delay=60; fi
+  done
+}
+
+sha256_of() { sha256sum "$1" 2>/dev/null | cut -d' ' -f1; }
+
+# ---- 1. AWS CLI -----------------------------------------------------------------------------------------------------
+AWS=$(command -v aws || true)
+if [ -z "$AWS" ] && [ -x /snap/bin/aws ]; then
+  AWS=/snap/bin/aws
+fi
+if [ -z "$AWS" ]; then
+  log "installing the AWS CLI (snap aws-cli)"
+  retry 6 snap install aws-cli --classic || die "could not install the AWS CLI"
+  AWS=/snap/bin/aws
+fi
+
+install -d -m 0755 -o root -g root "$ETC" "$(dirname "$BIN")"
+
+# ---- 2. the meshd binary --------------------------------------------------------------------------------------------
+fetch_binary() {
+  local tmp
+  tmp=$(mktemp "$(dirname "$BIN")/.meshd.XXXXXX")
+  if [ -n "${MESHD_BINARY_URL:-}" ]; then
+    curl -fsSL --proto '=https' --retry 5 --retry-all-errors --connect-timeout 10 -o "$tmp" "$MESHD_BINARY_URL" || { rm -f "$tmp"; return 1; }
+  else
+    "$AWS" s3 cp --only-show-errors "$MESHD_BINARY_S3_URI" "$tmp" || { rm -f "$tmp"; return 1; }
+  fi
+  if [ "$(sha256_of "$tmp")" != "$MESHD_BINARY_SHA256" ]; then
+    rm -f "$tmp"
+    die "downloaded meshd binary does not match sha256 $MESHD_BINARY_SHA256; refusing it"
+  fi
+  chmod 0755 "$tmp"
+  mv -f "$tmp" "$BIN"
+}
+
+if [ "$(sha256_of "$BIN")" != "$MESHD_BINARY_SHA256" ]; then
+  log "installing meshd (sha256 $MESHD_BINARY_SHA256)"
+  retry 5 fetch_binary || die "could not download the meshd binary"
+  CHANGED=1
+else
+  log "meshd binary present, sha256 matches"
+fi
+
+# ---- 3. the worker token --------------------------------------------------------------------------------------------
+fetch_token() {
+  local tmp value
+  # The value only ever lives in this shell variable and the 0600 file (printf is a builtin: no argv exposure).
+  value=$("$AWS" ssm get-parameter --name "$MESHD_TOKEN_PARAMETER" --with-decryption \
+    --query Parameter.Value --output text) || return 1
+  [ -n "$value" ] || return 1
+  tmp=$(mktemp "$ETC/.worker-token.XXXXXX")
+  printf '%s' "$value" >"$tmp"
+  value=
+  chown root:root "$tmp"
+  chmod 0600 "$tmp"
+  if cmp -s "$tmp" "$ETC/worker-token"; then
+    rm -f "$tmp"
+  else
+    mv -f "$tmp" "$ETC/worker-token"
+    log "worker token updated from SSM parameter $MESHD_TOKEN_PARAMETER"
+    CHANGED=1
+  fi
+}
+retry 8 fetch_token || die "could not read the worker token from SSM parameter $MESHD_TOKEN_PARAMETER"
+
+# ---- 4. environment file --------------------------------------------------------------------------------------------
+env_tmp=$(mktemp "$ETC/.env.XXXXXX")
+if [ "$MESHD_ROLE" != "gateway" ]; then
+  echo "MESHD_GATEWAY_URL=${MESHD_GATEWAY_URL:?}" >"$env_tmp"
+fi
+chmod 0644 "$env_tmp"
+if cmp -s "$env_tmp" "$ETC/$MESHD_ROLE.env"; then
+  rm -f "$env_tmp"
+else
+  mv -f "$env_tmp" "$ETC/$MESHD_ROLE.env"
+  CHANGED=1
+fi
+
+# ---- 5. the model (infer only) --------------------------------------------------------------------------------------
+if [ "$MESHD_ROLE" = "infer" ]; then
+  : "${MESHD_MODEL_URL:?}" "${MESHD_MODEL_SHA256:?}"
+  # With DynamicUser=yes systemd keeps the cache in /var/cache/private/meshd and links /var/cache/meshd to it.
+  # On the first boot systemd moves this directory there itself, when it first starts the unit.
+  [ -e "$CACHE" ] || install -d -m 0700 -o root -g root "$CACHE"
+  MODEL_DIR=$CACHE/models
+  [ -d "$MODEL_DIR" ] || install -d -m 0755 "$MODEL_DIR"
+  MODEL="$MODEL_DIR/model.gguf"
+
+  fetch_model() {
+    # The part file is only promoted to model.gguf once its sha256 matches.
+    rm -f "$MODEL.part"
+    curl -fsSL --proto '=https' --retry 5 --retry-all-errors --connect-timeout 15 \
+      -o "$MODEL.part" "$MESHD_MODEL_URL" || { rm -f "$MODEL.part"; return 1; }
+    if [ "$(sha256_of "$MODEL.part")" != "$MESHD_MODEL_SHA256" ]; then
+      log "model download does not match sha256 $MESHD_MODEL_SHA256; discarding it"
+      rm -f "$MODEL.part"
+      return 1
+    fi
+    chmod 0644 "$MODEL.part"
+    mv -f "$MODEL.part" "$MODEL"
+  }
+
+  if [ "$(sha256_of "$MODEL")" = "$MESHD_MODEL_SHA256" ]; then
+    log "model present, sha256 matches; not downloading"
+  else
+    log "downloading the model from $MESHD_MODEL_URL"
+    retry 6 fetch_model || die "could not download a model matching sha256 $MESHD_MODEL_SHA256"
+    CHANGED=1
+  fi
+fi
+
+# ---- 6. check the config and (re)start the unit ---------------------------------------------------------------------
+"$BIN" config check "$ETC/$MESHD_ROLE.toml" || die "meshd config check $ETC/$MESHD_ROLE.toml failed"
+
+systemctl daemon-reload
+systemctl enable "$UNIT"
+# --no-block: this runs inside cloud-final.service during boot; queue the job instead of waiting on it.
+if [ "$CHANGED" = 1 ]; then
+  log "restarting $UNIT"
+  systemctl --no-block restart "$UNIT"
+else
+  systemctl --no-block start "$UNIT"
+fi
+log "done: $UNIT queued (journalctl -u $UNIT)"

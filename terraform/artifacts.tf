@@ -1,0 +1,141 @@
+# ---------------------------------------------------------------------------------------------------------------------
+# The worker token: generated here, stored as an SSM SecureString (KMS), read by each VM at boot through its
+# instance role. It never appears in user data. Note: like every generated secret it is in the Terraform state,
+# so keep the state in an encrypted, access-controlled backend.
+# ---------------------------------------------------------------------------------------------------------------------
+
+resource "random_password" "worker_token" {
+  length  = 48
+  special = false
+}
+
+resource "aws_ssm_parameter" "worker_token" {
+  name        = "/${var.name}/worker-token"
+  description = "meshd worker token: workers present it in Hello, the gateway refuses any other"
+  type        = "SecureString"
+  key_id      = aws_kms_key.meshd.arn
+  value       = random_password.worker_token.result
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The release binary: uploaded from meshd_binary_path to a private bucket, or taken from meshd_binary_url.
+# VMs fetch it through the S3 gateway endpoint and refuse it unless its sha256 matches.
+# ---------------------------------------------------------------------------------------------------------------------
+
+locals {
+  use_binary_url     = var.meshd_binary_url != ""
+  binary_local_path  = var.meshd_binary_path != "" ? var.meshd_binary_path : "${path.module}/../target/release/meshd"
+  binary_sha256      = var.meshd_binary_sha256 != "" ? var.meshd_binary_sha256 : (local.use_binary_url ? "" : filesha256(local.binary_local_path))
+  binary_object_key  = "meshd/${local.binary_sha256}/meshd"
+  binary_s3_uri      = local.use_binary_url ? "" : "s3://${aws_s3_bucket.artifacts.id}/${local.binary_object_key}"
+  binary_object_arns = local.use_binary_url ? [] : ["${aws_s3_bucket.artifacts.arn}/${local.binary_object_key}"]
+}
+
+resource "aws_s3_bucket" "artifacts" {
+  #checkov:skip=CKV_AWS_18:Private artifact bucket written only by Terraform and read only by the stack's instance role; reads are audited by CloudTrail. Server access logs would need a second bucket that holds nothing of value.
+  #checkov:skip=CKV_AWS_144:Artifacts are rebuilt and re-uploaded by terraform apply; cross-region replication would only copy a binary the operator has locally.
+  #checkov:skip=CKV2_AWS_62:No consumer for object events; the bucket changes only on terraform apply.
+  bucket_prefix = "${var.name}-artifacts-"
+  force_destroy = true
+}
+
+resource "aws_s3_bucket_public_access_block" "artifacts" {
+  bucket                  = aws_s3_bucket.artifacts.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_ownership_controls" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
+resource "aws_s3_bucket_versioning" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm     = "aws:kms"
+      kms_master_key_id = aws_kms_key.meshd.arn
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+
+  rule {
+    id     = "expire-old-binaries"
+    status = "Enabled"
+
+    filter {}
+
+    noncurrent_version_expiration {
+      noncurrent_days = 30
+    }
+
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
+
+  depends_on = [aws_s3_bucket_versioning.artifacts]
+}
+
+# TLS only.
+resource "aws_s3_bucket_policy" "artifacts" {
+  bucket = aws_s3_bucket.artifacts.id
+
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid       = "DenyInsecureTransport"
+      Effect    = "Deny"
+      Principal = "*"
+      Action    = "s3:*"
+      Resource  = [aws_s3_bucket.artifacts.arn, "${aws_s3_bucket.artifacts.arn}/*"]
+      Condition = { Bool = { "aws:SecureTransport" = "false" } }
+    }]
+  })
+
+  depends_on = [aws_s3_bucket_public_access_block.artifacts]
+}
+
+resource "aws_s3_object" "meshd_binary" {
+  count = local.use_binary_url ? 0 : 1
+
+  bucket      = aws_s3_bucket.artifacts.id
+  key         = local.binary_object_key
+  source      = local.binary_local_path
+  source_hash = local.binary_sha256
+  kms_key_id  = aws_kms_key.meshd.arn
+
+  content_type = "application/octet-stream"
+
+  lifecycle {
+    precondition {
+      condition     = filesha256(local.binary_local_path) == local.binary_sha256
+      error_message = "meshd_binary_sha256 does not match the sha256 of meshd_binary_path; the VMs would refuse the binary."
+    }
+  }
+
+  depends_on = [
+    aws_s3_bucket_server_side_encryption_configuration.artifacts,
+    aws_s3_bucket_public_access_block.artifacts,
+    aws_s3_bucket_ownership_controls.artifacts,
+  ]
+}

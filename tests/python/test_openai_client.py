@@ -1,0 +1,84 @@
+"""The official `openai` Python client against `meshd up` (real processes, real model)."""
+
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import openai
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN = os.environ.get("MESHD_BIN", str(ROOT / "target" / "release" / "meshd"))
+MODEL = ROOT / "models" / "gemma3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="module")
+def client():
+    assert pathlib.Path(BIN).exists(), f"{BIN} is missing: cargo build --release first"
+    assert MODEL.exists(), "run scripts/fetch-model first"
+    data = tempfile.TemporaryDirectory()
+    proc = subprocess.Popen(
+        [BIN, "up", "--http-addr", "127.0.0.1:0", "--data-dir", data.name, "--model", str(MODEL),
+         "--slots", "4", "--ctx-per-slot", "512"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("meshd listening"), line
+        http = line.split("http=")[1].split()[0]
+        c = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused-on-loopback", max_retries=0, timeout=60)
+        # Ready once the model answers.
+        import time, urllib.request
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://{http}/readyz", timeout=2).status == 200:
+                    break
+            except Exception:
+                pass
+            assert time.time() < deadline, "meshd up never became ready"
+            time.sleep(0.05)
+        yield c
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        data.cleanup()
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "what color is apple?"}],
+        max_tokens=12, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_matches_non_streaming(client):
+    args = dict(model="gemma-3-270m", messages=[{"role": "user", "content": "Say something."}],
+                max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_models_list(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["gemma-3-270m"]
+
+
+def test_bad_request_raises_with_code(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="gemma-3-270m", messages=[{"role": "user", "content": "zebra " * 600}], max_tokens=4)
+    assert e.value.status_code == 400
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found"
