@@ -19,7 +19,16 @@ const MAX_TOKENS: u32 = 64;
 const LEVELS: [usize; 4] = [1, 4, 8, 16];
 
 fn prompt(i: usize) -> String {
-    const TOPICS: [&str; 8] = ["the sea", "a mountain", "bread", "the moon", "a river", "trains", "a garden", "winter"];
+    const TOPICS: [&str; 8] = [
+        "the sea",
+        "a mountain",
+        "bread",
+        "the moon",
+        "a river",
+        "trains",
+        "a garden",
+        "winter",
+    ];
     format!("Write a short story about {}.", TOPICS[i % TOPICS.len()])
 }
 
@@ -53,10 +62,23 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
             tokio::spawn(async move {
                 let mut run = Run::default();
                 for r in 0..rounds {
-                    let messages = vec![ChatMessage { role: "user".into(), content: prompt(c + r * conc) }];
-                    let sampling = Sampling { temperature: 0.0, ..Sampling::default() };
+                    let messages = vec![ChatMessage {
+                        role: "user".into(),
+                        content: prompt(c + r * conc),
+                    }];
+                    let sampling = Sampling {
+                        temperature: 0.0,
+                        ..Sampling::default()
+                    };
                     let t = Instant::now();
-                    let prepared = engine.prepare(&Prompt::Chat { messages }, Some(MAX_TOKENS), vec![], sampling).unwrap();
+                    let prepared = engine
+                        .prepare(
+                            &Prompt::Chat { messages },
+                            Some(MAX_TOKENS),
+                            vec![],
+                            sampling,
+                        )
+                        .unwrap();
                     let mut events = engine.submit(prepared).unwrap();
                     let mut first = None;
                     while let Some(e) = events.recv().await {
@@ -64,7 +86,9 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
                             Event::Delta(_) => {
                                 first.get_or_insert(t.elapsed());
                             }
-                            Event::Done { completion_tokens, .. } => {
+                            Event::Done {
+                                completion_tokens, ..
+                            } => {
                                 run.tokens += completion_tokens as u64;
                                 break;
                             }
@@ -102,7 +126,10 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
                     })
                     .to_string();
                     let t = Instant::now();
-                    let resp = conn.start("POST", "/v1/chat/completions", body.as_bytes()).await.unwrap();
+                    let resp = conn
+                        .start("POST", "/v1/chat/completions", body.as_bytes())
+                        .await
+                        .unwrap();
                     assert_eq!(resp.status(), 200);
                     let mut body = resp.into_body();
                     let mut first = None;
@@ -110,7 +137,10 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
                     while let Some(frame) = body.frame().await {
                         if let Ok(data) = frame.unwrap().into_data() {
                             let chunk = String::from_utf8_lossy(&data);
-                            if first.is_none() && chunk.contains("\"content\":\"") && !chunk.contains("\"content\":\"\"") {
+                            if first.is_none()
+                                && chunk.contains("\"content\":\"")
+                                && !chunk.contains("\"content\":\"\"")
+                            {
                                 first = Some(t.elapsed());
                             }
                             text.push_str(&chunk);
@@ -139,9 +169,15 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
 }
 
 fn main() {
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let config = EngineConfig {
             model: harness::model().into(),

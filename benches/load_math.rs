@@ -24,7 +24,13 @@ struct Point {
     errors: usize,
 }
 
-async fn drive(addr: SocketAddr, path: &'static str, body: &'static [u8], conc: usize, secs: f64) -> Point {
+async fn drive(
+    addr: SocketAddr,
+    path: &'static str,
+    body: &'static [u8],
+    conc: usize,
+    secs: f64,
+) -> Point {
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let tasks: Vec<_> = (0..conc)
         .map(|_| {
@@ -65,8 +71,14 @@ async fn hello_server() -> SocketAddr {
             let (s, _) = listener.accept().await.unwrap();
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = service_fn(|_req| async { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"hello")))) });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                let svc = service_fn(|_req| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                        b"hello",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             });
         }
     });
@@ -74,21 +86,41 @@ async fn hello_server() -> SocketAddr {
 }
 
 fn main() {
-    let secs: f64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let secs: f64 = std::env::var("SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let up = Arc::new(Up::start(&["--slots", "1"]));
         up.ready().await;
         let hello = hello_server().await;
         println!("load_math: {secs} s per point, 2 cores shared by client and server");
-        println!("{:<10} {:>4} {:>10} {:>9} {:>9} {:>7} {:>14}", "target", "c", "req/s", "p50 ms", "p99 ms", "errors", "vs hello");
+        println!(
+            "{:<10} {:>4} {:>10} {:>9} {:>9} {:>7} {:>14}",
+            "target", "c", "req/s", "p50 ms", "p99 ms", "errors", "vs hello"
+        );
         for conc in [1usize, 32] {
             let h = drive(hello, "/", b"", conc, secs).await;
-            let m = drive(up.addr, "/math/add-two-numbers", br#"{"a": 1, "b": 2}"#, conc, secs).await;
+            let m = drive(
+                up.addr,
+                "/math/add-two-numbers",
+                br#"{"a": 1, "b": 2}"#,
+                conc,
+                secs,
+            )
+            .await;
             for (name, p) in [("hello", &h), ("math", &m)] {
                 println!(
                     "{name:<10} {conc:>4} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>13.1}%",
-                    p.rps, p.p50, p.p99, p.errors, 100.0 * p.rps / h.rps
+                    p.rps,
+                    p.p50,
+                    p.p99,
+                    p.errors,
+                    100.0 * p.rps / h.rps
                 );
             }
         }

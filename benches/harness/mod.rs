@@ -13,8 +13,14 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 pub fn model() -> String {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/models/gemma3-270m-q4_k_m.gguf");
-    assert!(std::path::Path::new(p).is_file(), "run scripts/fetch-model first");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/gemma3-270m-q4_k_m.gguf"
+    );
+    assert!(
+        std::path::Path::new(p).is_file(),
+        "run scripts/fetch-model first"
+    );
     p.to_string()
 }
 
@@ -29,7 +35,15 @@ impl Up {
     pub fn start(extra: &[&str]) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let model = model();
-        let mut args = vec!["up", "--http-addr", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap(), "--model", &model];
+        let mut args = vec![
+            "up",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--model",
+            &model,
+        ];
         args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshd"))
             .args(&args)
@@ -39,15 +53,33 @@ impl Up {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.split("http=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-        Up { child, addr, _dir: dir }
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("http=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Up {
+            child,
+            addr,
+            _dir: dir,
+        }
     }
 
     pub async fn ready(&self) {
         for _ in 0..600 {
             if let Ok(mut c) = Conn::connect(self.addr).await {
-                if c.send("GET", "/readyz", b"").await.map(|(s, _)| s == 200).unwrap_or(false) {
+                if c.send("GET", "/readyz", b"")
+                    .await
+                    .map(|(s, _)| s == 200)
+                    .unwrap_or(false)
+                {
                     return;
                 }
             }
@@ -72,13 +104,20 @@ impl Conn {
     pub async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.map_err(std::io::Error::other)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .map_err(std::io::Error::other)?;
         tokio::spawn(conn);
         Ok(Conn { sender })
     }
 
     /// Sends one request; returns the status and the response (not yet read).
-    pub async fn start(&mut self, method: &str, path: &str, body: &[u8]) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    pub async fn start(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let req = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -87,14 +126,27 @@ impl Conn {
             .body(Full::new(Bytes::copy_from_slice(body)))
             .unwrap();
         self.sender.ready().await.map_err(|e| e.to_string())?;
-        self.sender.send_request(req).await.map_err(|e| e.to_string())
+        self.sender
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())
     }
 
-    pub async fn send(&mut self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Bytes), String> {
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, Bytes), String> {
         use http_body_util::BodyExt;
         let resp = self.start(method, path, body).await?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok((status, body))
     }
 }
