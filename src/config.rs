@@ -44,13 +44,21 @@ impl Role {
 
     /// The keys this role reads; any other key in its file is refused.
     pub fn keys(self) -> &'static [&'static str] {
-        const COMMON: [&str; 4] = [
+        const COMMON: [&str; 5] = [
+            "allow_plaintext",
             "log_format",
             "log_level",
             "drain_timeout_secs",
             "max_frame_bytes",
         ];
-        const GATEWAY: [&str; 9] = [
+        const GATEWAY: [&str; 16] = [
+            "tls_cert",
+            "tls_key",
+            "mesh_tls_cert",
+            "mesh_tls_key",
+            "api_keys",
+            "api_keys_file",
+            "insecure_no_auth",
             "http_addr",
             "mesh_addr",
             "data_dir",
@@ -61,7 +69,8 @@ impl Role {
             "queue_depth",
             "max_connections",
         ];
-        const WORKER: [&str; 5] = [
+        const WORKER: [&str; 6] = [
+            "gateway_ca",
             "gateway_url",
             "name",
             "worker_token",
@@ -97,6 +106,28 @@ impl Role {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// API keys accepted as `Authorization: Bearer KEY`, as `sha256:<hex>` digests of the keys.
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line: a plain key or `sha256:<hex>`; `#` starts a comment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve the API without keys on a non-loopback address (never the default).
+    pub insecure_no_auth: bool,
+    /// PEM certificate chain and key for HTTPS on `http_addr`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM certificate chain and key for `wss://` on `mesh_addr`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) a worker trusts for a `wss://` gateway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_ca: Option<PathBuf>,
+    /// Plain HTTP / WebSocket on a non-loopback address (never the default).
+    pub allow_plaintext: bool,
     /// Public HTTP API listener.
     pub http_addr: String,
     /// Private mesh listener (WebSocket). `:49134` means every interface.
@@ -155,6 +186,15 @@ impl Settings {
     pub fn defaults(role: Role) -> Settings {
         let loopback = role == Role::Up;
         Settings {
+            tls_cert: None,
+            tls_key: None,
+            mesh_tls_cert: None,
+            mesh_tls_key: None,
+            gateway_ca: None,
+            allow_plaintext: false,
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            insecure_no_auth: false,
             http_addr: if loopback {
                 "127.0.0.1:3111"
             } else {
@@ -218,15 +258,54 @@ impl Settings {
     fn validate(&self, role: Role) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("`{key}`: {why}")));
         if matches!(role, Role::Gateway | Role::Up) {
-            resolve_addr(&self.http_addr)
-                .map_err(|e| ConfigError::Invalid(format!("`http_addr`: {e}")))?;
-            resolve_addr(&self.mesh_addr)
-                .map_err(|e| ConfigError::Invalid(format!("`mesh_addr`: {e}")))?;
+            let pairs = [
+                ("http_addr", &self.http_addr, &self.tls_cert, &self.tls_key),
+                (
+                    "mesh_addr",
+                    &self.mesh_addr,
+                    &self.mesh_tls_cert,
+                    &self.mesh_tls_key,
+                ),
+            ];
+            for (key, addr, cert, tls_key) in pairs {
+                let a = resolve_addr(addr)
+                    .map_err(|e| ConfigError::Invalid(format!("`{key}`: {e}")))?;
+                if cert.is_some() != tls_key.is_some() {
+                    return bad(
+                        key,
+                        "a TLS certificate needs its key, and a key its certificate",
+                    );
+                }
+                if cert.is_none() && !a.ip().is_loopback() && !self.allow_plaintext {
+                    return bad(
+                        key,
+                        &format!("{a} is not loopback: configure TLS for it, or set allow_plaintext = true"),
+                    );
+                }
+            }
         }
-        if matches!(role, Role::Caller | Role::Infer)
-            && !(self.gateway_url.starts_with("ws://") || self.gateway_url.starts_with("wss://"))
-        {
-            return bad("gateway_url", "must start with ws:// or wss://");
+        if matches!(role, Role::Caller | Role::Infer) {
+            let plain = self.gateway_url.strip_prefix("ws://");
+            let tls = self.gateway_url.strip_prefix("wss://");
+            let Some(rest) = plain.or(tls) else {
+                return bad("gateway_url", "must start with ws:// or wss://");
+            };
+            if tls.is_some() && self.gateway_ca.is_none() {
+                return bad(
+                    "gateway_ca",
+                    "a wss:// gateway needs the CA to verify it (gateway_ca)",
+                );
+            }
+            let host = rest.split(['/', '?']).next().unwrap_or("");
+            let loopback = resolve_addr(host)
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(false);
+            if plain.is_some() && !loopback && !self.allow_plaintext {
+                return bad(
+                    "gateway_url",
+                    "ws:// to a non-loopback gateway is plain text: use wss:// with gateway_ca, or set allow_plaintext = true",
+                );
+            }
         }
         if self.max_frame_bytes < 1024 {
             return bad("max_frame_bytes", "must be at least 1024");
@@ -274,6 +353,57 @@ impl Settings {
         }
         Ok(Some(token))
     }
+}
+
+impl Settings {
+    /// The SHA-256 digests of the configured API keys.
+    pub fn api_key_digests(&self) -> Result<Vec<[u8; 32]>, ConfigError> {
+        let mut lines: Vec<(String, String)> = self
+            .api_keys
+            .iter()
+            .map(|k| ("api_keys".to_string(), k.clone()))
+            .collect();
+        if let Some(path) = &self.api_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!("cannot read api_keys_file {}: {e}", path.display()))
+            })?;
+            lines.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or("").trim())
+                    .filter(|l| !l.is_empty())
+                    .map(|l| (path.display().to_string(), l.to_string())),
+            );
+        }
+        lines
+            .into_iter()
+            .map(|(origin, line)| match line.strip_prefix("sha256:") {
+                Some(hex) => parse_digest(hex).ok_or_else(|| {
+                    ConfigError::Invalid(format!("{origin}: `sha256:` must be followed by 64 hex digits"))
+                }),
+                // A plain key in a file is hashed; inline keys must be digests (configs get copied).
+                None if origin != "api_keys" => Ok(sha256(line.as_bytes())),
+                None => Err(ConfigError::Invalid(
+                    "api_keys holds `sha256:<hex>` digests, not keys (use api_keys_file for plain keys)".into(),
+                )),
+            })
+            .collect()
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Resolves `host:port`; a bare `:port` means every interface.
@@ -349,7 +479,11 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.toml");
-        std::fs::write(&path, "http_addr = \"127.0.0.1:1\"\nqueue_depth = 5\n").unwrap();
+        std::fs::write(
+            &path,
+            "http_addr = \"127.0.0.1:1\"\nmesh_addr = \"127.0.0.1:0\"\nqueue_depth = 5\n",
+        )
+        .unwrap();
         let s = Settings::load(
             Role::Gateway,
             Some(&path),
@@ -364,6 +498,50 @@ mod tests {
         std::fs::write(&path, "queue_depth = \"many\"\n").unwrap();
         let err = Settings::load(Role::Gateway, Some(&path), NoOverrides {}).unwrap_err();
         assert!(err.to_string().contains("queue_depth"), "{err}");
+    }
+
+    #[test]
+    fn api_keys_come_as_digests_inline_and_as_keys_or_digests_in_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        let digest = sha256(b"k2")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        std::fs::write(&file, format!("# keys\nk1\n\nsha256:{digest}  # second\n")).unwrap();
+        let mut s = Settings::defaults(Role::Gateway);
+        s.api_keys_file = Some(file);
+        s.api_keys = vec![format!("sha256:{}", "ab".repeat(32))];
+        let d = s.api_key_digests().unwrap();
+        assert_eq!(d, vec![[0xab; 32], sha256(b"k1"), sha256(b"k2")]);
+        s.api_keys = vec!["plain".into()];
+        assert!(s.api_key_digests().is_err());
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_tls_or_an_explicit_setting() {
+        let mut s = Settings::defaults(Role::Gateway);
+        let err = s.validate(Role::Gateway).unwrap_err().to_string();
+        assert!(err.contains("configure TLS"), "{err}");
+        s.allow_plaintext = true;
+        s.validate(Role::Gateway).unwrap();
+        let mut w = Settings::defaults(Role::Infer);
+        w.gateway_url = "ws://10.0.0.1:49134".into();
+        assert!(w
+            .validate(Role::Infer)
+            .unwrap_err()
+            .to_string()
+            .contains("plain text"));
+        w.gateway_url = "wss://10.0.0.1:49134".into();
+        assert!(w
+            .validate(Role::Infer)
+            .unwrap_err()
+            .to_string()
+            .contains("gateway_ca"));
+        w.gateway_ca = Some("ca.pem".into());
+        w.validate(Role::Infer).unwrap();
+        w.gateway_url = "ws://localhost:49134".into();
+        w.validate(Role::Infer).unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod roles;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 pub mod up;
 pub mod worker;

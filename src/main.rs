@@ -65,6 +65,10 @@ struct RoleArgs<F: Args> {
 /// Flags every role takes. `None` means "not given": lower layers decide.
 #[derive(Args, Serialize)]
 struct CommonFlags {
+    /// Allow plain HTTP / ws:// on non-loopback addresses.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    allow_plaintext: bool,
     /// `human` or `json`.
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,6 +85,30 @@ struct CommonFlags {
 
 #[derive(Args, Serialize)]
 struct ListenFlags {
+    /// PEM certificate chain for HTTPS on the API.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS on the API.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    /// PEM certificate chain for wss:// on the mesh.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mesh_tls_cert: Option<PathBuf>,
+    /// PEM private key for wss:// on the mesh.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mesh_tls_key: Option<PathBuf>,
+    /// A file of API keys (plain or sha256:<hex>), one per line.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_keys_file: Option<PathBuf>,
+    /// Serve the API without keys on a non-loopback address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    insecure_no_auth: bool,
     /// Public HTTP listener, e.g. `0.0.0.0:3111`.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,6 +145,10 @@ struct TokenFlags {
 
 #[derive(Args, Serialize)]
 struct ConnectFlags {
+    /// PEM CA certificate(s) that sign a wss:// gateway's certificate.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway_ca: Option<PathBuf>,
     /// The gateway's mesh address, e.g. `ws://10.20.1.10:49134`.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -234,6 +266,10 @@ fn worker_options(s: &Settings) -> anyhow::Result<WorkerOptions> {
         max_frame_bytes: s.max_frame_bytes,
         max_concurrency: s.max_concurrency,
         drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+        tls: match &s.gateway_ca {
+            Some(ca) => Some(meshd::tls::client_config(ca)?),
+            None => None,
+        },
     })
 }
 
@@ -267,13 +303,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let token = settings.token()?.context(
                 "the gateway needs a worker token: set worker_token_file (or --worker-token-file)",
             )?;
+            let opts = GatewayOptions::from_settings(&settings, token)?;
             runtime()?.block_on(async {
                 let listeners = up::bind(&settings).await?;
                 announce(&listeners)?;
                 let state = StateStore::open(&settings.data_dir).with_context(|| {
                     format!("cannot open state in {}", settings.data_dir.display())
                 })?;
-                let opts = GatewayOptions::from_settings(&settings, token);
                 gateway::run(listeners, opts, state, shutdown_signal()).await
             })
         }

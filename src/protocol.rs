@@ -148,6 +148,7 @@ pub enum ErrorCode {
     BadRequest,
     NotFound,
     Unauthorized,
+    Conflict,
     PayloadTooLarge,
     Overloaded,
     NoWorker,
@@ -158,10 +159,11 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         Self::BadRequest,
         Self::NotFound,
         Self::Unauthorized,
+        Self::Conflict,
         Self::PayloadTooLarge,
         Self::Overloaded,
         Self::NoWorker,
@@ -176,6 +178,7 @@ impl ErrorCode {
             Self::BadRequest => "bad_request",
             Self::NotFound => "not_found",
             Self::Unauthorized => "unauthorized",
+            Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::NoWorker => "no_worker",
@@ -196,6 +199,7 @@ impl ErrorCode {
             Self::BadRequest => 400,
             Self::Unauthorized => 401,
             Self::NotFound => 404,
+            Self::Conflict => 409,
             Self::PayloadTooLarge => 413,
             Self::Overloaded => 429,
             Self::Cancelled => 499,

@@ -16,11 +16,19 @@ pub const MAX_KEY_BYTES: usize = 512;
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// Most items one `list` returns.
 pub const MAX_LIST: usize = 1000;
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+/// How long an idempotent increment's answer is kept for replays.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
+/// Idempotency records live under this prefix; no scope can start with NUL, so none collides.
+const IDEM_PREFIX: &[u8] = b"\0idem\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("storage failure: {0}")]
     Storage(#[from] sled::Error),
     #[error("the state store is shut down")]
@@ -150,6 +158,65 @@ impl StateStore {
         Ok(result)
     }
 
+    /// Like [`incr`](Self::incr), but at most once per `idempotency_key`: a replay with the same
+    /// key answers the value the first call produced and changes nothing (a replay with another
+    /// `by` is a conflict). The increment and its record are written in one transaction.
+    pub async fn incr_once(
+        &self,
+        scope: &str,
+        key: &str,
+        by: i64,
+        idempotency_key: &str,
+    ) -> Result<i64, StateError> {
+        use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
+        if idempotency_key.is_empty() || idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(StateError::Invalid(format!(
+                "an idempotency key must be 1..={MAX_IDEMPOTENCY_KEY} bytes"
+            )));
+        }
+        let counter = full_key(scope, key)?;
+        let mut record_key = IDEM_PREFIX.to_vec();
+        record_key.extend_from_slice(&counter);
+        record_key.push(0);
+        record_key.extend_from_slice(idempotency_key.as_bytes());
+        let now = unix_now();
+        let result = self.db.transaction(|tx| {
+            if let Some(bytes) = tx.get(&record_key)? {
+                let rec: IdemRecord = serde_json::from_slice(&bytes)
+                    .map_err(|e| Abort::Abort(StateError::Invalid(format!("idempotency record: {e}"))))?;
+                if rec.by != by {
+                    return Err(Abort::Abort(StateError::Conflict(format!(
+                        "idempotency key {idempotency_key:?} was used for a different request (by {})",
+                        rec.by
+                    ))));
+                }
+                return Ok(rec.value);
+            }
+            let current = match tx.get(&counter)? {
+                None => 0,
+                Some(v) => serde_json::from_slice::<Value>(&v)
+                    .ok()
+                    .and_then(|v| v.as_i64())
+                    .ok_or_else(|| Abort::Abort(StateError::Invalid("stored value is not an integer".into())))?,
+            };
+            let value = current.checked_add(by).ok_or_else(|| {
+                Abort::Abort(StateError::Invalid(format!(
+                    "adding {by} to {current} would overflow a 64-bit integer"
+                )))
+            })?;
+            tx.insert(counter.as_slice(), value.to_string().into_bytes())?;
+            let rec = IdemRecord { by, value, at: now };
+            tx.insert(record_key.as_slice(), serde_json::to_vec(&rec).expect("record serializes"))?;
+            Ok(value)
+        });
+        let value = result.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StateError::Storage(e),
+        })?;
+        self.durable().await?;
+        Ok(value)
+    }
+
     /// Waits until everything written before this call is on disk.
     pub async fn durable(&self) -> Result<(), StateError> {
         let (done, rx) = oneshot::channel();
@@ -175,7 +242,12 @@ impl StateStore {
 
 /// Serves flush requests: takes every waiter that is queued, flushes once, answers them all.
 async fn group_commit(mut rx: mpsc::Receiver<FlushWaiter>) {
+    let mut last_sweep = 0;
     while let Some(first) = rx.recv().await {
+        if unix_now() > last_sweep + 600 {
+            last_sweep = unix_now();
+            sweep_idempotency(&first.db, last_sweep);
+        }
         let db = first.db.clone();
         let mut waiters = vec![first.done];
         while let Ok(more) = rx.try_recv() {
@@ -188,6 +260,35 @@ async fn group_commit(mut rx: mpsc::Receiver<FlushWaiter>) {
         for w in waiters {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdemRecord {
+    by: i64,
+    value: i64,
+    at: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Drops idempotency records older than [`IDEMPOTENCY_TTL_SECS`], so they cannot grow forever.
+fn sweep_idempotency(db: &sled::Db, now: u64) {
+    let mut removed = 0;
+    for (k, v) in db.scan_prefix(IDEM_PREFIX).flatten() {
+        let old = serde_json::from_slice::<IdemRecord>(&v)
+            .map(|r| r.at + IDEMPOTENCY_TTL_SECS < now)
+            .unwrap_or(true);
+        if old && db.remove(k).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "expired idempotency records");
     }
 }
 
@@ -262,6 +363,38 @@ mod tests {
         // (1 + … + 32) × 50
         let s = StateStore::open(dir.path()).unwrap();
         assert_eq!(s.get("math", "total").unwrap(), Some(json!(26_400)));
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_increment_applies_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        assert_eq!(s.incr_once("m", "t", 5, "req-1").await.unwrap(), 5);
+        assert_eq!(s.incr("m", "t", 1).await.unwrap(), 6);
+        assert_eq!(
+            s.incr_once("m", "t", 5, "req-1").await.unwrap(),
+            5,
+            "a replay answers the first value"
+        );
+        assert_eq!(s.incr_once("m", "t", 2, "req-2").await.unwrap(), 8);
+        assert!(matches!(
+            s.incr_once("m", "t", 7, "req-1").await,
+            Err(StateError::Conflict(_))
+        ));
+        assert_eq!(s.get("m", "t").unwrap(), Some(json!(8)));
+        let keys: Vec<_> = s
+            .list("m", "", 10)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        assert_eq!(keys, ["t"], "records stay out of the scope's keys");
+        sweep_idempotency(&s.db, unix_now() + IDEMPOTENCY_TTL_SECS + 1);
+        assert_eq!(
+            s.incr_once("m", "t", 5, "req-1").await.unwrap(),
+            13,
+            "expired records are gone"
+        );
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ fn worker_options(settings: &Settings, name: &str, url: &str, token: &str) -> Wo
         max_frame_bytes: settings.max_frame_bytes,
         max_concurrency: settings.max_concurrency,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
+        tls: None,
     }
 }
 
@@ -35,7 +36,9 @@ pub async fn run(
     let token = format!("{:032x}", rand::random::<u128>());
     let url = format!("ws://{}", listeners.mesh.local_addr()?);
     let state = StateStore::open(&settings.data_dir)?;
-    let opts = GatewayOptions::from_settings(&settings, token.clone());
+    let mut opts = GatewayOptions::from_settings(&settings, token.clone())?;
+    // The mesh of `up` never leaves the process's loopback listener: no TLS there.
+    opts.mesh_tls = None;
 
     let engine = Engine::start(EngineConfig::from_settings(&settings)).await?;
     let stop_workers = CancellationToken::new();

@@ -22,8 +22,7 @@ use crate::protocol::{
 };
 use crate::transport::{self, Outbox, Outgoing, RecvError};
 
-type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsStream = tokio_tungstenite::WebSocketStream<crate::tls::BoxIo>;
 type WsReader = futures_util::stream::SplitStream<WsStream>;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -77,6 +76,8 @@ pub struct WorkerOptions {
     pub max_frame_bytes: usize,
     pub max_concurrency: usize,
     pub drain_timeout: Duration,
+    /// Trust for a `wss://` gateway (its CA); `None` for `ws://`.
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// A worker: its functions and triggers, and the loop that keeps it connected.
@@ -207,13 +208,28 @@ impl Worker {
     /// Connects, says hello, and waits for the welcome.
     async fn handshake(&self) -> Result<(WsReader, Outbox), String> {
         let config = transport::ws_config(self.opts.max_frame_bytes);
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(
-            &self.opts.gateway_url,
-            Some(config),
-            true,
-        )
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", self.opts.gateway_url))?;
+        let url = &self.opts.gateway_url;
+        let uri: tokio_tungstenite::tungstenite::http::Uri = url
+            .parse()
+            .map_err(|e| format!("bad gateway_url {url}: {e}"))?;
+        let secure = uri.scheme_str() == Some("wss");
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let tls = if secure {
+            Some(self.opts.tls.as_ref().ok_or("wss:// needs gateway_ca")?)
+        } else {
+            None
+        };
+        let io = crate::tls::connect(host, port, tls)
+            .await
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url.as_str(), io, Some(config))
+            .await
+            .map_err(|e| format!("websocket handshake with {url} failed: {e}"))?;
         let (sink, mut stream) = ws.split();
         let outbox = transport::spawn_writer(sink);
         let hello = Message::Hello {

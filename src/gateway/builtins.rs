@@ -38,6 +38,9 @@ pub struct IncrRequest {
     pub scope: String,
     pub key: String,
     pub by: i64,
+    /// Applies the increment at most once per key (replays answer the first value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -106,10 +109,11 @@ async fn dispatch(
         }
         "state::incr" => {
             let r: IncrRequest = protocol::from_payload(payload)?;
-            let value = state
-                .incr(&r.scope, &r.key, r.by)
-                .await
-                .map_err(state_error)?;
+            let value = match r.idempotency_key.as_deref() {
+                Some(k) => state.incr_once(&r.scope, &r.key, r.by, k).await,
+                None => state.incr(&r.scope, &r.key, r.by).await,
+            }
+            .map_err(state_error)?;
             protocol::to_payload(&IncrReply { value })
         }
         other => {
@@ -125,6 +129,7 @@ async fn dispatch(
 fn state_error(e: StateError) -> ErrorBody {
     match e {
         StateError::Invalid(m) => ErrorBody::new(ErrorCode::BadRequest, m),
+        StateError::Conflict(m) => ErrorBody::new(ErrorCode::Conflict, m),
         other => ErrorBody::new(ErrorCode::Internal, other.to_string()),
     }
 }

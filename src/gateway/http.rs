@@ -34,6 +34,7 @@ const PRIVATE_HEADERS: [&str; 6] = [
 ];
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let acceptor = crate::tls::acceptor(&shared.opts.http_tls);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -54,16 +55,24 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let svc_shared = Arc::clone(&shared);
-        let svc = service_fn(move |req| handle(req, Arc::clone(&svc_shared)));
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = conn.await;
+            let io = match crate::tls::accept(acceptor.as_ref(), stream).await {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "HTTPS handshake failed");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| handle(req, Arc::clone(&svc_shared)));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(io), svc);
+            let _ = watcher.watch(conn).await;
         });
     }
     drop(listener);
@@ -94,6 +103,14 @@ async fn route(
         match path.as_str() {
             "/healthz" => return (path, json(200, &serde_json::json!({"status": "ok"}))),
             "/readyz" => return (path, readyz(shared)),
+            _ => {}
+        }
+    }
+    if let Err(e) = authorize(&req, &shared.opts.api_keys) {
+        return ("unauthorized".into(), error(&e));
+    }
+    if req.method() == Method::GET {
+        match path.as_str() {
             "/metrics" => {
                 let text = {
                     let reg = shared.registry();
@@ -284,6 +301,40 @@ impl hyper::body::Body for ReplyBody {
     }
 }
 
+/// Checks `Authorization: Bearer KEY` against the configured digests (constant time).
+fn authorize(req: &Request<Incoming>, keys: &[[u8; 32]]) -> Result<(), ErrorBody> {
+    use subtle::ConstantTimeEq;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let unauthorized =
+        |m: &str| ErrorBody::new(ErrorCode::Unauthorized, m).with_code("invalid_api_key");
+    let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
+        return Err(unauthorized(
+            "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
+        ));
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .unwrap_or("");
+    let digest = crate::config::sha256(key.as_bytes());
+    // Compare against every key, so the time taken does not depend on which one matched.
+    let matched = keys
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&digest));
+    if bool::from(matched) {
+        Ok(())
+    } else {
+        Err(unauthorized("Incorrect API key provided."))
+    }
+}
+
 fn readyz(shared: &Shared) -> Response<Body> {
     let (missing, triggers, workers) = {
         let reg = shared.registry();
@@ -356,6 +407,10 @@ pub fn error(e: &ErrorBody) -> Response<Body> {
     if e.http_status() == 429 || e.http_status() == 503 {
         resp.headers_mut()
             .insert("retry-after", HeaderValue::from_static("1"));
+    }
+    if e.http_status() == 401 {
+        resp.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
     }
     resp
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use subtle::ConstantTimeEq;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use super::builtins;
@@ -24,6 +24,7 @@ const IDLE: Duration = Duration::from_secs(15);
 static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let acceptor = crate::tls::acceptor(&shared.opts.mesh_tls);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -39,14 +40,21 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            serve_worker(stream, peer.to_string(), shared).await;
+            match crate::tls::accept(acceptor.as_ref(), stream).await {
+                Ok(io) => serve_worker(io, peer.to_string(), shared).await,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "mesh TLS handshake failed");
+                    shared.metrics.worker_refused("tls");
+                }
+            }
         });
     }
 }
 
-async fn serve_worker(stream: TcpStream, peer: String, shared: Arc<Shared>) {
+async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Shared>) {
     let config = transport::ws_config(shared.opts.max_frame_bytes);
     let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
         Ok(ws) => ws,

@@ -29,6 +29,12 @@ use registry::{Registry, Reply, Sink};
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
     pub token: String,
+    /// SHA-256 digests of the accepted API keys; empty means the API is open.
+    pub api_keys: Vec<[u8; 32]>,
+    /// HTTPS on the API listener.
+    pub http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// wss:// on the mesh listener.
+    pub mesh_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub max_frame_bytes: usize,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
@@ -38,16 +44,43 @@ pub struct GatewayOptions {
 }
 
 impl GatewayOptions {
-    pub fn from_settings(s: &Settings, token: String) -> Self {
-        GatewayOptions {
+    /// The options of a gateway; refuses an open API on a non-loopback address unless the
+    /// settings say `insecure_no_auth`.
+    pub fn from_settings(s: &Settings, token: String) -> Result<Self, crate::config::ConfigError> {
+        let api_keys = s.api_key_digests()?;
+        if api_keys.is_empty() {
+            let addr = crate::config::resolve_addr(&s.http_addr)
+                .map_err(crate::config::ConfigError::Invalid)?;
+            if !addr.ip().is_loopback() && !s.insecure_no_auth {
+                return Err(crate::config::ConfigError::Invalid(format!(
+                    "refusing to serve the API on {addr} without API keys: set api_keys_file (or api_keys), \
+                     bind to loopback, or set insecure_no_auth = true"
+                )));
+            }
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the API is open to anyone who can reach it (insecure_no_auth)");
+            }
+        }
+        let tls =
+            |cert: &Option<std::path::PathBuf>, key: &Option<std::path::PathBuf>| match (cert, key)
+            {
+                (Some(c), Some(k)) => crate::tls::server_config(c, k)
+                    .map(Some)
+                    .map_err(|e| crate::config::ConfigError::Invalid(e.to_string())),
+                _ => Ok(None),
+            };
+        Ok(GatewayOptions {
             token,
+            api_keys,
+            http_tls: tls(&s.tls_cert, &s.tls_key)?,
+            mesh_tls: tls(&s.mesh_tls_cert, &s.mesh_tls_key)?,
             max_frame_bytes: s.max_frame_bytes,
             max_body_bytes: s.max_body_bytes,
             request_timeout: Duration::from_secs(s.request_timeout_secs),
             queue_depth: s.queue_depth,
             max_connections: s.max_connections,
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
-        }
+        })
     }
 }
 

@@ -462,6 +462,6 @@ mod tests {
         assert_eq!(r.trigger("GET", "/y"), Err(false));
         assert!(r.unserved_triggers().is_empty());
         r.remove_worker(1);
-        assert_eq!(r.unserved_triggers(), ["f"]);
+        assert_eq!(r.unserved_triggers(), ["f", "g"]);
     }
 }

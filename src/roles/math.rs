@@ -16,6 +16,9 @@ pub const SUCCESS: &str = "You've connected two workers and they're interoperati
 pub struct ValidAdd {
     pub a: i64,
     pub b: i64,
+    /// From the `Idempotency-Key` header: a retry with the same key is applied once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -60,12 +63,39 @@ pub fn validate(body: &[u8]) -> Result<ValidAdd, ErrorBody> {
     Ok(ValidAdd {
         a: number("a")?,
         b: number("b")?,
+        idempotency_key: None,
     })
+}
+
+/// The `Idempotency-Key` header, checked.
+fn idempotency_key(call: &Call) -> Result<Option<String>, ErrorBody> {
+    let Some(head) = &call.http else {
+        return Ok(None);
+    };
+    let Some((_, v)) = head
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("idempotency-key"))
+    else {
+        return Ok(None);
+    };
+    let ok = !v.is_empty()
+        && v.len() <= crate::state::MAX_IDEMPOTENCY_KEY
+        && v.bytes().all(|b| b.is_ascii_graphic());
+    if !ok {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "Idempotency-Key must be 1 to 128 visible ASCII characters",
+        )
+        .with_param("Idempotency-Key"));
+    }
+    Ok(Some(v.clone()))
 }
 
 /// `math::add_two_numbers` (caller): HTTP JSON in, HTTP JSON out.
 pub async fn add_two_numbers(call: Call) -> Result<Response, ErrorBody> {
-    let valid = validate(&call.payload)?;
+    let mut valid = validate(&call.payload)?;
+    valid.idempotency_key = idempotency_key(&call)?;
     let reply = call
         .mesh
         .call(
@@ -103,6 +133,7 @@ pub async fn add(call: Call) -> Result<Response, ErrorBody> {
         scope: "math".into(),
         key: "running_total".into(),
         by: c,
+        idempotency_key: req.idempotency_key,
     };
     let total = call
         .mesh
@@ -129,11 +160,19 @@ mod tests {
     fn accepts_integers_and_whole_floats() {
         assert_eq!(
             validate(br#"{"a":100,"b":200}"#).unwrap(),
-            ValidAdd { a: 100, b: 200 }
+            ValidAdd {
+                a: 100,
+                b: 200,
+                idempotency_key: None
+            }
         );
         assert_eq!(
             validate(br#"{"a":1.0,"b":-2}"#).unwrap(),
-            ValidAdd { a: 1, b: -2 }
+            ValidAdd {
+                a: 1,
+                b: -2,
+                idempotency_key: None
+            }
         );
     }
 

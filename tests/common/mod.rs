@@ -228,8 +228,20 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        Self::connect_with(addr, None).await
+    }
+
+    /// Connects over HTTPS, trusting only the CA in `ca`.
+    pub async fn connect_tls(addr: SocketAddr, ca: &Path) -> std::io::Result<Client> {
+        let config = meshd::tls::client_config(ca).map_err(std::io::Error::other)?;
+        Self::connect_with(addr, Some(&config)).await
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        tls: Option<&std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
+    ) -> std::io::Result<Client> {
+        let stream = meshd::tls::connect(&addr.ip().to_string(), addr.port(), tls).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
@@ -280,6 +292,43 @@ impl Client {
 
     pub async fn get(&mut self, path: &str) -> Result<Resp, String> {
         self.send("GET", path, b"", &[]).await
+    }
+}
+
+/// A throwaway PKI in a temp dir: `ca.pem`, `gateway.pem` + `gateway-key.pem` (for 127.0.0.1,
+/// signed by the CA), and `other-ca.pem` (an unrelated CA).
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let main = ca("meshd test CA");
+        let other = ca("somebody else's CA");
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &main)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), main.pem()).unwrap();
+        std::fs::write(dir.path().join("other-ca.pem"), other.pem()).unwrap();
+        std::fs::write(dir.path().join("gateway.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("gateway-key.pem"), key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
     }
 }
 

@@ -1,5 +1,6 @@
 """cloud-init/meshd-bootstrap.sh run for real against a scratch root (MESHD_BOOTSTRAP_ROOT) with stub aws, curl
-and systemctl: sha256 checks, token file, env file, model cache, restart only on change."""
+and systemctl: sha256 checks, the secret files (worker token; on the gateway the API keys and the TLS key, checked
+against the certificate), the env file, the model cache, restart only on change."""
 import hashlib
 import os
 import stat
@@ -11,13 +12,20 @@ import pytest
 from deploylib import BOOTSTRAP, REPO
 
 TOKEN = "first-token-0123456789"
-GATEWAY_URL = "ws://10.20.1.10:49134"
+API_KEYS = "sha256:" + "a1" * 32
+GATEWAY_URL = "wss://10.20.1.10:49134"
+PARAMS = {"token": "/meshd/worker-token", "api_keys": "/meshd/api-keys", "tls_key": "/meshd/gateway-tls-key"}
 
 STUB_AWS = r"""#!/bin/bash
 echo "aws $*" >>"$STUB_LOG"
 case "$1 $2" in
   "s3 cp") cp "$STUB_BINARY" "${@: -1}" ;;
-  "ssm get-parameter") cat "$STUB_TOKEN"; echo ;;
+  "ssm get-parameter")
+    # --name NAME -> $STUB_SSM/<NAME with / as _>; like `--output text`, the value and a newline.
+    while [ $# -gt 0 ] && [ "$1" != "--name" ]; do shift; done
+    f="$STUB_SSM/$(printf '%s' "$2" | tr / _)"
+    [ -f "$f" ] || { echo "ParameterNotFound: $2" >&2; exit 254; }
+    cat "$f"; echo ;;
   *) echo "unexpected aws call: $*" >&2; exit 2 ;;
 esac
 """
@@ -50,6 +58,15 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def key_and_cert(directory, name):
+    """A P-256 key (PKCS#8, as Terraform's private_key_pem_pkcs8) and a certificate for it, made by openssl."""
+    key, cert = directory / f"{name}-key.pem", directory / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}"],
+                   check=True, capture_output=True, timeout=60)
+    return key.read_text(), cert.read_text()
+
+
 class Box:
     def __init__(self, tmp_path, role):
         assert os.geteuid() == 0, "the bootstrap test runs as root (it installs files owned by root)"
@@ -59,8 +76,9 @@ class Box:
         self.log = tmp_path / "calls.log"
         self.binary = tmp_path / "meshd.src"
         self.model = tmp_path / "model.src"
-        self.token = tmp_path / "token.src"
-        for d in (self.root / "etc/meshd", self.stubs):
+        self.ssm = tmp_path / "ssm"
+        self.pki = tmp_path / "pki"
+        for d in (self.root / "etc/meshd/tls", self.stubs, self.ssm, self.pki):
             d.mkdir(parents=True)
         for name, body in (("aws", STUB_AWS), ("curl", STUB_CURL), ("systemctl", STUB_SYSTEMCTL),
                            ("snap", STUB_FAIL), ("logger", "#!/bin/sh\n")):
@@ -69,12 +87,24 @@ class Box:
             p.chmod(0o755)
         self.binary.write_text(FAKE_MESHD)
         self.model.write_bytes(b"GGUF" + os.urandom(4096))
-        self.token.write_text(TOKEN)
+        self.set_param("token", TOKEN)
         (self.root / "etc/meshd" / f"{role}.toml").write_bytes((REPO / "roles" / f"{role}.toml").read_bytes())
+        gateway = role == "gateway"
+        if gateway:
+            # What cloud-init writes from user data (the certificate) and Terraform puts into SSM (key, API keys).
+            self.tls_key, self.tls_cert = key_and_cert(self.pki, "gateway")
+            self.path("/etc/meshd/tls/gateway.pem").write_text(self.tls_cert)
+            self.set_param("tls_key", self.tls_key)
+            self.set_param("api_keys", API_KEYS)
+        else:
+            self.ca_cert = key_and_cert(self.pki, "mesh-ca")[1]
+            self.path("/etc/meshd/tls/mesh-ca.pem").write_text(self.ca_cert)
         self.settings = {
             "MESHD_ROLE": role,
             "AWS_REGION": "us-east-1",
-            "MESHD_TOKEN_PARAMETER": "/meshd/worker-token",
+            "MESHD_TOKEN_PARAMETER": PARAMS["token"],
+            "MESHD_API_KEYS_PARAMETER": PARAMS["api_keys"] if gateway else "",
+            "MESHD_TLS_KEY_PARAMETER": PARAMS["tls_key"] if gateway else "",
             "MESHD_BINARY_S3_URI": "s3://bucket/meshd/x/meshd",
             "MESHD_BINARY_URL": "",
             "MESHD_BINARY_SHA256": sha(self.binary.read_bytes()),
@@ -83,6 +113,10 @@ class Box:
             "MESHD_MODEL_SHA256": sha(self.model.read_bytes()),
         }
         self.write_settings()
+
+    def set_param(self, which, value):
+        """The value of SSM parameter PARAMS[which] (as SSM returns it: trailing newlines are not kept)."""
+        (self.ssm / PARAMS[which].replace("/", "_")).write_text(value.rstrip("\n"))
 
     def write_settings(self):
         body = "".join(f"{k}='{v}'\n" for k, v in self.settings.items())
@@ -97,7 +131,7 @@ class Box:
             "STUB_LOG": str(self.log),
             "STUB_BINARY": str(self.binary),
             "STUB_MODEL": str(self.model),
-            "STUB_TOKEN": str(self.token),
+            "STUB_SSM": str(self.ssm),
         }
         proc = subprocess.run(["bash", str(BOOTSTRAP)], env=env, capture_output=True, text=True, timeout=60)
         self.out = proc.stdout + proc.stderr
@@ -132,6 +166,11 @@ def test_first_boot_installs_everything(infer):
     assert "systemctl --no-block restart meshd-infer.service" in infer.calls
     # The token never reaches a command line.
     assert TOKEN not in "\n".join(infer.calls) and TOKEN not in infer.out
+    # A worker reads the worker token and nothing else from SSM, and gets no API keys or TLS key.
+    assert [c for c in infer.calls if c.startswith("aws ssm")] == [
+        f"aws ssm get-parameter --name {PARAMS['token']} --with-decryption --query Parameter.Value --output text"]
+    assert not infer.path("/etc/meshd/api-keys").exists()
+    assert sorted(p.name for p in infer.path("/etc/meshd/tls").iterdir()) == ["mesh-ca.pem"]
 
 
 def test_reboot_downloads_nothing_and_only_starts(infer):
@@ -145,7 +184,7 @@ def test_reboot_downloads_nothing_and_only_starts(infer):
 
 def test_token_rotation_rewrites_file_and_restarts(infer):
     assert infer.run() == 0, infer.out
-    infer.token.write_text("second-token-abcdef")
+    infer.set_param("token", "second-token-abcdef")
     assert infer.run() == 0, infer.out
     assert infer.path("/etc/meshd/worker-token").read_text() == "second-token-abcdef"
     assert "systemctl --no-block restart meshd-infer.service" in infer.calls
@@ -200,6 +239,117 @@ def test_gateway_has_no_gateway_url_and_no_model(tmp_path):
     assert box.path("/etc/meshd/gateway.env").read_text() == ""
     assert not any(c.startswith("curl") for c in box.calls)
     assert "systemctl enable meshd-gateway.service" in box.calls
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    return Box(tmp_path, "gateway")
+
+
+def test_gateway_first_boot_writes_api_keys_and_tls_key(gateway):
+    assert gateway.run() == 0, gateway.out
+    files = {
+        "/etc/meshd/worker-token": TOKEN,
+        "/etc/meshd/api-keys": API_KEYS + "\n",
+        "/etc/meshd/tls/gateway-key.pem": gateway.tls_key,
+    }
+    for rel, want in files.items():
+        f = gateway.path(rel)
+        assert f.read_text() == want, rel
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600 and f.stat().st_uid == 0, rel
+    assert gateway.tls_key.endswith("-----END PRIVATE KEY-----\n")
+    # The certificate from user data is left alone (public, 0644 from cloud-init).
+    assert gateway.path("/etc/meshd/tls/gateway.pem").read_text() == gateway.tls_cert
+    assert stat.S_IMODE(gateway.path("/etc/meshd/tls").stat().st_mode) == 0o755
+    assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
+    # No secret reaches a command line or the log, and no temporary file is left behind.
+    everything = "\n".join(gateway.calls) + gateway.out
+    for secret in (TOKEN, API_KEYS, gateway.tls_key.splitlines()[1]):
+        assert secret not in everything
+    for d in ("/etc/meshd", "/etc/meshd/tls"):
+        assert not [p.name for p in gateway.path(d).iterdir() if p.name.startswith(".")], d
+    ssm = sorted(c.split()[4] for c in gateway.calls if c.startswith("aws ssm"))
+    assert ssm == sorted(PARAMS.values())
+
+
+def test_gateway_reboot_without_changes_only_starts(gateway):
+    assert gateway.run() == 0, gateway.out
+    assert gateway.run() == 0, gateway.out
+    assert "systemctl --no-block start meshd-gateway.service" in gateway.calls
+    assert not any("restart" in c for c in gateway.calls)
+
+
+def test_api_key_rotation_rewrites_file_and_restarts(gateway):
+    assert gateway.run() == 0, gateway.out
+    rotated = "sha256:" + "b2" * 32 + "\nsha256:" + "c3" * 32
+    gateway.set_param("api_keys", rotated)
+    assert gateway.run() == 0, gateway.out
+    assert gateway.path("/etc/meshd/api-keys").read_text() == rotated + "\n"
+    assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
+    assert "api-keys updated from SSM parameter /meshd/api-keys" in gateway.out
+
+
+def test_tls_key_rotation_with_its_certificate_restarts(gateway):
+    assert gateway.run() == 0, gateway.out
+    # A new key and certificate (a replaced gateway VM gets both: the certificate from user data, the key from SSM).
+    key, cert = key_and_cert(gateway.pki, "gateway-2")
+    gateway.path("/etc/meshd/tls/gateway.pem").write_text(cert)
+    gateway.set_param("tls_key", key)
+    assert gateway.run() == 0, gateway.out
+    assert gateway.path("/etc/meshd/tls/gateway-key.pem").read_text() == key
+    assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
+
+
+def test_tls_key_that_does_not_match_the_certificate_is_refused(gateway):
+    assert gateway.run() == 0, gateway.out
+    other_key, _ = key_and_cert(gateway.pki, "someone-else")
+    gateway.set_param("tls_key", other_key)
+    assert gateway.run() != 0
+    assert "is not the key of" in gateway.out and "refusing it" in gateway.out
+    # The key that matches stays in place, and the unit is not restarted onto a broken pair.
+    assert gateway.path("/etc/meshd/tls/gateway-key.pem").read_text() == gateway.tls_key
+    assert not any(c.startswith("systemctl") for c in gateway.calls)
+    assert sum(c.startswith(f"aws ssm get-parameter --name {PARAMS['tls_key']}") for c in gateway.calls) == 1, "not retried"
+    assert not [p.name for p in gateway.path("/etc/meshd/tls").iterdir() if p.name.startswith(".")]
+
+
+def test_gateway_without_its_certificate_fails_loudly(gateway):
+    gateway.path("/etc/meshd/tls/gateway.pem").unlink()
+    assert gateway.run() != 0
+    assert "gateway.pem is missing" in gateway.out
+    assert not any(c.startswith("systemctl") for c in gateway.calls)
+
+
+def test_gateway_secret_parameters_are_required(gateway):
+    gateway.settings["MESHD_TLS_KEY_PARAMETER"] = ""
+    gateway.write_settings()
+    assert gateway.run() != 0
+    assert "MESHD_TLS_KEY_PARAMETER" in gateway.out
+
+
+def test_missing_api_keys_parameter_is_retried_then_fatal(gateway):
+    (gateway.ssm / PARAMS["api_keys"].replace("/", "_")).unlink()
+    assert gateway.run() != 0
+    assert "could not read the API keys" in gateway.out
+    assert sum(c.startswith(f"aws ssm get-parameter --name {PARAMS['api_keys']}") for c in gateway.calls) == 8
+    assert not any(c.startswith("systemctl") for c in gateway.calls)
+
+
+def test_worker_without_the_ca_fails_loudly(tmp_path):
+    box = Box(tmp_path, "caller")
+    box.path("/etc/meshd/tls/mesh-ca.pem").unlink()
+    assert box.run() != 0
+    assert "mesh-ca.pem is missing" in box.out
+    assert not any(c.startswith("systemctl") for c in box.calls)
+
+
+def test_worker_refuses_a_plain_ws_gateway_url(tmp_path):
+    box = Box(tmp_path, "caller")
+    box.settings["MESHD_GATEWAY_URL"] = "ws://10.20.1.10:49134"
+    box.write_settings()
+    assert box.run() != 0
+    assert "is not wss://" in box.out
+    assert not any(c.startswith("systemctl") for c in box.calls)
 
 
 def test_missing_settings_fail_loudly(tmp_path):

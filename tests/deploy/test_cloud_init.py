@@ -1,11 +1,13 @@
 """cloud-init/meshd.yaml.tftpl rendered the way Terraform's templatefile() does, for every role, then checked
-by `cloud-init schema`; the files it carries are exactly the repo's roles/, systemd/ and bootstrap script."""
+by `cloud-init schema`; the files it carries are exactly the repo's roles/, systemd/ and bootstrap script, plus one
+public TLS file (the gateway's certificate on the gateway, the CA on the workers), and no secret."""
 import base64
 import gzip
 import json
 import re
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 import yaml
@@ -14,22 +16,42 @@ from deploylib import (BOOTSTRAP, CLOUD_INIT_TEMPLATE, REPO, ROLES, SYSTEMD_DIR,
                        terraform_console, terraform_exe)
 
 TEST_TOKEN = "tok-SENTINEL-0123456789abcdef"  # must never show up in user data
+TEST_GATEWAY_CERT = "-----BEGIN CERTIFICATE-----\nTEST-GATEWAY-CERTIFICATE\n-----END CERTIFICATE-----\n"
+TEST_CA_CERT = "-----BEGIN CERTIFICATE-----\nTEST-MESH-CA-CERTIFICATE\n-----END CERTIFICATE-----\n"
+# The public TLS file each role gets, at the path its roles/<role>.toml names.
+TLS_FILES = {
+    "gateway": ("/etc/meshd/tls/gateway.pem", TEST_GATEWAY_CERT),
+    "caller": ("/etc/meshd/tls/mesh-ca.pem", TEST_CA_CERT),
+    "infer": ("/etc/meshd/tls/mesh-ca.pem", TEST_CA_CERT),
+}
 
 
 def gz_b64(path):
     """Terraform's base64gzip(file(path))."""
-    return base64.b64encode(gzip.compress(path.read_bytes(), mtime=0)).decode()
+    return gz_b64_text(path.read_text())
+
+
+def gz_b64_text(text):
+    """Terraform's base64gzip(string)."""
+    return base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
 
 
 def test_values(role):
-    """The same keys Terraform passes (local.cloud_init_common + role, config_gz_b64, unit_gz_b64), with test values."""
+    """The same keys Terraform passes (local.cloud_init_common + local.cloud_init_role[role] + role, config_gz_b64,
+    unit_gz_b64), with test values."""
+    gateway = role == "gateway"
+    tls_path, tls_pem = TLS_FILES[role]
     return {
         "region": "us-east-1",
         "token_parameter": "/meshd/worker-token",
+        "api_keys_parameter": "/meshd/api-keys" if gateway else "",
+        "tls_key_parameter": "/meshd/gateway-tls-key" if gateway else "",
+        "tls_pem_path": tls_path,
+        "tls_pem_gz_b64": gz_b64_text(tls_pem),
         "binary_s3_uri": "s3://meshd-artifacts-test/meshd/" + "a" * 64 + "/meshd",
         "binary_url": "",
         "binary_sha256": "a" * 64,
-        "gateway_url": "ws://10.20.1.10:49134",
+        "gateway_url": "wss://10.20.1.10:49134",
         "model_url": "https://huggingface.co/ggml-org/gemma-3-270m-it-GGUF/resolve/main/gemma-3-270m-it-Q8_0.gguf",
         "model_sha256": "0ef57d2c838458a1952664260dcba38e5bdda37494f3af732f06e4add24068e3",
         "bootstrap_gz_b64": gz_b64(BOOTSTRAP),
@@ -43,11 +65,16 @@ test_values.__test__ = False  # a helper, not a test
 
 
 def terraform_template_keys(tf):
-    """Keys Terraform passes to templatefile(): local.cloud_init_common plus the merge()d literal object."""
+    """Keys Terraform passes to templatefile(): local.cloud_init_common, local.cloud_init_role[role] (the same keys
+    for every role) plus the merge()d literal object."""
     keys = set(tf.locals["cloud_init_common"])
+    role_keys = {r: set(tf.resolve(v)) for r, v in tf.locals["cloud_init_role"].items()}
+    assert set(role_keys) == set(ROLES)
+    assert len({frozenset(k) for k in role_keys.values()}) == 1, f"every role must get the same keys: {role_keys}"
+    keys |= role_keys["gateway"]
     expr = tf.locals["user_data"]
     assert "cloud-init/meshd.yaml.tftpl" in expr
-    m = re.search(r"merge\(local\.cloud_init_common, \{(.*)\}\)\)", expr)
+    m = re.search(r"merge\(local\.cloud_init_common, local\.cloud_init_role\[role\], \{(.*)\}\)\)", expr)
     assert m, expr
     keys |= set(re.findall(r"(?:^|, )([a-z_0-9]+) = ", m.group(1)))
     return keys
@@ -65,7 +92,10 @@ def test_template_variables_match_terraform(tf):
     passed = terraform_template_keys(tf)
     assert used == passed, f"template uses {sorted(used - passed)} not passed; passed but unused {sorted(passed - used)}"
     assert used == set(test_values("gateway"))
-    assert not any("token" in k and k != "token_parameter" for k in passed), "no token value goes into user data"
+    # Secrets travel as SSM parameter names only: no token, key or password value goes into user data.
+    for k in passed:
+        if re.search(r"token|key|secret|password", k):
+            assert k.endswith("_parameter"), f"{k}: only the names of SSM parameters may go into user data"
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -94,28 +124,56 @@ def test_rendered_files_are_the_repo_files(role):
         assert "encoding" not in f, f
         return f["content"].encode()
 
+    tls_path, tls_pem = TLS_FILES[role]
+    assert set(files) == {"/etc/meshd/bootstrap.env", f"/etc/meshd/{role}.toml", tls_path,
+                          f"/etc/systemd/system/meshd-{role}.service", "/usr/local/sbin/meshd-bootstrap",
+                          "/var/lib/cloud/scripts/per-boot/50-meshd-bootstrap"}
     assert content(f"/etc/meshd/{role}.toml") == (REPO / "roles" / f"{role}.toml").read_bytes()
     assert content(f"/etc/systemd/system/meshd-{role}.service") == (SYSTEMD_DIR / f"meshd-{role}.service").read_bytes()
     assert content("/usr/local/sbin/meshd-bootstrap") == BOOTSTRAP.read_bytes()
     assert files["/usr/local/sbin/meshd-bootstrap"]["permissions"] == "0755"
+    # The one TLS file: public, at the path the role's TOML names.
+    assert content(tls_path).decode() == tls_pem
+    assert files[tls_path]["permissions"] == "0644"
+    cfg = tomllib.loads((REPO / "roles" / f"{role}.toml").read_text())
+    if role == "gateway":
+        assert cfg["tls_cert"] == cfg["mesh_tls_cert"] == tls_path
+    else:
+        assert cfg["gateway_ca"] == tls_path
     hook = content("/var/lib/cloud/scripts/per-boot/50-meshd-bootstrap").decode()
     assert "exec /usr/local/sbin/meshd-bootstrap" in hook
     env = content("/etc/meshd/bootstrap.env").decode()
     assert f"MESHD_ROLE='{role}'" in env
-    assert "MESHD_GATEWAY_URL='ws://10.20.1.10:49134'" in env
+    assert "MESHD_GATEWAY_URL='wss://10.20.1.10:49134'" in env
     assert files["/etc/meshd/bootstrap.env"]["permissions"] == "0600"
-    # Nothing that looks like a token value: only the parameter's name.
+    # Nothing that looks like a secret: only the parameters' names.
     assert TEST_TOKEN not in json.dumps(doc)
+    assert "PRIVATE KEY" not in json.dumps(doc) and "PRIVATE KEY" not in tls_pem
     assert "MESHD_TOKEN_PARAMETER='/meshd/worker-token'" in env
+    if role == "gateway":
+        assert "MESHD_API_KEYS_PARAMETER='/meshd/api-keys'" in env
+        assert "MESHD_TLS_KEY_PARAMETER='/meshd/gateway-tls-key'" in env
+    else:
+        assert "MESHD_API_KEYS_PARAMETER=''" in env and "MESHD_TLS_KEY_PARAMETER=''" in env
     for path in files:
-        assert "worker-token" not in path, "the token file is written at boot from SSM, not by cloud-init"
+        for secret in ("worker-token", "api-keys", "key.pem", "-key"):
+            assert secret not in path, f"{path}: secret files are written at boot from SSM, not by cloud-init"
 
 
-def test_role_configs_reference_token_file_not_token():
+def test_role_configs_reference_secret_files_not_secrets():
     for role in ROLES:
         text = (REPO / "roles" / f"{role}.toml").read_text()
         assert re.search(r'^worker_token_file\s*=\s*"/etc/meshd/worker-token"', text, re.M), role
         assert not re.search(r"^worker_token\s*=", text, re.M), f"roles/{role}.toml must not carry a token"
+        assert not re.search(r"^api_keys\s*=", text, re.M), f"roles/{role}.toml must not carry API keys"
+        assert "allow_plaintext" not in text and "insecure_no_auth" not in text, role
+    gw = tomllib.loads((REPO / "roles" / "gateway.toml").read_text())
+    # The paths meshd-bootstrap writes and the gateway unit loads as credentials.
+    assert gw["api_keys_file"] == "/etc/meshd/api-keys"
+    assert gw["tls_key"] == gw["mesh_tls_key"] == "/etc/meshd/tls/gateway-key.pem"
+    bootstrap = BOOTSTRAP.read_text()
+    assert 'GATEWAY_KEY=$TLS_DIR/gateway-key.pem' in bootstrap and 'TLS_DIR=$ETC/tls' in bootstrap
+    assert '"$ETC/api-keys"' in bootstrap
 
 
 def test_bootstrap_script_syntax():
@@ -163,18 +221,24 @@ def terraform_rendered(tf, tmp_path_factory):
         assert value.startswith("${") and value.endswith("}"), value
         return value[2:-1]
 
-    values = test_values("gateway")
-    common = []
-    for key, value in tf.locals["cloud_init_common"].items():
-        if re.search(r"\b(var|local|aws_[a-z_]+|random_[a-z_]+)\.", value):
-            common.append(f"    {key} = {json.dumps(values[key])}")
-        else:
-            common.append(f"    {key} = {expr(value)}")
+    def literal_or_test_value(key, value, values):
+        if re.search(r"\b(var|local|aws_[a-z_]+|random_[a-z_]+|tls_[a-z_]+)\.", value):
+            return f"    {key} = {json.dumps(values[key])}"
+        return f"    {key} = {expr(value) if value.startswith('${') else json.dumps(value)}"
+
+    def local_object(name, values):
+        body = [literal_or_test_value(k, v, values) for k, v in tf.locals[name].items()]
+        return f"  {name} = {{\n" + "\n".join(body) + "\n  }\n"
+
     roles = json.dumps(tf.locals["roles"])
+    role_map = "\n".join(f"    {r} = {expr(v)}" for r, v in tf.locals["cloud_init_role"].items())
     (mod / "main.tf").write_text(
         "locals {\n"
         f"  roles = {roles}\n"
-        "  cloud_init_common = {\n" + "\n".join(common) + "\n  }\n"
+        + local_object("cloud_init_common", test_values("gateway"))
+        + local_object("gateway_tls_files", test_values("gateway"))
+        + local_object("worker_tls_files", test_values("caller"))
+        + "  cloud_init_role = {\n" + role_map + "\n  }\n"
         f"  user_data = {expr(tf.locals['user_data'])}\n"
         "}\n"
     )

@@ -66,11 +66,26 @@ def test_unit_settings(role):
     for key, want in HARDENING.items():
         assert one.get(key) == want, f"{key}={one.get(key)!r}, want {want!r}"
     assert svc["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
-    # The token arrives as a credential; the file on disk stays root-only.
-    assert svc["LoadCredential"] == ["worker-token:/etc/meshd/worker-token"]
-    assert "MESHD_WORKER_TOKEN_FILE=%d/worker-token" in svc["Environment"]
-    # systemd waits longer than the binary drains.
+    # Secrets arrive as credentials; the files on disk stay root-only. Workers get the token only.
+    creds = ["worker-token:/etc/meshd/worker-token"]
+    env = ["MESHD_WORKER_TOKEN_FILE=%d/worker-token"]
+    if role == "gateway":
+        creds += ["api-keys:/etc/meshd/api-keys", "tls-key:/etc/meshd/tls/gateway-key.pem"]
+        env += ["MESHD_API_KEYS_FILE=%d/api-keys", "MESHD_TLS_KEY=%d/tls-key", "MESHD_MESH_TLS_KEY=%d/tls-key"]
+    assert svc["LoadCredential"] == creds
+    assert [e for e in svc["Environment"] if "%d" in e] == env
+    # Every credential is a file the role's TOML names (the Environment= line overrides it with the copy in %d).
     cfg = tomllib.loads((REPO / "roles" / f"{role}.toml").read_text())
+    by_id = dict(c.split(":", 1) for c in creds)
+    assert cfg["worker_token_file"] == by_id["worker-token"]
+    if role == "gateway":
+        assert cfg["api_keys_file"] == by_id["api-keys"]
+        assert cfg["tls_key"] == cfg["mesh_tls_key"] == by_id["tls-key"]
+    # Nothing turns the security settings off.
+    for e in svc.get("Environment", []):
+        assert not re.match(r"MESHD_(ALLOW_PLAINTEXT|INSECURE_NO_AUTH|API_KEYS|WORKER_TOKEN)=", e), e
+    assert "--allow-plaintext" not in svc["ExecStart"][0] and "--insecure-no-auth" not in svc["ExecStart"][0]
+    # systemd waits longer than the binary drains.
     assert int(one["TimeoutStopSec"]) > cfg["drain_timeout_secs"]
     assert parse_unit(unit_path(role))["Install"]["WantedBy"] == ["multi-user.target"]
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from deploylib import ROLES, block
+from deploylib import REPO, ROLES, block
 
 GATEWAY_SG = "${aws_security_group.gateway.id}"
 WORKERS_SG = "${aws_security_group.workers.id}"
@@ -97,8 +97,9 @@ def test_workers_private_subnet_no_public_ip(tf, role):
     assert i["subnet_id"] == "${aws_subnet.private.id}"
     assert i["vpc_security_group_ids"] == [WORKERS_SG]
     # No Elastic IP points at a worker.
-    for eip in tf.resources.get("aws_eip", {}).values():
-        assert f"aws_instance.{role}" not in json.dumps(eip)
+    for kind in ("aws_eip", "aws_eip_association"):
+        for eip in tf.resources.get(kind, {}).values():
+            assert f"aws_instance.{role}" not in json.dumps(eip)
 
 
 def test_gateway_public_subnet_fixed_private_ip_and_eip(tf):
@@ -106,8 +107,14 @@ def test_gateway_public_subnet_fixed_private_ip_and_eip(tf):
     assert g["subnet_id"] == "${aws_subnet.public.id}"
     assert g["vpc_security_group_ids"] == [GATEWAY_SG]
     assert g["private_ip"] == "${local.gateway_private_ip}"
-    assert tf.resources["aws_eip"]["gateway"]["instance"] == "${aws_instance.gateway.id}"
-    assert tf.locals["gateway_mesh_url"] == "ws://${local.gateway_private_ip}:${local.mesh_port}"
+    # The EIP exists before the VM (its address is in the VM's certificate) and is associated with it afterwards.
+    eip = tf.resources["aws_eip"]["gateway"]
+    assert "instance" not in eip and "network_interface" not in eip
+    assoc = tf.resources["aws_eip_association"]["gateway"]
+    assert assoc["allocation_id"] == "${aws_eip.gateway.allocation_id}"
+    assert assoc["instance_id"] == "${aws_instance.gateway.id}"
+    # The workers reach the mesh over TLS.
+    assert tf.locals["gateway_mesh_url"] == "wss://${local.gateway_private_ip}:${local.mesh_port}"
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -122,7 +129,8 @@ def test_instance_hardening(tf, role):
     assert root["kms_key_id"] == "${aws_kms_key.meshd.arn}"
     assert i["monitoring"] is True
     assert i["ebs_optimized"] is True
-    assert i["iam_instance_profile"] == "${aws_iam_instance_profile.node.name}"
+    profile = "gateway" if role == "gateway" else "workers"
+    assert i["iam_instance_profile"] == f'${{aws_iam_instance_profile.node["{profile}"].name}}'
     assert i["key_name"] == "${var.ssh_key_name}"
     assert tf.variables["ssh_key_name"]["default"] is None
     assert i["user_data"] == f'${{local.user_data["{role}"]}}'
@@ -201,22 +209,114 @@ def test_worker_token_in_ssm_securestring_with_kms(tf):
     assert p["value"] == "${random_password.worker_token.result}"
 
 
-def test_token_never_in_user_data(tf):
+def test_api_keys_in_ssm_securestring_as_digests_only(tf):
+    key = tf.resources["random_password"]["api_key"]
+    assert key["length"] >= 32 and key["special"] is False
+    p = tf.resources["aws_ssm_parameter"]["api_keys"]
+    assert p["type"] == "SecureString"
+    assert p["key_id"] == "${aws_kms_key.meshd.arn}"
+    assert p["name"] == "/${var.name}/api-keys"
+    # SSM (and so the gateway's disk) holds sha256 digests, never the key: the key goes through sha256() first.
+    assert "sha256(random_password.api_key.result)" in p["value"]
+    assert "var.extra_api_key_sha256" in p["value"] and '"sha256:${digest}"' in p["value"]
+    assert tf.variables["extra_api_key_sha256"]["default"] == []
+
+
+def test_gateway_tls_key_in_ssm_securestring(tf):
+    p = tf.resources["aws_ssm_parameter"]["gateway_tls_key"]
+    assert p["type"] == "SecureString"
+    assert p["key_id"] == "${aws_kms_key.meshd.arn}"
+    assert p["value"] == "${tls_private_key.gateway.private_key_pem_pkcs8}"
+
+
+SECRETS = re.compile(r"random_password\.|tls_private_key\.|private_key_pem|aws_ssm_parameter\.[a-z_]+\.(value|insecure_value)")
+
+
+def test_secrets_never_in_user_data(tf):
     for role, i in instances(tf).items():
         text = tf.expand_locals(i["user_data"])
-        assert "random_password" not in text, f"{role}: user data depends on the token"
-        assert not re.search(r"aws_ssm_parameter\.[a-z_]+\.(value|insecure_value)", text)
+        hit = SECRETS.search(text)
+        assert not hit, f"{role}: user data depends on a secret ({hit.group(0)})"
         assert "aws_ssm_parameter.worker_token.name" in text, f"{role}: VMs get the parameter's name"
-    # The only consumer of the token value is the SSM parameter.
-    uses = re.findall(r"random_password\.worker_token\.result", tf.all_text())
-    assert len(uses) == 1, "random_password.worker_token.result must only feed the SSM parameter"
-    # No output exposes it either.
-    assert "random_password" not in json.dumps(tf.outputs)
+    # The gateway's user data names its parameters and carries its certificate; the workers', the CA.
+    gw, wk = tf.locals["gateway_tls_files"], tf.locals["worker_tls_files"]
+    assert gw["api_keys_parameter"] == "${aws_ssm_parameter.api_keys.name}"
+    assert gw["tls_key_parameter"] == "${aws_ssm_parameter.gateway_tls_key.name}"
+    assert gw["tls_pem_gz_b64"] == "${base64gzip(tls_locally_signed_cert.gateway.cert_pem)}"
+    assert wk["api_keys_parameter"] == "" and wk["tls_key_parameter"] == ""
+    assert wk["tls_pem_gz_b64"] == "${base64gzip(tls_self_signed_cert.ca.cert_pem)}"
+    assert tf.locals["cloud_init_role"] == {"gateway": "${local.gateway_tls_files}", "caller": "${local.worker_tls_files}",
+                                            "infer": "${local.worker_tls_files}"}
+    everything = tf.all_text()
+    # The worker token feeds only its SSM parameter.
+    assert len(re.findall(r"random_password\.worker_token\.result", everything)) == 1
+    # The API key feeds only the (digest) SSM parameter and the sensitive output.
+    assert len(re.findall(r"random_password\.api_key\.result", everything)) == 2
+    assert tf.outputs["api_key"]["value"] == "${random_password.api_key.result}"
+    assert tf.outputs["api_key"]["sensitive"] is True
+    # The gateway's private key feeds only its SSM parameter and its certificate request.
+    uses = re.findall(r"tls_private_key\.gateway\.[a-z_0-9]+", everything)
+    assert sorted(uses) == ["tls_private_key.gateway.private_key_pem", "tls_private_key.gateway.private_key_pem_pkcs8"]
+    # The CA key signs and goes nowhere else (it stays in the Terraform state).
+    uses = re.findall(r"tls_private_key\.ca\.[a-z_0-9]+", everything)
+    assert uses == ["tls_private_key.ca.private_key_pem"] * 2
+    assert tf.resources["tls_locally_signed_cert"]["gateway"]["ca_private_key_pem"] == "${tls_private_key.ca.private_key_pem}"
+    # Only the api_key output carries a secret, and it is sensitive.
+    for name, o in tf.outputs.items():
+        if name != "api_key":
+            assert not SECRETS.search(json.dumps(o)), name
 
 
-def test_instance_role_is_least_privilege(tf):
+def test_private_ca_and_gateway_certificate(tf):
+    r = tf.resources
+    for name in ("ca", "gateway"):
+        k = r["tls_private_key"][name]
+        assert (k["algorithm"], k["ecdsa_curve"]) == ("ECDSA", "P256"), name
+    ca = r["tls_self_signed_cert"]["ca"]
+    assert ca["private_key_pem"] == "${tls_private_key.ca.private_key_pem}"
+    assert ca["is_ca_certificate"] is True
+    assert "cert_signing" in ca["allowed_uses"] and "server_auth" not in ca["allowed_uses"]
+    csr = r["tls_cert_request"]["gateway"]
+    assert csr["private_key_pem"] == "${tls_private_key.gateway.private_key_pem}"
+    # The certificate names both addresses clients use: the fixed private IP (workers) and the EIP (API clients).
+    assert csr["ip_addresses"] == ["${local.gateway_private_ip}", "${aws_eip.gateway.public_ip}"]
+    assert tf.locals["gateway_private_ip"] == "${cidrhost(var.public_subnet_cidr, var.gateway_private_ip_hostnum)}"
+    cert = r["tls_locally_signed_cert"]["gateway"]
+    assert cert["cert_request_pem"] == "${tls_cert_request.gateway.cert_request_pem}"
+    assert cert["ca_cert_pem"] == "${tls_self_signed_cert.ca.cert_pem}"
+    assert "server_auth" in cert["allowed_uses"] and "cert_signing" not in cert["allowed_uses"]
+    assert "is_ca_certificate" not in cert
+    for c in (ca, cert):
+        assert c["early_renewal_hours"], "renewed before it expires"
+    # The gateway serves the certificate from the path its TOML names.
+    gateway_toml = (REPO / "roles" / "gateway.toml").read_text()
+    for key in ("tls_cert", "mesh_tls_cert"):
+        assert re.search(rf'^{key}\s*=\s*"{tf.locals["gateway_tls_files"]["tls_pem_path"]}"', gateway_toml, re.M), key
+    for role in ("caller", "infer"):
+        text = (REPO / "roles" / f"{role}.toml").read_text()
+        assert re.search(rf'^gateway_ca\s*=\s*"{tf.locals["worker_tls_files"]["tls_pem_path"]}"', text, re.M), role
+        assert re.search(r'^gateway_url\s*=\s*"wss://', text, re.M), role
+
+
+def test_tls_provider_is_pinned(tf):
+    text = tf.text["versions.tf"]
+    m = re.search(r'tls\s*=\s*\{\s*source\s*=\s*"hashicorp/tls"\s*version\s*=\s*"([^"]+)"', text)
+    assert m, "hashicorp/tls must be in required_providers"
+    assert ">= 4.0.0" in m.group(1) and "< 5.0.0" in m.group(1)
+
+
+def test_instance_roles_are_least_privilege(tf):
+    roles = tf.locals["node_roles"]
+    assert set(roles) == {"gateway", "workers"}
+    # Only the gateway may read the API keys and the TLS key; the workers read nothing but the worker token.
+    assert roles["gateway"]["parameters"] == ["${aws_ssm_parameter.worker_token.arn}", "${aws_ssm_parameter.api_keys.arn}",
+                                              "${aws_ssm_parameter.gateway_tls_key.arn}"]
+    assert roles["workers"]["parameters"] == ["${aws_ssm_parameter.worker_token.arn}"]
+    for kind, name in (("aws_iam_role", "node"), ("aws_iam_role_policy", "node"),
+                       ("aws_iam_role_policy_attachment", "node_ssm_core"), ("aws_iam_instance_profile", "node")):
+        assert tf.resources[kind][name]["for_each"] == "${local.node_roles}", kind
     pol = tf.resources["aws_iam_role_policy"]["node"]["policy"]
-    assert "ssm:GetParameter" in pol and "aws_ssm_parameter.worker_token.arn" in pol
+    assert "ssm:GetParameter" in pol and "Resource = each.value.parameters" in pol
     assert "kms:ViaService" in pol
     assert '"*"' not in pol and ":*" not in pol, "no wildcard actions or resources"
     attach = tf.resources["aws_iam_role_policy_attachment"]
@@ -257,16 +357,25 @@ def test_variables_have_types_and_descriptions(tf):
 
 def test_outputs_ready_to_paste_curl(tf):
     o = tf.outputs
-    for name in ("gateway_public_ip", "gateway_private_ip", "caller_private_ip", "infer_private_ips",
-                 "curl_add_two_numbers", "curl_chat_completions"):
+    for name in ("gateway_public_ip", "gateway_private_ip", "caller_private_ip", "infer_private_ips", "api_key", "api_ca_pem",
+                 "api_base_url", "curl_readyz", "curl_add_two_numbers", "curl_chat_completions"):
         assert name in o and o[name].get("description"), name
+    assert o["api_ca_pem"]["value"] == "${tls_self_signed_cert.ca.cert_pem}"
+    assert "sensitive" not in o["api_ca_pem"], "the CA certificate is public"
+    assert tf.locals["api_base_url"] == "https://${aws_eip.gateway.public_ip}:${local.api_port}"
+    assert tf.locals["curl_tls"] == "--cacert meshd-ca.pem"
+    # The key is read from the state when the command runs; it never appears in the output's text.
+    assert tf.locals["curl_auth"] == '-H "Authorization: Bearer $(terraform output -raw api_key)"'
+    readyz = o["curl_readyz"]["value"]
+    assert "${local.curl_tls} ${local.api_base_url}/readyz" in readyz
     add = o["curl_add_two_numbers"]["value"]
-    assert "POST ${local.api_base_url}/math/add-two-numbers" in add
+    assert "${local.curl_tls} ${local.curl_auth} -X POST ${local.api_base_url}/math/add-two-numbers" in add
     assert "-d '{\"a\":100,\"b\":200}'" in add
     chat = o["curl_chat_completions"]["value"]
-    assert "POST ${local.api_base_url}/v1/chat/completions" in chat
+    assert "${local.curl_tls} ${local.curl_auth} -X POST ${local.api_base_url}/v1/chat/completions" in chat
     assert "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"what color is apple?\"}]}'" in chat
-    assert tf.locals["api_base_url"] == "http://${aws_eip.gateway.public_ip}:${local.api_port}"
+    for name in ("curl_readyz", "curl_add_two_numbers", "curl_chat_completions"):
+        assert "http://" not in o[name]["value"] and "--insecure" not in o[name]["value"] and " -k " not in o[name]["value"]
 
 
 # ---- variable validations, evaluated by the real Terraform (offline: `terraform console`, no providers) ----------------
@@ -292,6 +401,13 @@ VALIDATION_CASES = [
     ({"log_retention_days": "30"}, "log_retention_days"),
     ({"vpc_cidr": "10.20.0.0"}, "vpc_cidr"),
     ({"gateway_private_ip_hostnum": "5"}, "NAT gateway"),
+    ({"extra_api_key_sha256": ["b" * 64]}, None),
+    ({"extra_api_key_sha256": ["not-a-digest"]}, "extra_api_key_sha256"),
+    ({"extra_api_key_sha256": ["B" * 64]}, "extra_api_key_sha256"),
+    ({"tls_ca_validity_days": "30"}, "tls_ca_validity_days"),
+    ({"tls_gateway_cert_validity_days": "30"}, "tls_gateway_cert_validity_days"),
+    ({"tls_gateway_cert_validity_days": "4000"}, "tls_gateway_cert_validity_days"),
+    ({"tls_ca_validity_days": "5000", "tls_gateway_cert_validity_days": "4000"}, None),
 ]
 
 
@@ -321,3 +437,22 @@ def test_variable_validation(tf_vars_dir, overrides, error):
         assert err is not None, f"{overrides} was accepted"
         assert "Invalid value for variable" in err and error in err, err
 
+
+
+def test_api_keys_file_as_terraform_renders_it(tf, tf_vars_dir):
+    """The api-keys parameter's value, evaluated by the real Terraform with a stand-in key: `sha256:<hex>` lines, the
+    format the gateway's api_keys_file takes (the network-namespace test serves the API from such a file)."""
+    import hashlib
+
+    from deploylib import terraform_console
+
+    exe, d = tf_vars_dir
+    expr = tf.resources["aws_ssm_parameter"]["api_keys"]["value"]
+    assert expr.startswith("${") and expr.endswith("}")
+    expr = expr[2:-1].replace("random_password.api_key.result", '"stand-in-key"')
+    extra = "c" * 64
+    out, err = terraform_console(exe, d, f"jsonencode({expr})", {**VALID, "extra_api_key_sha256": [extra]})
+    assert err is None, err
+    value = json.loads(json.loads(out))
+    assert value == f"sha256:{hashlib.sha256(b'stand-in-key').hexdigest()}\nsha256:{extra}"
+    assert "stand-in-key" not in value

@@ -16,10 +16,18 @@ nftables in each host namespace mirror terraform/security_groups.tf:
 Blocked traffic is dropped (like a security group), so a blocked connect times out; "refused" would mean the
 packet reached the host.
 
-Needs root, iproute2 and nftables, the release binary (env MESHD_BIN, default target/release/meshd) and the
-model models/gemma3-270m-q4_k_m.gguf (scripts/fetch-model; env MESHD_TEST_MODEL overrides). Everything it creates
-carries a unique name and is removed at the end, whatever happens.
+The three roles start from the shipped roles/*.toml, secured the way terraform/ and systemd/ deploy them: a
+throwaway CA and gateway certificate (IP SAN 10.20.1.10, P-256, made with openssl like tls.tf makes them), HTTPS on
+:3111 with an api-keys file of `sha256:<hex>` lines (the format of the SSM parameter), wss:// on :49134, workers
+verifying the gateway with the CA. The key files reach the gateway through MESHD_* variables, as the unit passes its
+credentials. The internet host calls the API with `curl --cacert` and the bearer key; a key-less, a wrong-key and a
+plain-http request are refused, and workers with the wrong CA or plain ws:// never join.
+
+Needs root, iproute2, nftables, curl and openssl, the release binary (env MESHD_BIN, default target/release/meshd)
+and the model models/gemma3-270m-q4_k_m.gguf (scripts/fetch-model; env MESHD_TEST_MODEL overrides). Everything it
+creates carries a unique name and is removed at the end, whatever happens.
 """
+import hashlib
 import json
 import os
 import re
@@ -63,20 +71,6 @@ def probe(target):
         return target, "error:%s" % (e.strerror or e)
 with concurrent.futures.ThreadPoolExecutor(32) as ex:
     print(json.dumps(dict(ex.map(probe, sys.argv[2:]))))
-"""
-
-HTTP_SCRIPT = r"""
-import json, sys, urllib.error, urllib.request
-method, url, body, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-data = body.encode() if body else None
-req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-try:
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        print(json.dumps({"status": r.status, "body": r.read().decode("utf-8", "replace")}))
-except urllib.error.HTTPError as e:
-    print(json.dumps({"status": e.code, "body": e.read().decode("utf-8", "replace")}))
-except Exception as e:
-    print(json.dumps({"status": None, "body": repr(e)}))
 """
 
 LISTEN_SCRIPT = r"""
@@ -240,11 +234,12 @@ class Vpc:
 
     # ---- processes ----------------------------------------------------------------------------------------------------
 
-    def start(self, name, ns, argv):
+    def start(self, name, ns, argv, env_extra=None):
         log = self.tmp / f"{name}.log"
         self.logs[name] = log
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")}
         env.setdefault("RUST_BACKTRACE", "1")
+        env.update({k: str(v) for k, v in (env_extra or {}).items()})
         self.procs[name] = subprocess.Popen(
             ["ip", "netns", "exec", self.ns[ns], *map(str, argv)],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -254,11 +249,15 @@ class Vpc:
     def dead(self):
         return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
 
+    def log(self, name):
+        log = self.logs[name]
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
     def report(self):
         parts = []
         for name, log in self.logs.items():
-            text = log.read_text(errors="replace") if log.exists() else "(no log)"
-            text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+            text = self.log(name) if log.exists() else "(no log)"
             if len(text) > 6000:
                 text = "...\n" + text[-6000:]
             rc = self.procs[name].poll()
@@ -271,10 +270,64 @@ class Vpc:
         out = sh(sys.executable, "-c", PROBE_SCRIPT, timeout, *targets, ns=self.ns[ns], timeout=30).stdout
         return json.loads(out)
 
-    def http(self, ns, method, url, body=None, timeout=10):
-        out = sh(sys.executable, "-c", HTTP_SCRIPT, method, url, json.dumps(body) if body is not None else "", timeout,
-                 ns=self.ns[ns], timeout=timeout + 20).stdout
-        return json.loads(out)
+    def http(self, ns, method, url, body=None, timeout=10, ca="default", key="default", headers=()):
+        """curl in a namespace: {"status": int or None (no HTTP answer), "body": str, "error": curl's stderr}.
+        ca: a CA file for --cacert ("default": the test CA; None: curl's system trust store). key: the bearer key
+        ("default": the valid one; None: no Authorization header)."""
+        ca = self.ca if ca == "default" else ca
+        key = self.api_key if key == "default" else key
+        out = self.tmp / f"curl-{os.urandom(4).hex()}.out"
+        args = ["curl", "-sS", "-o", out, "-w", "%{http_code}", "--max-time", timeout, "-X", method]
+        if ca is not None:
+            args += ["--cacert", ca]
+        if key is not None:
+            args += ["-H", f"Authorization: Bearer {key}"]
+        for h in headers:
+            args += ["-H", h]
+        if body is not None:
+            args += ["-H", "content-type: application/json", "--data-binary", json.dumps(body)]
+        proc = sh(*args, url, ns=self.ns[ns], check=False, timeout=timeout + 20)
+        text = out.read_text(errors="replace") if out.exists() else ""
+        out.unlink(missing_ok=True)
+        code = proc.stdout.strip()
+        status = int(code) if code.isdigit() and code != "000" else None
+        return {"status": status, "body": text, "error": proc.stderr.strip()}
+
+
+# ---- PKI: what terraform/tls.tf makes, made here by openssl -----------------------------------------------------------
+
+
+def openssl(*args):
+    proc = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(map(str, args))} failed: {proc.stdout}{proc.stderr}")
+
+
+def make_ca(d: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed P-256 CA: basicConstraints CA:TRUE, keyUsage keyCertSign (tls_self_signed_cert.ca)."""
+    key, cert, csr, ext = d / f"{name}-key.pem", d / f"{name}.pem", d / f"{name}.csr", d / f"{name}.ext"
+    ext.write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\n"
+                   "subjectKeyIdentifier=hash\n")
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
+    openssl("req", "-new", "-key", key, "-subj", f"/O=meshd/CN={name}", "-out", csr)
+    openssl("x509", "-req", "-in", csr, "-signkey", key, "-days", 2, "-set_serial", f"0x{os.urandom(8).hex()}",
+            "-extfile", ext, "-out", cert)
+    return key, cert
+
+
+def make_gateway_cert(d: Path, ca_key: Path, ca_cert: Path) -> tuple[Path, Path]:
+    """The gateway's P-256 key (PKCS#8, as private_key_pem_pkcs8) and its certificate signed by the CA, with the IP SAN
+    the workers dial and serverAuth (tls_cert_request + tls_locally_signed_cert.gateway)."""
+    key, cert, csr, ext = d / "gateway-key.pem", d / "gateway.pem", d / "gateway.csr", d / "gateway.ext"
+    ext.write_text(f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                   f"extendedKeyUsage=serverAuth\nsubjectAltName=IP:{GATEWAY_IP}\n"
+                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
+    openssl("req", "-new", "-key", key, "-subj", "/O=meshd/CN=meshd-gateway", "-out", csr)
+    openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-days", 2,
+            "-set_serial", f"0x{os.urandom(8).hex()}", "-extfile", ext, "-out", cert)
+    assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----"), "PKCS#8, like Terraform's private_key_pem_pkcs8"
+    return key, cert
 
 
 def meshd_bin() -> Path:
@@ -293,55 +346,91 @@ def model_path() -> Path:
     return p
 
 
+# Workers that must never join: one that trusts another CA, one that speaks plain ws:// (allowed on its side).
+WRONG_CA_WORKER = "caller-wrong-ca"
+PLAIN_WORKER = "caller-plain-ws"
+
+
 @pytest.fixture(scope="module")
 def vpc(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.fail("the network-namespace test needs root (ip netns, nftables)", pytrace=False)
-    for tool in ("ip", "nft", "sysctl"):
+    for tool in ("ip", "nft", "sysctl", "curl", "openssl"):
         if not shutil.which(tool):
-            pytest.fail(f"{tool} is not installed (scripts/deploy-checks installs iproute2, nftables, procps)", pytrace=False)
+            pytest.fail(f"{tool} is not installed (scripts/deploy-checks installs iproute2, nftables, procps, curl, "
+                        "openssl)", pytrace=False)
     binary, model = meshd_bin(), model_path()
     remove_stale_namespaces()
 
     tmp = tmp_path_factory.mktemp("vpc")
+    os.chmod(tmp, 0o700)
     token = tmp / "worker-token"
     token.write_text(os.urandom(24).hex())
     token.chmod(0o600)
     data = tmp / "gateway-data"
     data.mkdir()
+    pki = tmp / "pki"
+    pki.mkdir()
+    ca_key, ca_cert = make_ca(pki, "meshd-test-ca")
+    gw_key, gw_cert = make_gateway_cert(pki, ca_key, ca_cert)
+    _, wrong_ca = make_ca(pki, "some-other-ca")
+    # The api-keys file as the gateway's bootstrap writes it from SSM: digests only, one per line.
+    api_key = os.urandom(24).hex()
+    api_keys = tmp / "api-keys"
+    api_keys.write_text(f"sha256:{hashlib.sha256(api_key.encode()).hexdigest()}\n")
+    api_keys.chmod(0o600)
 
     v = Vpc(tmp)
+    v.ca, v.wrong_ca, v.api_key = ca_cert, wrong_ca, api_key
     try:
         v.build()
         # Listeners that show what the filters block: one on the workers' host, one on the internet host.
         v.start("probe-listener-private", "private", [sys.executable, "-c", LISTEN_SCRIPT, PROBE_PORT, 300])
         v.start("probe-listener-internet", "internet", [sys.executable, "-c", LISTEN_SCRIPT, PROBE_PORT, 300])
+        # roles/gateway.toml as shipped; the files it names under /etc/meshd are replaced: the certificate by flags,
+        # the secrets by MESHD_* variables (what systemd/meshd-gateway.service sets to its credentials).
         v.start("gateway", "public", [
             binary, "gateway", "--config", "roles/gateway.toml",
             "--http-addr", f"{GATEWAY_IP}:{API_PORT}", "--mesh-addr", f"{GATEWAY_IP}:{MESH_PORT}",
-            "--data-dir", data, "--worker-token-file", token, "--log-format", "human",
-        ])
-        mesh_url = f"ws://{GATEWAY_IP}:{MESH_PORT}"
+            "--tls-cert", gw_cert, "--mesh-tls-cert", gw_cert, "--data-dir", data, "--log-format", "human",
+        ], env_extra={
+            "MESHD_WORKER_TOKEN_FILE": token, "MESHD_API_KEYS_FILE": api_keys,
+            "MESHD_TLS_KEY": gw_key, "MESHD_MESH_TLS_KEY": gw_key,
+        })
+        # roles/caller.toml and infer.toml as shipped (gateway_url = "wss://10.20.1.10:49134"), with the test CA.
         v.start("caller", "private", [
             binary, "caller", "--config", "roles/caller.toml",
-            "--gateway-url", mesh_url, "--worker-token-file", token, "--log-format", "human",
+            "--gateway-ca", ca_cert, "--worker-token-file", token, "--log-format", "human",
         ])
         v.start("infer", "private", [
             binary, "infer", "--config", "roles/infer.toml",
-            "--gateway-url", mesh_url, "--worker-token-file", token, "--model", model, "--log-format", "human",
+            "--gateway-ca", ca_cert, "--worker-token-file", token, "--model", model, "--log-format", "human",
+        ])
+        # The right token, the wrong trust: must not join.
+        v.start(WRONG_CA_WORKER, "private", [
+            binary, "caller", "--config", "roles/caller.toml", "--name", WRONG_CA_WORKER,
+            "--gateway-ca", wrong_ca, "--worker-token-file", token, "--log-format", "human",
+        ])
+        # The right token and CA over plain ws:// (the worker allows it; the gateway's mesh port speaks only TLS).
+        v.start(PLAIN_WORKER, "private", [
+            binary, "caller", "--config", "roles/caller.toml", "--name", PLAIN_WORKER,
+            "--gateway-url", f"ws://{GATEWAY_IP}:{MESH_PORT}", "--allow-plaintext", "--gateway-ca", ca_cert,
+            "--worker-token-file", token, "--log-format", "human",
         ])
 
         deadline = time.time() + READY_TIMEOUT_S
         last = None
         while True:
-            dead = {n: rc for n, rc in v.dead().items() if not n.startswith("probe-")}
+            dead = {n: rc for n, rc in v.dead().items() if n in ("gateway", "caller", "infer")}
             if dead:
                 pytest.fail(f"meshd exited before it was ready: {dead}\n{v.report()}", pytrace=False)
-            last = v.http("internet", "GET", f"http://{GATEWAY_IP}:{API_PORT}/readyz", timeout=3)
+            # /readyz needs no key.
+            last = v.http("internet", "GET", f"https://{GATEWAY_IP}:{API_PORT}/readyz", timeout=3, key=None)
             if last["status"] == 200:
                 break
             if time.time() > deadline:
-                pytest.fail(f"GET /readyz not 200 within {READY_TIMEOUT_S} s (last: {last})\n{v.report()}", pytrace=False)
+                pytest.fail(f"GET https://.../readyz not 200 within {READY_TIMEOUT_S} s (last: {last})\n{v.report()}",
+                            pytrace=False)
             time.sleep(0.5)
         yield v
     finally:
@@ -360,14 +449,14 @@ def not_ready_hint(r):
 
 
 def test_add_two_numbers_from_the_internet(vpc):
-    r = vpc.http("internet", "POST", f"http://{GATEWAY_IP}:{API_PORT}/math/add-two-numbers", {"a": 100, "b": 200})
+    r = vpc.http("internet", "POST", f"https://{GATEWAY_IP}:{API_PORT}/math/add-two-numbers", {"a": 100, "b": 200})
     assert r["status"] == 200, f"{r}{not_ready_hint(r)}\n{vpc.report()}"
     body = json.loads(r["body"])
     assert body["c"] == 300, f"{body}\n{vpc.report()}"
 
 
 def test_chat_completion_from_the_internet(vpc):
-    r = vpc.http("internet", "POST", f"http://{GATEWAY_IP}:{API_PORT}/v1/chat/completions",
+    r = vpc.http("internet", "POST", f"https://{GATEWAY_IP}:{API_PORT}/v1/chat/completions",
                  {"messages": [{"role": "user", "content": "what color is apple?"}], "max_tokens": 16}, timeout=120)
     assert r["status"] == 200, f"{r}{not_ready_hint(r)}\n{vpc.report()}"
     body = json.loads(r["body"])
@@ -409,3 +498,102 @@ def test_workers_egress_only_to_the_mesh(vpc):
     targets = [f"{GATEWAY_IP}:{API_PORT}", f"{INTERNET_IP}:{PROBE_PORT}"]
     assert vpc.probe("private", targets) == {t: "timeout" for t in targets}
     assert vpc.probe("private", [f"{GATEWAY_IP}:{MESH_PORT}"]) == {f"{GATEWAY_IP}:{MESH_PORT}": "open"}
+
+
+# ---- API keys and TLS -------------------------------------------------------------------------------------------------
+
+API = f"https://{GATEWAY_IP}:{API_PORT}"
+
+
+def assert_unauthorized(r, what, vpc):
+    assert r["status"] == 401, f"{what}: {r}\n{vpc.report()}"
+    err = json.loads(r["body"])["error"]  # OpenAI-style error object
+    assert err["message"], (what, err)
+    assert (err["type"], err["code"]) == ("authentication_error", "invalid_api_key"), (what, err)
+    assert "c" not in json.loads(r["body"]) and "choices" not in r["body"], what
+
+
+def test_api_without_a_key_is_401(vpc):
+    assert_unauthorized(vpc.http("internet", "POST", f"{API}/math/add-two-numbers", {"a": 1, "b": 2}, key=None),
+                        "no key", vpc)
+    assert_unauthorized(vpc.http("internet", "POST", f"{API}/v1/chat/completions",
+                                 {"messages": [{"role": "user", "content": "hi"}]}, key=None), "no key (chat)", vpc)
+    for path in ("/v1/models", "/status", "/metrics"):
+        assert_unauthorized(vpc.http("internet", "GET", f"{API}{path}", key=None), f"no key: GET {path}", vpc)
+    # Not a bearer token either.
+    r = vpc.http("internet", "GET", f"{API}/v1/models", key=None, headers=[f"Authorization: Basic {vpc.api_key}"])
+    assert_unauthorized(r, "Basic instead of Bearer", vpc)
+    # The probes stay open, for load balancers and `until curl .../readyz`.
+    for path in ("/healthz", "/readyz"):
+        r = vpc.http("internet", "GET", f"{API}{path}", key=None)
+        assert r["status"] == 200, (path, r)
+
+
+def test_api_with_a_wrong_key_is_401(vpc):
+    for wrong in ("wrong-" + vpc.api_key, vpc.api_key[:-1], vpc.api_key.upper(),
+                  f"sha256:{hashlib.sha256(vpc.api_key.encode()).hexdigest()}"):
+        r = vpc.http("internet", "POST", f"{API}/math/add-two-numbers", {"a": 1, "b": 2}, key=wrong)
+        assert_unauthorized(r, f"wrong key {wrong[:12]}...", vpc)
+    # The right key still works after all that (no lock-out, no state mixed up).
+    r = vpc.http("internet", "GET", f"{API}/v1/models")
+    assert r["status"] == 200, r
+
+
+def test_plain_http_to_the_api_fails(vpc):
+    # With the valid key, plain http:// must not get an answer from the API: the listener speaks only TLS.
+    r = vpc.http("internet", "POST", f"http://{GATEWAY_IP}:{API_PORT}/math/add-two-numbers", {"a": 1, "b": 2}, ca=None)
+    assert r["status"] in (None, 400), f"plain http got an HTTP answer: {r}"
+    assert '"c"' not in r["body"] and "running_total" not in r["body"], r
+    r = vpc.http("internet", "GET", f"http://{GATEWAY_IP}:{API_PORT}/healthz", ca=None, key=None)
+    assert r["status"] in (None, 400), f"plain http got an HTTP answer: {r}"
+
+
+def test_api_certificate_is_verified_against_the_ca(vpc):
+    # The system trust store does not know the stack's CA, and another CA does not vouch for the gateway.
+    for ca in (None, vpc.wrong_ca):
+        r = vpc.http("internet", "GET", f"{API}/healthz", ca=ca, key=None)
+        assert r["status"] is None, (ca, r)
+        assert re.search(r"certificate|SSL", r["error"], re.I), (ca, r)
+    # The CA it was issued from does (the IP SAN 10.20.1.10 matches the URL).
+    assert vpc.http("internet", "GET", f"{API}/healthz", key=None)["status"] == 200
+
+
+def live_worker_names(vpc) -> set[str]:
+    """Names of the workers behind any function in GET /status (which needs the key)."""
+    r = vpc.http("internet", "GET", f"{API}/status")
+    assert r["status"] == 200, r
+    return {w["name"] for f in json.loads(r["body"])["functions"] for w in f["workers"]}
+
+
+def wait_for_log(vpc, name, pattern, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(pattern, vpc.log(name), re.I | re.M)
+        if m:
+            return m
+        time.sleep(0.5)
+    return None
+
+
+# rustls' verdict on a certificate from an unknown CA (e.g. "invalid peer certificate: UnknownIssuer").
+TLS_FAILURE = r"cannot join the mesh.*(certificate|UnknownIssuer|unknown.?ca|invalid peer)"
+
+
+def test_worker_with_the_wrong_ca_cannot_join(vpc):
+    m = wait_for_log(vpc, WRONG_CA_WORKER, TLS_FAILURE)
+    assert m, f"{WRONG_CA_WORKER} logged no certificate failure\n{vpc.report()}"
+    log = vpc.log(WRONG_CA_WORKER)
+    assert "not compiled" not in log and not re.search(r"joined the mesh", log), log
+    assert live_worker_names(vpc) == {"caller", "infer"}
+
+
+def test_plain_ws_worker_cannot_join(vpc):
+    m = wait_for_log(vpc, PLAIN_WORKER, r"cannot join the mesh")
+    assert m, f"{PLAIN_WORKER} logged no failure\n{vpc.report()}"
+    assert not re.search(r"joined the mesh", vpc.log(PLAIN_WORKER)), vpc.log(PLAIN_WORKER)
+    assert live_worker_names(vpc) == {"caller", "infer"}
+
+
+def test_legitimate_workers_joined_over_tls(vpc):
+    for name in ("caller", "infer"):
+        assert re.search(r"joined the mesh.*wss://", vpc.log(name)), f"{name}\n{vpc.report()}"

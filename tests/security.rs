@@ -1,0 +1,263 @@
+//! API keys, TLS on both listeners, and the refusals that keep the defaults safe — over real
+//! processes and sockets.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn start_mesh(gateway_args: &[&str], worker_args: &[&str], url_scheme: &str) -> (Proc, Proc, Proc) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "gateway",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--mesh-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--worker-token",
+        TOKEN,
+    ];
+    args.extend_from_slice(gateway_args);
+    let gateway = Proc::start(&args, true);
+    std::mem::forget(dir);
+    let url = format!("{url_scheme}://{}", gateway.mesh.unwrap());
+    let model = model();
+    let mut caller = vec!["caller", "--gateway-url", &url, "--worker-token", TOKEN];
+    caller.extend_from_slice(worker_args);
+    let mut infer = vec![
+        "infer",
+        "--gateway-url",
+        &url,
+        "--worker-token",
+        TOKEN,
+        "--model",
+        model.to_str().unwrap(),
+        "--slots",
+        "2",
+    ];
+    infer.extend_from_slice(worker_args);
+    let (c, i) = (Proc::start(&caller, false), Proc::start(&infer, false));
+    (gateway, c, i)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_everything_but_health() {
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    let digest: String = meshd::config::sha256(b"key-two")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        keys.path(),
+        format!("key-one\nsha256:{digest} # the second\n"),
+    )
+    .unwrap();
+    let (gateway, _c, _i) = start_mesh(
+        &["--api-keys-file", keys.path().to_str().unwrap()],
+        &[],
+        "ws",
+    );
+    let addr = gateway.http();
+    ready(addr).await;
+    assert_eq!(request(addr, "GET", "/healthz", "").await.status, 200);
+
+    let body = r#"{"a": 1, "b": 2}"#;
+    let r = request(addr, "POST", "/math/add-two-numbers", body).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "invalid_api_key");
+    assert_eq!(e["type"], "authentication_error");
+    for path in ["/metrics", "/status", "/v1/models"] {
+        assert_eq!(request(addr, "GET", path, "").await.status, 401, "{path}");
+    }
+    let mut c = Client::connect(addr).await.unwrap();
+    let with = |k: &'static str| [("authorization", k)];
+    let r = c
+        .send(
+            "POST",
+            "/math/add-two-numbers",
+            body.as_bytes(),
+            &with("Bearer wrong"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Incorrect API key"));
+    for key in ["Bearer key-one", "Bearer key-two"] {
+        let r = c
+            .send("POST", "/math/add-two-numbers", body.as_bytes(), &with(key))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{key}: {}", r.text());
+    }
+    let r = c
+        .send("GET", "/metrics", b"", &with("Bearer key-one"))
+        .await
+        .unwrap();
+    assert!(r.text().contains("status=\"401\""), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_protects_the_api_and_the_mesh() {
+    let pki = Pki::new();
+    let (cert, key, ca) = (
+        pki.path("gateway.pem"),
+        pki.path("gateway-key.pem"),
+        pki.path("ca.pem"),
+    );
+    let (gateway, _c, _i) = start_mesh(
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--mesh-tls-cert",
+            &cert,
+            "--mesh-tls-key",
+            &key,
+        ],
+        &["--gateway-ca", &ca],
+        "wss",
+    );
+    let addr = gateway.http();
+    let ca_path = pki.dir.path().join("ca.pem");
+    common::eventually(Duration::from_secs(60), "ready over https", || {
+        let ca_path = ca_path.clone();
+        async move {
+            match Client::connect_tls(addr, &ca_path).await {
+                Ok(mut c) => c
+                    .get("/readyz")
+                    .await
+                    .map(|r| r.status == 200)
+                    .unwrap_or(false),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let mut c = Client::connect_tls(addr, &ca_path).await.unwrap();
+    let r = add(&mut c, 100, 200).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["c"], 300);
+
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let answer = common::raw_exchange(addr, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A client that trusts another CA refuses the gateway.
+    assert!(
+        Client::connect_tls(addr, &pki.dir.path().join("other-ca.pem"))
+            .await
+            .is_err()
+    );
+
+    // A worker that trusts another CA cannot join, and the gateway counts the failed handshake.
+    let other = pki.path("other-ca.pem");
+    let url = format!("wss://{}", gateway.mesh.unwrap());
+    let mut rogue = Proc::start(
+        &[
+            "caller",
+            "--gateway-url",
+            &url,
+            "--worker-token",
+            TOKEN,
+            "--gateway-ca",
+            &other,
+            "--name",
+            "rogue",
+        ],
+        false,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.get("/metrics").await.unwrap();
+        if r.text()
+            .contains("meshd_workers_refused_total{reason=\"tls\"}")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS refusal in the metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rogue.kill9();
+    assert!(rogue.logs().contains("cannot connect"), "{}", rogue.logs());
+}
+
+#[test]
+fn an_open_or_plaintext_listener_off_loopback_is_refused_at_start() {
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(keys.path(), "k\n").unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(bin())
+            .args([
+                "gateway",
+                "--mesh-addr",
+                "127.0.0.1:0",
+                "--worker-token",
+                "t",
+                "--http-addr",
+                "0.0.0.0:0",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--allow-plaintext"]);
+    assert!(err.contains("without API keys"), "{err}");
+    let err = run(&["--api-keys-file", keys.path().to_str().unwrap()]);
+    assert!(err.contains("configure TLS"), "{err}");
+    let out = Command::new(bin())
+        .args([
+            "caller",
+            "--gateway-url",
+            "ws://10.1.2.3:49134",
+            "--worker-token",
+            "t",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain text"));
+}
+
+#[test]
+fn config_check_accepts_every_shipped_role_file_and_names_errors() {
+    for role in ["gateway", "caller", "infer", "up"] {
+        let path = format!("{}/roles/{role}.toml", env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(bin())
+            .args(["config", "check", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bad = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(bad.path(), "slots = \"many\"\n").unwrap();
+    let out = Command::new(bin())
+        .args([
+            "config",
+            "check",
+            bad.path().to_str().unwrap(),
+            "--role",
+            "infer",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("slots"));
+}
