@@ -5,12 +5,17 @@
 #  1. AWS CLI: installed once (snap) if missing; it authenticates through the instance role over IMDSv2.
 #  2. /usr/local/bin/meshd: downloaded (S3 through the gateway endpoint, or MESHD_BINARY_URL) only when its
 #     sha256 differs from MESHD_BINARY_SHA256; a download that does not match is refused.
-#  3. /etc/meshd/worker-token (root, 0600) from the SSM SecureString MESHD_TOKEN_PARAMETER; the unit receives it
-#     with LoadCredential=.
-#  4. /etc/meshd/<role>.env: MESHD_GATEWAY_URL for the workers.
+#  3. Secrets from SSM SecureStrings, each into a root-only 0600 file that the unit receives with LoadCredential=:
+#       every role: /etc/meshd/worker-token           (MESHD_TOKEN_PARAMETER)
+#       gateway:    /etc/meshd/api-keys               (MESHD_API_KEYS_PARAMETER: sha256:<hex> lines)
+#                   /etc/meshd/tls/gateway-key.pem    (MESHD_TLS_KEY_PARAMETER), refused unless it is the key of
+#                                                     /etc/meshd/tls/gateway.pem (the certificate from user data)
+#     The workers need /etc/meshd/tls/mesh-ca.pem (from user data) to verify the gateway.
+#  4. /etc/meshd/<role>.env: MESHD_GATEWAY_URL (wss://) for the workers.
 #  5. infer: /var/cache/meshd/models/model.gguf from MESHD_MODEL_URL, with retries, checked against
 #     MESHD_MODEL_SHA256; not downloaded again when the file on disk already matches.
-#  6. `meshd config check`, then enable and (re)start meshd-<role>.service (restart only if something changed).
+#  6. `meshd config check`, then enable and (re)start meshd-<role>.service (restart only if something changed:
+#     binary, a secret, the environment or the model).
 set -euo pipefail
 umask 077
 
@@ -91,32 +96,78 @@ else
   log "meshd binary present, sha256 matches"
 fi
 
-# ---- 3. the worker token --------------------------------------------------------------------------------------------
-fetch_token() {
-  local tmp value
+# ---- 3. secrets from SSM --------------------------------------------------------------------------------------------
+TLS_DIR=$ETC/tls
+GATEWAY_CERT=$TLS_DIR/gateway.pem
+GATEWAY_KEY=$TLS_DIR/gateway-key.pem
+MESH_CA=$TLS_DIR/mesh-ca.pem
+
+# key_matches_cert KEY CERT: the public key of KEY is the one in CERT (skipped when openssl is missing).
+key_matches_cert() {
+  local from_key from_cert
+  command -v openssl >/dev/null || return 0
+  from_key=$(openssl pkey -in "$1" -pubout 2>/dev/null) || return 1
+  from_cert=$(openssl x509 -in "$2" -noout -pubkey 2>/dev/null) || return 1
+  [ -n "$from_key" ] && [ "$from_key" = "$from_cert" ]
+}
+
+# fetch_secret PARAMETER FILE FORMAT: the SecureString's value into FILE (root, 0600), replaced only when it differs.
+#   FORMAT raw: exactly the value (the worker token); lines: the value and a final newline (PEM, api-keys).
+fetch_secret() {
+  local param=$1 dest=$2 format=$3 tmp value
   # The value only ever lives in this shell variable and the 0600 file (printf is a builtin: no argv exposure).
-  value=$("$AWS" ssm get-parameter --name "$MESHD_TOKEN_PARAMETER" --with-decryption \
+  value=$("$AWS" ssm get-parameter --name "$param" --with-decryption \
     --query Parameter.Value --output text) || return 1
   [ -n "$value" ] || return 1
-  tmp=$(mktemp "$ETC/.worker-token.XXXXXX")
-  printf '%s' "$value" >"$tmp"
+  tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
+  if [ "$format" = raw ]; then
+    printf '%s' "$value" >"$tmp"
+  else
+    printf '%s\n' "$value" >"$tmp"
+  fi
   value=
   chown root:root "$tmp"
   chmod 0600 "$tmp"
-  if cmp -s "$tmp" "$ETC/worker-token"; then
+  if cmp -s "$tmp" "$dest"; then
     rm -f "$tmp"
-  else
-    mv -f "$tmp" "$ETC/worker-token"
-    log "worker token updated from SSM parameter $MESHD_TOKEN_PARAMETER"
-    CHANGED=1
+    return 0
   fi
+  if [ "$dest" = "$GATEWAY_KEY" ] && ! key_matches_cert "$tmp" "$GATEWAY_CERT"; then
+    rm -f "$tmp"
+    # Not retried: the key in SSM and the certificate in user data come from different applies. Keep the old key.
+    die "the TLS key in SSM parameter $param is not the key of $GATEWAY_CERT; refusing it (terraform apply replaces the gateway VM when its certificate changes)"
+  fi
+  mv -f "$tmp" "$dest"
+  log "$dest updated from SSM parameter $param"
+  CHANGED=1
 }
-retry 8 fetch_token || die "could not read the worker token from SSM parameter $MESHD_TOKEN_PARAMETER"
+
+retry 8 fetch_secret "$MESHD_TOKEN_PARAMETER" "$ETC/worker-token" raw ||
+  die "could not read the worker token from SSM parameter $MESHD_TOKEN_PARAMETER"
+
+if [ "$MESHD_ROLE" = "gateway" ]; then
+  : "${MESHD_API_KEYS_PARAMETER:?}" "${MESHD_TLS_KEY_PARAMETER:?}"
+  [ -s "$GATEWAY_CERT" ] || die "$GATEWAY_CERT is missing (cloud-init writes it from user data)"
+  install -d -m 0755 -o root -g root "$TLS_DIR"
+  retry 8 fetch_secret "$MESHD_API_KEYS_PARAMETER" "$ETC/api-keys" lines ||
+    die "could not read the API keys from SSM parameter $MESHD_API_KEYS_PARAMETER"
+  retry 8 fetch_secret "$MESHD_TLS_KEY_PARAMETER" "$GATEWAY_KEY" lines ||
+    die "could not read the gateway TLS key from SSM parameter $MESHD_TLS_KEY_PARAMETER"
+  key_matches_cert "$GATEWAY_KEY" "$GATEWAY_CERT" || die "$GATEWAY_KEY is not the key of $GATEWAY_CERT"
+else
+  [ -s "$MESH_CA" ] || die "$MESH_CA is missing (cloud-init writes it from user data); workers verify the gateway with it"
+fi
 
 # ---- 4. environment file --------------------------------------------------------------------------------------------
+if [ "$MESHD_ROLE" != "gateway" ]; then
+  case "${MESHD_GATEWAY_URL:?}" in
+    wss://*) ;;
+    *) die "MESHD_GATEWAY_URL=$MESHD_GATEWAY_URL is not wss://: the mesh carries the worker token and must be TLS" ;;
+  esac
+fi
 env_tmp=$(mktemp "$ETC/.env.XXXXXX")
 if [ "$MESHD_ROLE" != "gateway" ]; then
-  echo "MESHD_GATEWAY_URL=${MESHD_GATEWAY_URL:?}" >"$env_tmp"
+  echo "MESHD_GATEWAY_URL=$MESHD_GATEWAY_URL" >"$env_tmp"
 fi
 chmod 0644 "$env_tmp"
 if cmp -s "$env_tmp" "$ETC/$MESHD_ROLE.env"; then

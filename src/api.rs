@@ -113,3 +113,22 @@ pub struct Completion {
 pub struct ModelList {
     pub models: Vec<String>,
 }
+
+/// The answer of `inference::stats`: an infer worker's engine, for `/v1/engine/stats` and the
+/// gateway's `/metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatsSnapshot {
+    pub model: String,
+    pub slots: u32,
+    pub ctx_per_slot: u32,
+    pub active_sequences: u64,
+    pub queued_sequences: u64,
+    pub completed: u64,
+    pub cancelled: u64,
+    pub prompt_tokens_total: u64,
+    pub completion_tokens_total: u64,
+    pub decode_steps: u64,
+    /// Seconds from submission to the first generated token.
+    #[serde(default)]
+    pub ttft: crate::metrics::Histogram,
+}

@@ -12,6 +12,7 @@ pub mod openai;
 pub mod protocol;
 pub mod roles;
 pub mod state;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

@@ -40,6 +40,18 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Prints the live functions and workers of a gateway.
+    Status {
+        /// The gateway's API address.
+        #[arg(long, env = "MESHD_URL", default_value = "http://127.0.0.1:3111")]
+        url: String,
+        /// An API key, when the gateway requires one.
+        #[arg(long, env = "MESHD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// The CA that signed an https:// gateway's certificate.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -296,6 +308,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 file.display(),
                 role.name()
             );
+            Ok(())
+        }
+        Command::Status { url, api_key, ca } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let status = rt.block_on(meshd::status::fetch(
+                &url,
+                api_key.as_deref(),
+                ca.as_deref(),
+            ))?;
+            print!("{}", meshd::status::render(&status));
             Ok(())
         }
         Command::Gateway(args) => {

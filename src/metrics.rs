@@ -12,15 +12,16 @@ const BOUNDS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
 ];
 
-#[derive(Default, Clone)]
-struct Histogram {
-    buckets: [u64; BOUNDS.len()],
-    sum: f64,
-    count: u64,
+/// A latency histogram with meshd's fixed buckets (seconds); cumulative counts per bound.
+#[derive(Default, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Histogram {
+    pub buckets: [u64; BOUNDS.len()],
+    pub sum: f64,
+    pub count: u64,
 }
 
 impl Histogram {
-    fn observe(&mut self, secs: f64) {
+    pub fn observe(&mut self, secs: f64) {
         for (i, b) in BOUNDS.iter().enumerate() {
             if secs <= *b {
                 self.buckets[i] += 1;
@@ -61,8 +62,14 @@ impl Metrics {
         *self.lock().refused.entry(kind).or_default() += 1;
     }
 
-    /// Renders every metric, with the registry's live view for the gauges.
-    pub fn render(&self, functions: &[FunctionStatus], workers: usize) -> String {
+    /// Renders every metric, with the registry's live view for the gauges and the inference
+    /// workers' engine statistics (gathered by the caller, labelled by worker).
+    pub fn render(
+        &self,
+        functions: &[FunctionStatus],
+        workers: usize,
+        engines: &[(String, crate::api::StatsSnapshot)],
+    ) -> String {
         let m = self.lock();
         let mut out = String::new();
         out.push_str(
@@ -132,7 +139,81 @@ impl Metrics {
                 f.inflight
             );
         }
+        render_engines(&mut out, engines);
         out
+    }
+}
+
+fn render_engines(out: &mut String, engines: &[(String, crate::api::StatsSnapshot)]) {
+    type Field = fn(&crate::api::StatsSnapshot) -> u64;
+    let families: [(&str, &str, &str, Field); 7] = [
+        (
+            "meshd_active_sequences",
+            "gauge",
+            "Sequences generating now.",
+            |s| s.active_sequences,
+        ),
+        (
+            "meshd_queued_sequences",
+            "gauge",
+            "Requests waiting for a free slot.",
+            |s| s.queued_sequences,
+        ),
+        (
+            "meshd_slots",
+            "gauge",
+            "Sequences an infer worker can generate at once.",
+            |s| s.slots as u64,
+        ),
+        (
+            "meshd_generations_completed_total",
+            "counter",
+            "Generations finished.",
+            |s| s.completed,
+        ),
+        (
+            "meshd_generations_cancelled_total",
+            "counter",
+            "Generations cancelled (client left or deadline).",
+            |s| s.cancelled,
+        ),
+        (
+            "meshd_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            |s| s.prompt_tokens_total,
+        ),
+        (
+            "meshd_tokens_generated_total",
+            "counter",
+            "Completion tokens generated.",
+            |s| s.completion_tokens_total,
+        ),
+    ];
+    for (name, kind, help, field) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (worker, s) in engines {
+            let _ = writeln!(out, "{name}{{worker=\"{}\"}} {}", escape(worker), field(s));
+        }
+    }
+    let name = "meshd_time_to_first_token_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} From admission to the queue until the first token.\n# TYPE {name} histogram"
+    );
+    for (worker, s) in engines {
+        let w = escape(worker);
+        let h = &s.ttft;
+        for (b, n) in BOUNDS.iter().zip(h.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{worker=\"{w}\",le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{worker=\"{w}\",le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(out, "{name}_sum{{worker=\"{w}\"}} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{{worker=\"{w}\"}} {}", h.count);
     }
 }
 
@@ -152,7 +233,7 @@ mod tests {
         m.http_request("/x", 200, Duration::from_millis(3));
         m.http_request("/x", 200, Duration::from_millis(300));
         m.worker_refused("token");
-        let text = m.render(&[], 2);
+        let text = m.render(&[], 2, &[]);
         assert!(text.contains("meshd_http_requests_total{route=\"/x\",status=\"200\"} 2"));
         assert!(text
             .contains("meshd_http_request_duration_seconds_bucket{route=\"/x\",le=\"0.005\"} 1"));

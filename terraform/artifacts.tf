@@ -18,6 +18,28 @@ resource "aws_ssm_parameter" "worker_token" {
 }
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The API key: clients send `Authorization: Bearer <key>` (terraform output -raw api_key). The SSM SecureString holds
+# the gateway's api-keys file, and that file holds only SHA-256 digests (`sha256:<hex>` lines): the gateway never
+# stores the key itself, and neither does SSM. Read at boot by the gateway only, into /etc/meshd/api-keys (0600).
+# extra_api_key_sha256 adds more accepted keys (another client, or the old key while you rotate).
+# ---------------------------------------------------------------------------------------------------------------------
+
+resource "random_password" "api_key" {
+  length  = 48
+  special = false
+}
+
+resource "aws_ssm_parameter" "api_keys" {
+  name        = "/${var.name}/api-keys"
+  description = "meshd gateway api_keys_file: sha256:<hex> digests of the accepted API keys, one per line"
+  type        = "SecureString"
+  key_id      = aws_kms_key.meshd.arn
+  value = join("\n", [
+    for digest in concat([sha256(random_password.api_key.result)], var.extra_api_key_sha256) : "sha256:${digest}"
+  ])
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The release binary: uploaded from meshd_binary_path to a private bucket, or taken from meshd_binary_url.
 # VMs fetch it through the S3 gateway endpoint and refuse it unless its sha256 matches.
 # ---------------------------------------------------------------------------------------------------------------------

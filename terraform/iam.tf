@@ -1,11 +1,28 @@
-# One least-privilege instance role for the three roles: they need exactly the same things.
+# Two least-privilege instance roles, one for the gateway and one shared by the workers (caller, infer):
 #   - SSM Session Manager (AmazonSSMManagedInstanceCore): shell access without SSH
-#   - ssm:GetParameter on the one worker-token parameter, kms:Decrypt only through SSM and S3
+#   - ssm:GetParameter on exactly the SecureStrings the role needs, kms:Decrypt only through SSM and S3:
+#       gateway: the worker token, the api-keys file, the gateway's TLS private key
+#       workers: the worker token, nothing else (a worker can read neither the API keys nor the TLS key)
 #   - s3:GetObject on the one binary object (nothing when the binary comes from meshd_binary_url)
 
+locals {
+  node_roles = {
+    gateway = {
+      description = "meshd gateway VM: SSM Session Manager, read the worker token, API keys, TLS key and the meshd binary"
+      parameters  = [aws_ssm_parameter.worker_token.arn, aws_ssm_parameter.api_keys.arn, aws_ssm_parameter.gateway_tls_key.arn]
+    }
+    workers = {
+      description = "meshd caller and infer VMs: SSM Session Manager, read the worker token and the meshd binary"
+      parameters  = [aws_ssm_parameter.worker_token.arn]
+    }
+  }
+}
+
 resource "aws_iam_role" "node" {
-  name        = "${var.name}-node"
-  description = "meshd VMs: SSM Session Manager, read the worker token and the meshd binary"
+  for_each = local.node_roles
+
+  name        = "${var.name}-${each.key}"
+  description = each.value.description
 
   assume_role_policy = jsonencode({
     Version = "2012-10-17"
@@ -18,23 +35,27 @@ resource "aws_iam_role" "node" {
 }
 
 resource "aws_iam_role_policy_attachment" "node_ssm_core" {
-  role       = aws_iam_role.node.name
+  for_each = local.node_roles
+
+  role       = aws_iam_role.node[each.key].name
   policy_arn = "arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
 }
 
 resource "aws_iam_role_policy" "node" {
+  for_each = local.node_roles
+
   name = "meshd-boot"
-  role = aws_iam_role.node.id
+  role = aws_iam_role.node[each.key].id
 
   policy = jsonencode({
     Version = "2012-10-17"
     Statement = concat(
       [
         {
-          Sid      = "ReadWorkerToken"
+          Sid      = "ReadBootSecrets"
           Effect   = "Allow"
           Action   = ["ssm:GetParameter"]
-          Resource = [aws_ssm_parameter.worker_token.arn]
+          Resource = each.value.parameters
         },
         {
           Sid      = "DecryptViaSsmAndS3Only"
@@ -61,6 +82,8 @@ resource "aws_iam_role_policy" "node" {
 }
 
 resource "aws_iam_instance_profile" "node" {
-  name = "${var.name}-node"
-  role = aws_iam_role.node.name
+  for_each = local.node_roles
+
+  name = "${var.name}-${each.key}"
+  role = aws_iam_role.node[each.key].name
 }

@@ -1,6 +1,8 @@
 # Three roles, one binary. cloud-init/meshd.yaml.tftpl is rendered once per role; it carries the role's config
-# (roles/<role>.toml), its hardened unit (systemd/meshd-<role>.service) and the bootstrap script, gzip+base64-encoded.
-# It carries no secret: the worker token is read from SSM at boot.
+# (roles/<role>.toml), its hardened unit (systemd/meshd-<role>.service), the bootstrap script and one public TLS file
+# (the gateway's certificate on the gateway, the stack's CA on the workers), gzip+base64-encoded.
+# It carries no secret: the worker token, the API keys and the gateway's TLS key are read from SSM at boot, and only
+# the gateway's instance role may read the last two.
 
 locals {
   roles = ["gateway", "caller", "infer"]
@@ -18,8 +20,28 @@ locals {
     bootstrap_gz_b64 = base64gzip(file("${path.module}/../cloud-init/meshd-bootstrap.sh"))
   }
 
+  # Per role: the SSM parameter names only the gateway reads (empty on the workers), and the one TLS file each role
+  # needs at the path its roles/<role>.toml names (tls_cert on the gateway, gateway_ca on the workers). Public only.
+  gateway_tls_files = {
+    api_keys_parameter = aws_ssm_parameter.api_keys.name
+    tls_key_parameter  = aws_ssm_parameter.gateway_tls_key.name
+    tls_pem_path       = "/etc/meshd/tls/gateway.pem"
+    tls_pem_gz_b64     = base64gzip(tls_locally_signed_cert.gateway.cert_pem)
+  }
+  worker_tls_files = {
+    api_keys_parameter = ""
+    tls_key_parameter  = ""
+    tls_pem_path       = "/etc/meshd/tls/mesh-ca.pem"
+    tls_pem_gz_b64     = base64gzip(tls_self_signed_cert.ca.cert_pem)
+  }
+  cloud_init_role = {
+    gateway = local.gateway_tls_files
+    caller  = local.worker_tls_files
+    infer   = local.worker_tls_files
+  }
+
   user_data = {
-    for role in local.roles : role => templatefile("${path.module}/../cloud-init/meshd.yaml.tftpl", merge(local.cloud_init_common, {
+    for role in local.roles : role => templatefile("${path.module}/../cloud-init/meshd.yaml.tftpl", merge(local.cloud_init_common, local.cloud_init_role[role], {
       role          = role
       config_gz_b64 = base64gzip(file("${path.module}/../roles/${role}.toml"))
       unit_gz_b64   = base64gzip(file("${path.module}/../systemd/meshd-${role}.service"))
@@ -27,13 +49,19 @@ locals {
   }
 }
 
+# The Elastic IP exists before the gateway VM (its address is an IP SAN of the gateway certificate, which the VM's
+# user data carries) and is associated with the VM once it runs.
 resource "aws_eip" "gateway" {
-  domain   = "vpc"
-  instance = aws_instance.gateway.id
+  domain = "vpc"
 
   tags = { Name = "${var.name}-gateway" }
 
   depends_on = [aws_internet_gateway.this]
+}
+
+resource "aws_eip_association" "gateway" {
+  allocation_id = aws_eip.gateway.allocation_id
+  instance_id   = aws_instance.gateway.id
 }
 
 resource "aws_instance" "gateway" {
@@ -43,7 +71,7 @@ resource "aws_instance" "gateway" {
   private_ip                  = local.gateway_private_ip
   associate_public_ip_address = false # the public address is the Elastic IP above
   vpc_security_group_ids      = [aws_security_group.gateway.id]
-  iam_instance_profile        = aws_iam_instance_profile.node.name
+  iam_instance_profile        = aws_iam_instance_profile.node["gateway"].name
   key_name                    = var.ssh_key_name
   monitoring                  = true
   ebs_optimized               = true
@@ -83,7 +111,7 @@ resource "aws_instance" "caller" {
   subnet_id                   = aws_subnet.private.id
   associate_public_ip_address = false
   vpc_security_group_ids      = [aws_security_group.workers.id]
-  iam_instance_profile        = aws_iam_instance_profile.node.name
+  iam_instance_profile        = aws_iam_instance_profile.node["workers"].name
   key_name                    = var.ssh_key_name
   monitoring                  = true
   ebs_optimized               = true
@@ -125,7 +153,7 @@ resource "aws_instance" "infer" {
   subnet_id                   = aws_subnet.private.id
   associate_public_ip_address = false
   vpc_security_group_ids      = [aws_security_group.workers.id]
-  iam_instance_profile        = aws_iam_instance_profile.node.name
+  iam_instance_profile        = aws_iam_instance_profile.node["workers"].name
   key_name                    = var.ssh_key_name
   monitoring                  = true
   ebs_optimized               = true

@@ -30,9 +30,10 @@ locals {
   az         = coalesce(var.availability_zone, "${var.region}a")
   ami_id     = coalesce(var.ami_id, data.aws_ami.ubuntu.id)
 
-  # The gateway's private address is fixed, so the workers' MESHD_GATEWAY_URL survives a gateway replacement.
+  # The gateway's private address is fixed, so the workers' MESHD_GATEWAY_URL survives a gateway replacement; it is
+  # an IP SAN of the gateway certificate (tls.tf), and the workers verify it against the stack's CA (wss://).
   gateway_private_ip = cidrhost(var.public_subnet_cidr, var.gateway_private_ip_hostnum)
-  gateway_mesh_url   = "ws://${local.gateway_private_ip}:${local.mesh_port}"
+  gateway_mesh_url   = "wss://${local.gateway_private_ip}:${local.mesh_port}"
 
   api_port  = 3111
   mesh_port = 49134

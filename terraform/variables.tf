@@ -15,7 +15,7 @@ variable "region" {
 
 variable "name" {
   type        = string
-  description = "Name prefix for every resource (also the SSM parameter path /<name>/worker-token)."
+  description = "Name prefix for every resource (also the SSM parameter paths /<name>/worker-token, /<name>/api-keys, /<name>/gateway-tls-key)."
   default     = "meshd"
 
   validation {
@@ -178,6 +178,48 @@ variable "root_volume_size_gb" {
   validation {
     condition     = var.root_volume_size_gb >= 8 && var.root_volume_size_gb <= 1024
     error_message = "root_volume_size_gb must be between 8 and 1024."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# API keys and TLS
+# ---------------------------------------------------------------------------------------------------------------------
+
+variable "extra_api_key_sha256" {
+  type        = list(string)
+  description = "SHA-256 digests (64 lowercase hex) of further API keys the gateway accepts besides the generated one, e.g. a key per client, or the previous key while you rotate. Compute one with: printf %s \"$KEY\" | sha256sum | cut -d' ' -f1"
+  default     = []
+
+  validation {
+    condition     = alltrue([for d in var.extra_api_key_sha256 : can(regex("^[0-9a-f]{64}$", d))])
+    error_message = "extra_api_key_sha256 must hold SHA-256 digests of 64 lowercase hex characters (printf %s \"$KEY\" | sha256sum), never the keys themselves."
+  }
+
+  validation {
+    condition     = length(var.extra_api_key_sha256) <= 50
+    error_message = "extra_api_key_sha256 holds at most 50 digests (the api-keys SSM parameter is a 4 KB standard parameter)."
+  }
+}
+
+variable "tls_ca_validity_days" {
+  type        = number
+  description = "Validity of the stack's private CA certificate, in days. Renewed by the first apply in its last 90 days, which replaces every VM."
+  default     = 3650
+
+  validation {
+    condition     = var.tls_ca_validity_days >= 365 && var.tls_ca_validity_days <= 7300 && floor(var.tls_ca_validity_days) == var.tls_ca_validity_days
+    error_message = "tls_ca_validity_days must be a whole number from 365 to 7300."
+  }
+}
+
+variable "tls_gateway_cert_validity_days" {
+  type        = number
+  description = "Validity of the gateway's certificate (HTTPS on :3111, wss:// on :49134), in days. Renewed by the first apply in its last 30 days, which replaces the gateway VM."
+  default     = 730
+
+  validation {
+    condition     = var.tls_gateway_cert_validity_days >= 60 && var.tls_gateway_cert_validity_days <= var.tls_ca_validity_days && floor(var.tls_gateway_cert_validity_days) == var.tls_gateway_cert_validity_days
+    error_message = "tls_gateway_cert_validity_days must be a whole number from 60 to tls_ca_validity_days."
   }
 }
 

@@ -11,6 +11,11 @@ terraform {
       source  = "hashicorp/random"
       version = ">= 3.6.0, < 4.0.0"
     }
+    # The stack's private CA and the gateway certificate (tls.tf). >= 4.0: private_key_pem_pkcs8.
+    tls = {
+      source  = "hashicorp/tls"
+      version = ">= 4.0.0, < 5.0.0"
+    }
   }
 }
 

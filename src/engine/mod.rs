@@ -18,10 +18,9 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-pub use crate::api::{FinishReason, Prompt, Sampling};
+pub use crate::api::{FinishReason, Prompt, Sampling, StatsSnapshot};
 
 /// How the engine is built; from the infer role's settings.
 #[derive(Debug, Clone)]
@@ -105,6 +104,7 @@ pub enum Event {
 struct Job {
     prepared: Prepared,
     events: mpsc::Sender<Event>,
+    submitted: std::time::Instant,
 }
 
 /// Live counters of the engine.
@@ -117,20 +117,7 @@ pub struct Stats {
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub decode_steps: AtomicU64,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct StatsSnapshot {
-    pub model: String,
-    pub slots: u32,
-    pub ctx_per_slot: u32,
-    pub active_sequences: u64,
-    pub queued_sequences: u64,
-    pub completed: u64,
-    pub cancelled: u64,
-    pub prompt_tokens_total: u64,
-    pub completion_tokens_total: u64,
-    pub decode_steps: u64,
+    pub ttft: std::sync::Mutex<crate::metrics::Histogram>,
 }
 
 /// A handle to the engine; cheap to clone.
@@ -287,7 +274,11 @@ impl Engine {
     pub fn submit(&self, prepared: Prepared) -> Result<mpsc::Receiver<Event>, EngineError> {
         let (events, rx) = mpsc::channel(256);
         self.jobs
-            .try_send(Job { prepared, events })
+            .try_send(Job {
+                prepared,
+                events,
+                submitted: std::time::Instant::now(),
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => EngineError::Overloaded {
                     queued: self.config.max_queued,
@@ -312,6 +303,7 @@ impl Engine {
             prompt_tokens_total: get(&s.prompt_tokens),
             completion_tokens_total: get(&s.completion_tokens),
             decode_steps: get(&s.decode_steps),
+            ttft: s.ttft.lock().map(|h| h.clone()).unwrap_or_default(),
         }
     }
 }

@@ -39,6 +39,8 @@ struct Seq {
     max_tokens: u32,
     utf8: Utf8Buffer,
     stop: StopMatcher,
+    /// When the job was queued; cleared once its first token is timed.
+    submitted: Option<std::time::Instant>,
 }
 
 pub(super) fn run(
@@ -113,6 +115,7 @@ pub(super) fn run(
                 max_tokens: p.max_tokens,
                 utf8: Utf8Buffer::default(),
                 stop: StopMatcher::new(p.stop),
+                submitted: Some(job.submitted),
             });
             order.push(free);
         }
@@ -192,6 +195,11 @@ pub(super) fn run(
                 continue;
             };
             let token = seq.sampler.sample(&ctx, at);
+            if let Some(t) = seq.submitted.take() {
+                if let Ok(mut h) = stats.ttft.lock() {
+                    h.observe(t.elapsed().as_secs_f64());
+                }
+            }
             let finished = if vocab.is_eog(token) {
                 Some(FinishReason::Stop)
             } else {

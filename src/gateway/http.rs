@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use super::registry::Reply;
 use super::{LocalCall, Shared};
@@ -82,7 +83,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let trace_id = trace_id_of(&req);
-    let (route, mut resp) = route(req, &shared, &trace_id).await;
+    let span = tracing::info_span!("http", trace_id = %trace_id, method = %req.method(), path = %req.uri().path());
+    let (route, mut resp) = route(req, &shared, &trace_id)
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "answered"
+        )
+    });
     if let Ok(v) = HeaderValue::from_str(&trace_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -112,9 +123,12 @@ async fn route(
     if req.method() == Method::GET {
         match path.as_str() {
             "/metrics" => {
+                let engines = super::engine_stats(shared).await;
                 let text = {
                     let reg = shared.registry();
-                    shared.metrics.render(&reg.status(), reg.worker_count())
+                    shared
+                        .metrics
+                        .render(&reg.status(), reg.worker_count(), &engines)
                 };
                 let resp = Response::builder()
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -202,7 +216,7 @@ async fn invoke(
             .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
             .collect(),
     };
-    let mut call = match shared.invoke_local(function, body, head, trace_id) {
+    let mut call = match shared.invoke_local(function, None, body, Some(head), trace_id) {
         Ok(c) => c,
         Err(e) => return error(&e),
     };

@@ -100,26 +100,32 @@ impl Shared {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Invokes `function` for the HTTP front. Built-ins are not reachable this way.
+    /// Invokes `function` for the gateway itself (the HTTP front, metrics), on the least-loaded
+    /// worker or on `worker`. Built-ins are not reachable this way.
     pub fn invoke_local(
         self: &Arc<Self>,
         function: &str,
+        worker: Option<registry::WorkerId>,
         payload: Bytes,
-        http: HttpRequestHead,
+        http: Option<HttpRequestHead>,
         trace_id: &str,
     ) -> Result<LocalCall, ErrorBody> {
         let (tx, rx) = mpsc::channel(256);
-        let route = self
-            .registry()
-            .route(function, Sink::Local(tx), None, self.opts.queue_depth)
-            .map_err(|e| e.to_error(function))?;
+        let sink = Sink::Local(tx);
+        let route = match worker {
+            None => self
+                .registry()
+                .route(function, sink, None, self.opts.queue_depth),
+            Some(w) => self.registry().route_to(w, function, sink),
+        }
+        .map_err(|e| e.to_error(function))?;
         let msg = Message::Invoke {
             id: route.id,
             function: function.to_string(),
             payload: serde_bytes::ByteBuf::from(Vec::from(payload)),
             timeout_ms: self.opts.request_timeout.as_millis() as u64,
             trace_id: trace_id.to_string(),
-            http: Some(http),
+            http,
         };
         if route.outbox.try_send(Outgoing::Msg(msg)).is_err() {
             self.registry().cancel(route.id);
@@ -218,6 +224,29 @@ impl Drop for LocalCall {
                 .try_send(Outgoing::Msg(Message::Cancel { id: t.id }));
         }
     }
+}
+
+/// Asks every infer worker for its engine statistics (1 s each, at once); silent ones are left out.
+pub async fn engine_stats(shared: &Arc<Shared>) -> Vec<(String, crate::api::StatsSnapshot)> {
+    const FUNCTION: &str = "inference::stats";
+    let workers = shared.registry().workers_of(FUNCTION);
+    let asks = workers.into_iter().map(|(id, name)| async move {
+        let mut call = shared
+            .invoke_local(FUNCTION, Some(id), Bytes::new(), None, "metrics")
+            .ok()?;
+        let reply = tokio::time::timeout(Duration::from_secs(1), call.replies.recv()).await;
+        match reply {
+            Ok(Some(Reply::Done(Outcome::Ok { payload, .. }))) => {
+                serde_json::from_slice(&payload).ok().map(|s| (name, s))
+            }
+            _ => None,
+        }
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// The bound sockets of a gateway.

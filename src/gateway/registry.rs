@@ -237,6 +237,36 @@ impl Registry {
             .min_by_key(|(_, load)| *load)
             .copied()
             .expect("candidates is not empty");
+        Ok(self.record(worker, function, sink, origin))
+    }
+
+    /// Routes to one given worker (the gateway asking each worker of a function, for metrics).
+    pub fn route_to(
+        &mut self,
+        worker: WorkerId,
+        function: &str,
+        sink: Sink,
+    ) -> Result<Route, RouteError> {
+        if !self.live_workers(function).any(|(id, _)| id == worker) {
+            return Err(RouteError::NoWorker);
+        }
+        Ok(self.record(worker, function, sink, None))
+    }
+
+    /// The live workers serving `function`, with their names.
+    pub fn workers_of(&self, function: &str) -> Vec<(WorkerId, String)> {
+        self.live_workers(function)
+            .map(|(id, w)| (id, w.name.clone()))
+            .collect()
+    }
+
+    fn record(
+        &mut self,
+        worker: WorkerId,
+        function: &str,
+        sink: Sink,
+        origin: Option<(WorkerId, u64)>,
+    ) -> Route {
         self.next_id += 1;
         let id = self.next_id;
         let w = self.workers.get_mut(&worker).expect("live worker");
@@ -259,7 +289,7 @@ impl Registry {
                 origin,
             },
         );
-        Ok(Route { id, outbox, worker })
+        Route { id, outbox, worker }
     }
 
     /// The sink of a running invocation, if `from` is the worker running it.

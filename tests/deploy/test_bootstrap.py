@@ -350,6 +350,8 @@ def test_worker_refuses_a_plain_ws_gateway_url(tmp_path):
     assert box.run() != 0
     assert "is not wss://" in box.out
     assert not any(c.startswith("systemctl") for c in box.calls)
+    assert not box.path("/etc/meshd/caller.env").exists()
+    assert not [p.name for p in box.path("/etc/meshd").iterdir() if p.name.startswith(".")], "temp file left behind"
 
 
 def test_missing_settings_fail_loudly(tmp_path):

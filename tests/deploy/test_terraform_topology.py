@@ -404,6 +404,8 @@ VALIDATION_CASES = [
     ({"extra_api_key_sha256": ["b" * 64]}, None),
     ({"extra_api_key_sha256": ["not-a-digest"]}, "extra_api_key_sha256"),
     ({"extra_api_key_sha256": ["B" * 64]}, "extra_api_key_sha256"),
+    ({"extra_api_key_sha256": [f"{i:064x}" for i in range(51)]}, "at most 50"),
+    ({"extra_api_key_sha256": [f"{i:064x}" for i in range(50)]}, None),
     ({"tls_ca_validity_days": "30"}, "tls_ca_validity_days"),
     ({"tls_gateway_cert_validity_days": "30"}, "tls_gateway_cert_validity_days"),
     ({"tls_gateway_cert_validity_days": "4000"}, "tls_gateway_cert_validity_days"),
