@@ -83,6 +83,7 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
                     let mut first = None;
                     while let Some(e) = events.recv().await {
                         match e {
+                            Event::Started => {}
                             Event::Delta(_) => {
                                 first.get_or_insert(t.elapsed());
                             }

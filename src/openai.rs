@@ -100,9 +100,10 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             "presence_penalty",
             "frequency_penalty",
             "repetition_penalty",
-            "echo",
         ];
+        let completion_only = kind == Kind::Completion && key == "echo";
         if !known.contains(&key.as_str())
+            && !completion_only
             && !IGNORED.contains(&key.as_str())
             && !UNSUPPORTED.contains(&key.as_str())
         {
@@ -114,14 +115,17 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
     }
     if obj
         .get("logprobs")
-        .is_some_and(|v| v.as_bool() == Some(true) || v.is_number())
+        .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
     {
         return Err(invalid(
             "`logprobs` is not supported by this server",
             "logprobs",
         ));
     }
-    if obj.get("echo").is_some_and(|v| v.as_bool() == Some(true)) {
+    if obj
+        .get("echo")
+        .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
+    {
         return Err(invalid("`echo` is not supported by this server", "echo"));
     }
 
@@ -183,7 +187,7 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
         }
         (None, None) => None,
     };
-    let sampling = Sampling {
+    let mut sampling = Sampling {
         temperature: float(&obj, "temperature", 0.0..=2.0)?.unwrap_or(1.0),
         top_p: float(&obj, "top_p", 0.0..=1.0)?.unwrap_or(1.0),
         top_k: match int(&obj, "top_k")? {
@@ -199,9 +203,11 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
         presence_penalty: float(&obj, "presence_penalty", -2.0..=2.0)?.unwrap_or(0.0),
         frequency_penalty: float(&obj, "frequency_penalty", -2.0..=2.0)?.unwrap_or(0.0),
     };
-    if sampling.top_p == 0.0 {
+    // Checked on the JSON number: a tiny positive top_p rounds to 0 as f32 but is valid.
+    if obj.get("top_p").and_then(Value::as_f64) == Some(0.0) {
         return Err(invalid("`top_p` must be greater than 0", "top_p"));
     }
+    sampling.top_p = sampling.top_p.max(f32::MIN_POSITIVE);
     Ok(ValidRequest {
         kind,
         stream,
@@ -227,8 +233,14 @@ fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ErrorBo
 fn int(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>, ErrorBody> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
+        // A whole number written as a float (`2.0`) is an integer, as JSON Schema says.
         Some(v) => v
             .as_i64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                    .map(|f| f as i64)
+            })
             .map(Some)
             .ok_or_else(|| invalid(format!("`{key}` must be an integer"), key)),
     }
@@ -323,6 +335,9 @@ fn completion_prompt(value: Option<&Value>) -> Result<String, ErrorBody> {
     };
     if text.is_empty() {
         return Err(invalid("`prompt` must not be empty", "prompt"));
+    }
+    if text.contains('\0') {
+        return Err(invalid("`prompt` must not contain NUL", "prompt"));
     }
     Ok(text)
 }
@@ -571,6 +586,27 @@ mod tests {
         );
         assert!(validate(Kind::Completion, br#"{"prompt":""}"#, 1).is_err());
         assert!(validate(Kind::Completion, br#"{"prompt":"x","echo":true}"#, 1).is_err());
+        assert!(validate(Kind::Completion, br#"{"prompt":"x","echo":false}"#, 1).is_ok());
+        assert!(validate(
+            Kind::Chat,
+            br#"{"messages":[{"role":"user","content":"x"}],"echo":false}"#,
+            1
+        )
+        .is_err());
+        assert!(validate(
+            Kind::Chat,
+            br#"{"messages":[{"role":"user","content":"x"}],"logprobs":"yes"}"#,
+            1
+        )
+        .is_err());
+        let v = validate(
+            Kind::Chat,
+            br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":2.0,"top_p":1e-50}"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!(v.generate.max_tokens, Some(2));
+        assert!(v.generate.sampling.top_p > 0.0);
     }
 
     #[test]

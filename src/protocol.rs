@@ -36,6 +36,10 @@ pub enum Message {
         name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         description: Option<String>,
+        /// The worker reports `Started` when an invocation really begins; until then the gateway
+        /// may re-send it to another worker if this one disconnects.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumable: bool,
     },
     UnregisterFunction {
         name: String,
@@ -80,6 +84,10 @@ pub enum Message {
         id: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<ErrorBody>,
+    },
+    /// An invocation of a resumable function has begun (nothing may be re-sent after this).
+    Started {
+        id: u64,
     },
     /// Stops an invocation; travels the whole chain.
     Cancel {
@@ -335,6 +343,7 @@ mod tests {
             Message::RegisterFunction {
                 name: "math::add".into(),
                 description: None,
+                resumable: true,
             },
             Message::UnregisterFunction {
                 name: "math::add".into(),
@@ -383,6 +392,7 @@ mod tests {
             },
             Message::StreamEnd { id: 9, error: None },
             Message::Cancel { id: 9 },
+            Message::Started { id: 9 },
             Message::Draining {},
             Message::Ping { nonce: 1 },
             Message::Pong { nonce: 1 },

@@ -36,6 +36,25 @@ pub struct Call {
     pub deadline: Instant,
     /// Calls other functions through the gateway.
     pub mesh: Mesh,
+    /// For a resumable function: tells the gateway the work has really begun.
+    pub started: Started,
+}
+
+/// Marks a resumable invocation as begun (once); a no-op for other functions.
+#[derive(Clone, Default)]
+pub struct Started {
+    target: Option<(Outbox, u64)>,
+    sent: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Started {
+    pub fn mark(&self) {
+        if let Some((outbox, id)) = &self.target {
+            if !self.sent.swap(true, Ordering::Relaxed) {
+                let _ = outbox.try_send(Outgoing::Msg(Message::Started { id: *id }));
+            }
+        }
+    }
 }
 
 /// What a function answers.
@@ -83,7 +102,8 @@ pub struct WorkerOptions {
 /// A worker: its functions and triggers, and the loop that keeps it connected.
 pub struct Worker {
     opts: WorkerOptions,
-    functions: Vec<(String, Handler)>,
+    /// Name, handler, and whether it is resumable (reports `Started` itself).
+    functions: Vec<(String, Handler, bool)>,
     triggers: Vec<Trigger>,
     mesh: Mesh,
 }
@@ -101,13 +121,32 @@ impl Worker {
         }
     }
 
-    pub fn function<F, Fut>(mut self, name: &str, f: F) -> Self
+    pub fn function<F, Fut>(self, name: &str, f: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response, ErrorBody>> + Send + 'static,
+    {
+        self.add(name, f, false)
+    }
+
+    /// A function that calls `call.started.mark()` when its work really begins (e.g. a queued
+    /// generation getting a slot): until then, the gateway may move it to another worker if
+    /// this one disconnects.
+    pub fn resumable_function<F, Fut>(self, name: &str, f: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response, ErrorBody>> + Send + 'static,
+    {
+        self.add(name, f, true)
+    }
+
+    fn add<F, Fut>(mut self, name: &str, f: F, resumable: bool) -> Self
     where
         F: Fn(Call) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response, ErrorBody>> + Send + 'static,
     {
         let handler: Handler = Arc::new(move |call| Box::pin(f(call)));
-        self.functions.push((name.to_string(), handler));
+        self.functions.push((name.to_string(), handler, resumable));
         self
     }
 
@@ -181,10 +220,11 @@ impl Worker {
                     .map_err(|_| "connection closed".to_string())
             }
         };
-        for (name, _) in &self.functions {
+        for (name, _, resumable) in &self.functions {
             send(Message::RegisterFunction {
                 name: name.clone(),
                 description: None,
+                resumable: *resumable,
             })
             .await?;
         }
@@ -305,6 +345,7 @@ impl Worker {
                         trace_id,
                         deadline: Instant::now() + Duration::from_millis(timeout_ms),
                         mesh: self.mesh.clone(),
+                        started: Started::default(),
                     };
                     self.start(id, &function, call, outbox, running);
                 }
@@ -325,15 +366,15 @@ impl Worker {
         self: &Arc<Self>,
         id: u64,
         function: &str,
-        call: Call,
+        mut call: Call,
         outbox: &Outbox,
         running: &Running,
     ) {
-        let handler = self
-            .functions
-            .iter()
-            .find(|(n, _)| n == function)
-            .map(|(_, h)| Arc::clone(h));
+        let found = self.functions.iter().find(|(n, _, _)| n == function);
+        let handler = found.map(|(_, h, _)| Arc::clone(h));
+        if found.is_some_and(|(_, _, resumable)| *resumable) {
+            call.started.target = Some((outbox.clone(), id));
+        }
         let refuse = |err: ErrorBody| {
             let _ = outbox.try_send(Outgoing::Msg(Message::Result {
                 id,
@@ -537,6 +578,8 @@ impl CallStream {
             Some(Answer::Chunk(b)) => Some(Ok(b)),
             Some(Answer::End(None)) => None,
             Some(Answer::End(Some(e))) | Some(Answer::Done(Outcome::Error(e))) => Some(Err(e)),
+            // A second start: the gateway moved the call to another worker before it began.
+            Some(Answer::Start(_)) => Box::pin(self.next()).await,
             Some(other) => Some(Err(unexpected(&other))),
             None => Some(Err(lost())),
         }

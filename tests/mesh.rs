@@ -387,3 +387,135 @@ async fn no_live_worker_is_a_503_naming_the_function() {
         .contains("math::add"));
     assert_eq!(r.headers["retry-after"], "1");
 }
+
+/// Workers of `function` with their in-flight counts, from `/status`.
+async fn inflight(addr: std::net::SocketAddr, function: &str) -> Vec<(String, u64)> {
+    let s = request(addr, "GET", "/status", "").await.json();
+    s["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["function"] == function)
+        .flat_map(|f| f["workers"].as_array().unwrap().clone())
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap().to_string(),
+                w["inflight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_generations_move_to_the_surviving_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let url = gw.mesh_url();
+    let _caller = caller(&url, "caller");
+    let mut a = infer_with(&url, "infer-a", &["--slots", "1"]);
+    let _b = infer_with(&url, "infer-b", &["--slots", "1"]);
+    let addr = gw.http();
+    common::eventually(
+        Duration::from_secs(60),
+        "two inference workers",
+        || async move { inflight(addr, "inference::run_inference").await.len() == 2 },
+    )
+    .await;
+    ready(addr).await;
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}).to_string();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = request(addr, "POST", "/v1/completions", &body).await;
+                (r.status, r.text(), t.elapsed())
+            })
+        })
+        .collect();
+    // Wait until infer-a holds one generating request and at least one queued behind it.
+    common::eventually(
+        Duration::from_secs(20),
+        "work queued on infer-a",
+        || async move {
+            inflight(addr, "inference::run_inference")
+                .await
+                .iter()
+                .any(|(name, n)| name == "infer-a" && *n >= 2)
+        },
+    )
+    .await;
+    a.kill9();
+    let mut failed = Vec::new();
+    for t in tasks {
+        let (status, text, _) = t.await.unwrap();
+        if status != 200 {
+            failed.push((status, text));
+        }
+    }
+    // Only the generation already running on infer-a may fail, and clearly; the queued ones moved.
+    assert!(failed.len() <= 1, "{failed:?}");
+    for (status, text) in &failed {
+        assert_eq!(*status, 502, "{text}");
+        assert!(text.contains("worker_lost"), "{text}");
+    }
+    assert!(
+        gw.logs().contains("re-sending an invocation"),
+        "nothing was re-sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_infer_worker_finishes_its_work_and_gets_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let url = gw.mesh_url();
+    let _caller = caller(&url, "caller");
+    let mut a = infer_with(&url, "infer-a", &["--slots", "2"]);
+    let addr = gw.http();
+    ready(addr).await;
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}).to_string();
+    let running = {
+        let body = body.clone();
+        tokio::spawn(async move { request(addr, "POST", "/v1/completions", &body).await })
+    };
+    common::eventually(
+        Duration::from_secs(20),
+        "a generation running",
+        || async move {
+            inflight(addr, "inference::run_inference")
+                .await
+                .iter()
+                .any(|(_, n)| *n >= 1)
+        },
+    )
+    .await;
+    unsafe {
+        libc::kill(a.child.id() as i32, libc::SIGTERM);
+    }
+    // While it drains, new work is not routed to it: with no other worker, a clear 503.
+    common::eventually(
+        Duration::from_secs(10),
+        "new work refused while draining",
+        || {
+            let body = body.clone();
+            async move { request(addr, "POST", "/v1/completions", &body).await.status == 503 }
+        },
+    )
+    .await;
+    let r = running.await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the running generation finishes: {}",
+        r.text()
+    );
+    let status = a.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "infer exits 0 after draining: {}",
+        a.logs()
+    );
+}

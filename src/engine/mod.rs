@@ -92,6 +92,8 @@ impl Prepared {
 /// What a job reports, in order: deltas, then exactly one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The job got a slot: generation has begun.
+    Started,
     Delta(String),
     Done {
         finish_reason: FinishReason,
@@ -229,6 +231,17 @@ impl Engine {
         let tokens = match prompt {
             Prompt::Text { text } => vocab.tokenize(text.as_bytes(), true, false),
             Prompt::Chat { messages } => {
+                // Content must stay content: text that tokenizes to control tokens (a forged
+                // `<end_of_turn>`) would let a user write the template's turns.
+                for (i, m) in messages.iter().enumerate() {
+                    let special = vocab.tokenize(m.content.as_bytes(), false, true);
+                    let plain = vocab.tokenize(m.content.as_bytes(), false, false);
+                    if special != plain {
+                        return Err(EngineError::Invalid(format!(
+                            "messages[{i}].content contains control-token text (such as <end_of_turn>)"
+                        )));
+                    }
+                }
                 let chat = messages
                     .iter()
                     .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))

@@ -97,6 +97,10 @@ pub(super) fn run(
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            if job.events.try_send(Event::Started).is_err() {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let p = job.prepared;
             stats
                 .prompt_tokens

@@ -204,13 +204,15 @@ where
 
 async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared>) {
     match msg {
-        Message::RegisterFunction { name, .. } => {
+        Message::RegisterFunction {
+            name, resumable, ..
+        } => {
             if builtins::is_builtin(&name) {
                 tracing::warn!(function = %name, "a worker may not register a built-in name");
                 return;
             }
             tracing::info!(function = %name, "function registered");
-            shared.registry().register_function(me, &name);
+            shared.registry().register_function(me, &name, resumable);
         }
         Message::UnregisterFunction { name } => shared.registry().unregister_function(me, &name),
         Message::RegisterTrigger {
@@ -259,6 +261,7 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
                         trace_id,
                         http,
                     };
+                    shared.registry().remember(route.id, &msg);
                     let _ = route.outbox.send(Outgoing::Msg(msg)).await;
                 }
                 Err(e) => {
@@ -294,6 +297,7 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
                 shared.deliver(id, sink, Reply::End(error)).await;
             }
         }
+        Message::Started { id } => shared.registry().started(id, me),
         Message::Cancel { id } => {
             let target = shared.registry().cancel_from_origin(me, id);
             if let Some(t) = target {

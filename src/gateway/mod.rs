@@ -127,6 +127,7 @@ impl Shared {
             trace_id: trace_id.to_string(),
             http,
         };
+        self.registry().remember(route.id, &msg);
         if route.outbox.try_send(Outgoing::Msg(msg)).is_err() {
             self.registry().cancel(route.id);
             return Err(ErrorBody::new(
@@ -190,6 +191,10 @@ impl Shared {
 
     /// Fails every invocation left without a worker, and cancels the calls it had made.
     pub async fn worker_left(self: &Arc<Self>, departure: registry::Departure, name: &str) {
+        for (outbox, invoke) in departure.resent {
+            tracing::info!(worker = %name, "re-sending an invocation it had not started");
+            let _ = outbox.send(Outgoing::Msg(invoke)).await;
+        }
         for t in departure.abandoned {
             let _ = t
                 .outbox

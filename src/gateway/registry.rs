@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Outcome};
+use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Message, Outcome};
 use crate::transport::Outbox;
 
 pub type WorkerId = u64;
@@ -44,6 +44,8 @@ struct Pending {
     function: String,
     sink: Sink,
     origin: Option<(WorkerId, u64)>,
+    /// For a resumable function not yet `Started`: the invoke, to re-send if its worker leaves.
+    resend: Option<Message>,
 }
 
 /// A worker chosen for an invocation.
@@ -66,6 +68,8 @@ pub struct Departure {
     pub orphaned: Vec<(InvocationId, Sink)>,
     /// Calls it had made: each is cancelled where it runs.
     pub abandoned: Vec<CancelTarget>,
+    /// Invocations it had not started, routed to another worker: each invoke to send there.
+    pub resent: Vec<(Outbox, Message)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -100,6 +104,8 @@ pub struct Registry {
     /// Function → what it calls, declared with its triggers (readiness waits for them too).
     requires: HashMap<String, Vec<String>>,
     pending: HashMap<InvocationId, Pending>,
+    /// Functions whose workers report `Started` (their unstarted invocations can move).
+    resumable: std::collections::HashSet<String>,
     by_origin: HashMap<(WorkerId, u64), InvocationId>,
     next_id: InvocationId,
     rotation: usize,
@@ -140,7 +146,10 @@ impl Registry {
         self.workers.len()
     }
 
-    pub fn register_function(&mut self, worker: WorkerId, function: &str) {
+    pub fn register_function(&mut self, worker: WorkerId, function: &str, resumable: bool) {
+        if resumable {
+            self.resumable.insert(function.to_string());
+        }
         let list = self.functions.entry(function.to_string()).or_default();
         if !list.contains(&worker) {
             list.push(worker);
@@ -229,15 +238,36 @@ impl Registry {
         if inflight >= queue_depth {
             return Err(RouteError::Overloaded { depth: inflight });
         }
+        let worker = self.choose(candidates);
+        Ok(self.record(worker, function, sink, origin))
+    }
+
+    /// The least-loaded candidate; ties rotate.
+    fn choose(&mut self, candidates: Vec<(WorkerId, usize)>) -> WorkerId {
         self.rotation = self.rotation.wrapping_add(1);
         let start = self.rotation % candidates.len();
-        let (worker, _) = candidates[start..]
+        candidates[start..]
             .iter()
             .chain(&candidates[..start])
             .min_by_key(|(_, load)| *load)
-            .copied()
-            .expect("candidates is not empty");
-        Ok(self.record(worker, function, sink, origin))
+            .map(|(w, _)| *w)
+            .expect("candidates is not empty")
+    }
+
+    /// Keeps the invoke of a resumable function until its worker says `Started`.
+    pub fn remember(&mut self, id: InvocationId, invoke: &Message) {
+        if let Some(p) = self.pending.get_mut(&id) {
+            if self.resumable.contains(&p.function) {
+                p.resend = Some(invoke.clone());
+            }
+        }
+    }
+
+    /// The worker running `id` has begun it: it can no longer move.
+    pub fn started(&mut self, id: InvocationId, from: WorkerId) {
+        if let Some(p) = self.pending.get_mut(&id).filter(|p| p.worker == from) {
+            p.resend = None;
+        }
     }
 
     /// Routes to one given worker (the gateway asking each worker of a function, for metrics).
@@ -287,6 +317,7 @@ impl Registry {
                 function: function.to_string(),
                 sink,
                 origin,
+                resend: None,
             },
         );
         Route { id, outbox, worker }
@@ -353,8 +384,24 @@ impl Registry {
             let called_from_here = matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker);
             if ran_here {
                 let p = self.finish(id).expect("present");
-                if !matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
-                    departure.orphaned.push((id, p.sink));
+                if matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
+                    continue;
+                }
+                let elsewhere: Vec<(WorkerId, usize)> = self
+                    .live_workers(&p.function)
+                    .map(|(id, w)| (id, w.inflight))
+                    .collect();
+                match p.resend {
+                    Some(mut invoke) if !elsewhere.is_empty() => {
+                        let to = self.choose(elsewhere);
+                        let route = self.record(to, &p.function, p.sink, p.origin);
+                        if let Message::Invoke { id, .. } = &mut invoke {
+                            *id = route.id;
+                        }
+                        self.remember(route.id, &invoke);
+                        departure.resent.push((route.outbox, invoke));
+                    }
+                    _ => departure.orphaned.push((id, p.sink)),
                 }
             } else if called_from_here {
                 if let Some(c) = self.cancel(id) {
@@ -408,8 +455,8 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.add_worker(2, "b".into(), outbox());
-        r.register_function(1, "f");
-        r.register_function(2, "f");
+        r.register_function(1, "f", false);
+        r.register_function(2, "f", false);
         let first = r.route("f", local(), None, 100).unwrap();
         let second = r.route("f", local(), None, 100).unwrap();
         assert_ne!(
@@ -435,7 +482,7 @@ mod tests {
             Some(RouteError::NoWorker)
         );
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f");
+        r.register_function(1, "f", false);
         r.route("f", local(), None, 1).unwrap();
         assert_eq!(
             r.route("f", local(), None, 1).err(),
@@ -453,8 +500,8 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "caller".into(), outbox());
         r.add_worker(2, "infer".into(), outbox());
-        r.register_function(1, "outer");
-        r.register_function(2, "inner");
+        r.register_function(1, "outer", false);
+        r.register_function(2, "inner", false);
         let outer = r.route("outer", local(), None, 9).unwrap();
         let inner = r
             .route("inner", Sink::Remote { worker: 1, id: 5 }, Some((1, 5)), 9)
@@ -469,11 +516,49 @@ mod tests {
     }
 
     #[test]
+    fn an_unstarted_resumable_invocation_moves_to_another_worker() {
+        let mut r = Registry::default();
+        r.add_worker(1, "a".into(), outbox());
+        r.add_worker(2, "b".into(), outbox());
+        r.register_function(1, "gen", true);
+        r.register_function(2, "gen", true);
+        let invoke = |id| Message::Invoke {
+            id,
+            function: "gen".into(),
+            payload: serde_bytes::ByteBuf::from(vec![1]),
+            timeout_ms: 1000,
+            trace_id: "t".into(),
+            http: None,
+        };
+        let first = r.route("gen", local(), None, 9).unwrap();
+        r.remember(first.id, &invoke(first.id));
+        let second = r.route("gen", local(), None, 9).unwrap();
+        r.remember(second.id, &invoke(second.id));
+        assert_ne!(first.worker, second.worker);
+        r.started(second.id, second.worker);
+        // Both ran on different workers; the one on `first.worker` had not started.
+        let d = r.remove_worker(first.worker);
+        assert!(d.orphaned.is_empty());
+        assert_eq!(d.resent.len(), 1);
+        let Message::Invoke { id: moved, .. } = d.resent[0].1 else {
+            panic!()
+        };
+        assert!(
+            r.complete(moved, second.worker).is_some(),
+            "now runs on the other worker"
+        );
+        // A started one is orphaned, not moved.
+        let d = r.remove_worker(second.worker);
+        assert_eq!(d.orphaned.len(), 1);
+        assert!(d.resent.is_empty());
+    }
+
+    #[test]
     fn only_the_running_worker_may_answer() {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.add_worker(2, "b".into(), outbox());
-        r.register_function(1, "f");
+        r.register_function(1, "f", false);
         let route = r.route("f", local(), None, 9).unwrap();
         assert!(r.complete(route.id, 2).is_none());
         assert!(r.complete(route.id, 1).is_some());
@@ -483,10 +568,10 @@ mod tests {
     fn triggers_survive_their_worker_and_readiness_names_the_gap() {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f");
+        r.register_function(1, "f", false);
         r.register_trigger("post", "/x", "f", vec!["g".into()]);
         assert_eq!(r.unserved_triggers(), ["g"]);
-        r.register_function(1, "g");
+        r.register_function(1, "g", false);
         assert_eq!(r.trigger("POST", "/x"), Ok("f".to_string()));
         assert_eq!(r.trigger("GET", "/x"), Err(true));
         assert_eq!(r.trigger("GET", "/y"), Err(false));

@@ -13,7 +13,7 @@ use crate::worker::{Call, Response, Worker};
 pub fn register(worker: Worker, engine: Engine) -> Worker {
     let (e1, e2, e3) = (engine.clone(), engine.clone(), engine);
     worker
-        .function("inference::run_inference", move |call| {
+        .resumable_function("inference::run_inference", move |call| {
             run_inference(e1.clone(), call)
         })
         .function("inference::models", move |_call| {
@@ -72,6 +72,7 @@ async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody
     let prompt_tokens = prepared.prompt_tokens();
     let mut events = engine.submit(prepared).map_err(engine_error)?;
     let (tx, chunks) = mpsc::channel::<Result<Bytes, ErrorBody>>(64);
+    let started = call.started.clone();
     let start = GenerateEvent::Start {
         model: engine.model_id().to_string(),
         prompt_tokens,
@@ -88,6 +89,10 @@ async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody
                 e = events.recv() => e,
             };
             let (item, last) = match event {
+                Some(Event::Started) => {
+                    started.mark();
+                    continue;
+                }
                 Some(Event::Delta(text)) => (encode(&GenerateEvent::Delta { text }), false),
                 Some(Event::Done {
                     finish_reason,

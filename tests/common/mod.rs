@@ -166,25 +166,26 @@ pub fn caller(url: &str, name: &str) -> Proc {
 }
 
 pub fn infer(url: &str, name: &str) -> Proc {
+    infer_with(url, name, &["--slots", "4"])
+}
+
+pub fn infer_with(url: &str, name: &str, extra: &[&str]) -> Proc {
     let model = model();
-    Proc::start(
-        &[
-            "infer",
-            "--gateway-url",
-            url,
-            "--worker-token",
-            TOKEN,
-            "--name",
-            name,
-            "--model",
-            model.to_str().unwrap(),
-            "--slots",
-            "4",
-            "--threads",
-            "2",
-        ],
-        false,
-    )
+    let mut args = vec![
+        "infer",
+        "--gateway-url",
+        url,
+        "--worker-token",
+        TOKEN,
+        "--name",
+        name,
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, false)
 }
 
 pub fn up(data_dir: &Path, extra: &[&str]) -> Proc {

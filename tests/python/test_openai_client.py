@@ -38,6 +38,7 @@ def client():
                 pass
             assert time.time() < deadline, "meshd up never became ready"
             time.sleep(0.05)
+        c.meshd_http = http
         yield c
     finally:
         proc.terminate()
@@ -82,3 +83,16 @@ def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
     assert e.value.code == "model_not_found"
+
+
+def test_metrics_pass_promtool(client):
+    import shutil, urllib.request
+    client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    text = urllib.request.urlopen(f"http://{client.meshd_http}/metrics", timeout=10).read().decode()
+    for name in ["meshd_http_requests_total", "meshd_tokens_generated_total", "meshd_time_to_first_token_seconds_bucket",
+                 "meshd_active_sequences", "meshd_function_inflight", "meshd_function_workers", "meshd_workers_refused_total"]:
+        assert name in text, name
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing (Debian package prometheus; scripts/test installs it)"
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1,6 +1,7 @@
 """docs/openapi.yaml against `meshd up` (real processes, real model), deterministically.
 
-Two properties, over a fixed table of requests at and around every documented bound:
+The server runs with an API key, as a deployed gateway does. Two properties, over a fixed table of
+requests at and around every documented bound:
   * every response conforms to the spec: documented status, content type, `x-request-id`
     header, and body schema (SSE events included), as Schemathesis checks them;
   * the spec's request schema and the server agree on what is valid: a body the schema accepts is
@@ -29,6 +30,8 @@ BIN = os.environ.get("MESHD_BIN", str(ROOT / "target" / "release" / "meshd"))
 MODEL = ROOT / "models" / "gemma3-270m-q4_k_m.gguf"
 SPEC = ROOT / "docs" / "openapi.yaml"
 CTX = 512
+API_KEY = "test-openapi-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 CHECKS = [
     st_checks.not_a_server_error,
@@ -44,9 +47,12 @@ def base_url():
     assert pathlib.Path(BIN).exists(), f"{BIN} is missing: cargo build --release first"
     assert MODEL.exists(), "run scripts/fetch-model first"
     data = tempfile.TemporaryDirectory()
+    keys = pathlib.Path(data.name) / "api-keys"
+    keys.write_text(API_KEY + "\n")
     proc = subprocess.Popen(
-        [BIN, "up", "--http-addr", "127.0.0.1:0", "--data-dir", data.name, "--model", str(MODEL),
-         "--slots", "4", "--ctx-per-slot", str(CTX), "--threads", "1"],
+        [BIN, "up", "--http-addr", "127.0.0.1:0", "--data-dir", str(pathlib.Path(data.name) / "data"),
+         "--model", str(MODEL), "--slots", "4", "--ctx-per-slot", str(CTX), "--threads", "1",
+         "--api-keys-file", str(keys)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
@@ -92,8 +98,9 @@ def header(resp, name):
     return values
 
 
-def call(schema, base_url, method, path, body=None, headers=None):
+def call(schema, base_url, method, path, body=None, headers=None, auth=True):
     op = schema[path][method]
+    headers = {**(AUTH if auth else {}), **(headers or {})}
     case = op.Case(body=body, headers=headers) if body is not None else op.Case(headers=headers)
     resp = case.call(base_url=base_url, timeout=60)
     case.validate_response(resp, checks=CHECKS)
@@ -130,7 +137,8 @@ def test_request_id_is_echoed_or_taken_from_traceparent(schema, base_url):
 def test_no_route_and_wrong_method_are_error_shaped(base_url):
     for method, path, status in [("GET", "/nope", 404), ("POST", "/healthz", 404),
                                  ("GET", "/v1/chat/completions", 405)]:
-        req = urllib.request.Request(base_url + path, method=method, data=b"{}" if method == "POST" else None)
+        req = urllib.request.Request(base_url + path, method=method, data=b"{}" if method == "POST" else None,
+                                     headers=AUTH)
         try:
             urllib.request.urlopen(req, timeout=10)
             raise AssertionError(f"{method} {path} succeeded")
@@ -139,6 +147,48 @@ def test_no_route_and_wrong_method_are_error_shaped(base_url):
             assert e.headers.get("x-request-id")
             err = json.loads(e.read())["error"]
             assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("GET", "/v1/models", None), ("GET", "/v1/engine/stats", None), ("GET", "/metrics", None),
+    ("GET", "/status", None), ("POST", "/math/add-two-numbers", {"a": 1, "b": 2}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Basic " + API_KEY, API_KEY])
+def test_protected_endpoints_need_the_key(schema, base_url, method, path, body, authorization):
+    headers = {"Authorization": authorization} if authorization else None
+    resp = call(schema, base_url, method, path, body=body, headers=headers, auth=False)
+    assert resp.status_code == 401
+    assert header(resp, "www-authenticate") == "Bearer"
+    assert resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_health_needs_no_key_and_unknown_paths_are_401_before_404(schema, base_url):
+    assert call(schema, base_url, "GET", "/healthz", auth=False).status_code == 200
+    assert call(schema, base_url, "GET", "/readyz", auth=False).status_code == 200
+    try:
+        urllib.request.urlopen(base_url + "/nope", timeout=10)
+        raise AssertionError("GET /nope succeeded")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+
+
+def test_idempotency_key_applies_once(schema, base_url):
+    def add(a, b, key):
+        return call(schema, base_url, "POST", "/math/add-two-numbers", body={"a": a, "b": b},
+                    headers={"Idempotency-Key": key})
+    first = add(3, 4, "idem-1")
+    assert first.status_code == 200
+    replay = add(3, 4, "idem-1")
+    assert replay.status_code == 200
+    assert replay.json()["running_total"] == first.json()["running_total"]
+    conflict = add(3, 5, "idem-1")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "conflict"
+    bad = add(3, 4, "x" * 129)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "Idempotency-Key"
 
 
 # ------------------------------------------------------------------------------- request bounds
@@ -191,10 +241,8 @@ CHAT_BODIES = [
     {"messages": [{"role": "user", "content": "hi"}] * 1025, "max_tokens": 2},
     [1, 2], "text",
     # Known server quirks: the spec documents the intended behaviour; these flag when it changes.
-    pytest.param(chat(top_p=1e-50), marks=pytest.mark.xfail(
-        strict=True, reason="top_p is compared with 0 after rounding to f32: 1e-50 is refused")),
-    pytest.param(chat(max_tokens=2.0), marks=pytest.mark.xfail(
-        strict=True, reason="integer fields refuse whole floats (2.0), which JSON Schema counts as integers")),
+    chat(top_p=1e-50),
+    chat(max_tokens=2.0),
 ]
 COMPLETION_BODIES = [
     completion(), completion(prompt=["zebra"]), completion(prompt=""), completion(prompt=[]),
