@@ -141,6 +141,10 @@ struct ListenFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     queue_depth: Option<usize>,
+    /// End-to-end deadline of an HTTP request, in seconds (504 past it).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_timeout_secs: Option<u64>,
 }
 
 #[derive(Args, Serialize)]
@@ -193,6 +197,10 @@ struct ModelFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     n_gpu_layers: Option<u32>,
+    /// Requests waiting for a free slot before 429.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_queued_sequences: Option<usize>,
 }
 
 #[derive(Args, Serialize)]

@@ -22,6 +22,8 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 /// Idempotency records live under this prefix; no scope can start with NUL, so none collides.
 const IDEM_PREFIX: &[u8] = b"\0idem\0";
+/// Remembered HTTP triggers.
+const TRIGGER_PREFIX: &[u8] = b"\0trigger\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -217,6 +219,46 @@ impl StateStore {
         Ok(value)
     }
 
+    /// Remembers an HTTP trigger, so a restarted gateway knows its routes before the workers
+    /// are back (and answers 503 for them, not 404). Written lazily: losing one is harmless.
+    pub fn save_trigger(
+        &self,
+        method: &str,
+        path: &str,
+        function: &str,
+        requires: &[String],
+    ) -> Result<(), StateError> {
+        let mut k = TRIGGER_PREFIX.to_vec();
+        k.extend_from_slice(format!("{method} {path}").as_bytes());
+        let v = serde_json::json!({"function": function, "requires": requires});
+        self.db.insert(k, serde_json::to_vec(&v).expect("json"))?;
+        Ok(())
+    }
+
+    /// Every remembered trigger: (method, path, function, requires).
+    pub fn triggers(&self) -> Vec<(String, String, String, Vec<String>)> {
+        self.db
+            .scan_prefix(TRIGGER_PREFIX)
+            .flatten()
+            .filter_map(|(k, v)| {
+                let key = std::str::from_utf8(&k[TRIGGER_PREFIX.len()..]).ok()?;
+                let (method, path) = key.split_once(' ')?;
+                let v: Value = serde_json::from_slice(&v).ok()?;
+                let requires = v["requires"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|r| r.as_str().map(str::to_string))
+                    .collect();
+                Some((
+                    method.to_string(),
+                    path.to_string(),
+                    v["function"].as_str()?.to_string(),
+                    requires,
+                ))
+            })
+            .collect()
+    }
+
     /// Waits until everything written before this call is on disk.
     pub async fn durable(&self) -> Result<(), StateError> {
         let (done, rx) = oneshot::channel();
@@ -395,6 +437,18 @@ mod tests {
             13,
             "expired records are gone"
         );
+    }
+
+    #[tokio::test]
+    async fn triggers_are_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        s.save_trigger("POST", "/a b", "f", &["g".into()]).unwrap();
+        assert_eq!(
+            s.triggers(),
+            vec![("POST".into(), "/a b".into(), "f".into(), vec!["g".into()])]
+        );
+        assert!(s.list("POST", "", 10).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -360,3 +360,73 @@ async fn a_client_that_disconnects_frees_its_slot() {
     let v = stats().await;
     assert!(v["completion_tokens_total"].as_u64().unwrap() > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_is_a_504_that_frees_the_slot_and_a_full_queue_is_a_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = up(
+        dir.path(),
+        &[
+            "--slots",
+            "1",
+            "--max-queued-sequences",
+            "1",
+            "--request-timeout-secs",
+            "2",
+            "--threads",
+            "2",
+        ],
+    );
+    let a = p.http();
+    ready(a).await;
+    let long =
+        json!({"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.9}).to_string();
+    // One generating, one queued, the rest refused at once.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let body = long.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                (
+                    request(a, "POST", "/v1/completions", &body).await,
+                    t.elapsed(),
+                )
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (r, took) = t.await.unwrap();
+        if r.status == 429 {
+            assert_eq!(r.headers["retry-after"], "1");
+            assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+            assert!(
+                took < Duration::from_secs(2),
+                "a 429 comes at once, took {took:?}"
+            );
+        }
+        if r.status == 504 {
+            assert_eq!(r.json()["error"]["code"], "deadline_exceeded");
+            assert!(took < Duration::from_secs(5), "{took:?}");
+        }
+        statuses.push(r.status);
+    }
+    statuses.sort();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&504), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 429 || *s == 504),
+        "{statuses:?}"
+    );
+    common::eventually(
+        Duration::from_secs(10),
+        "slots freed after the deadline",
+        || async move {
+            let v = request(a, "GET", "/v1/engine/stats", "").await.json();
+            v["active_sequences"] == 0
+                && v["queued_sequences"] == 0
+                && v["cancelled"].as_u64().unwrap() >= 1
+        },
+    )
+    .await;
+}

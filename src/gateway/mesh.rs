@@ -222,6 +222,12 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
             requires,
         } => {
             tracing::info!(%method, %path, %function, ?requires, "trigger registered");
+            if let Err(e) = shared
+                .state
+                .save_trigger(&method, &path, &function, &requires)
+            {
+                tracing::warn!(error = %e, "cannot remember the trigger");
+            }
             shared
                 .registry()
                 .register_trigger(&method, &path, &function, requires);

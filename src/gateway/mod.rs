@@ -275,6 +275,11 @@ pub async fn run(
         registry: Mutex::new(Registry::default()),
         closing: CancellationToken::new(),
     });
+    for (method, path, function, requires) in shared.state.triggers() {
+        shared
+            .registry()
+            .register_trigger(&method, &path, &function, requires);
+    }
     tracing::info!(
         http = %listeners.http.local_addr()?,
         mesh = %listeners.mesh.local_addr()?,
