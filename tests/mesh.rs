@@ -320,6 +320,25 @@ async fn calls_spread_across_two_infer_workers() {
     for t in tasks {
         t.await.unwrap();
     }
+    // `meshd status` prints the same view as a table.
+    let out = std::process::Command::new(bin())
+        .args(["status", "--url", &format!("http://{addr}")])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("math::add "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("infer#") && row.contains("infer-b#"),
+        "{table}"
+    );
     let s = request(addr, "GET", "/status", "").await.json();
     let f = s["functions"]
         .as_array()
