@@ -46,6 +46,16 @@ impl Run {
         self.ttft.extend(o.ttft);
         self.tokens += o.tokens;
     }
+    /// Merges the clients' runs; the wall time is from `start` to the last client's end.
+    async fn gather(tasks: Vec<tokio::task::JoinHandle<Run>>, start: Instant) -> Run {
+        let mut run = Run::default();
+        for t in tasks {
+            run.merge(t.await.unwrap());
+        }
+        run.wall = start.elapsed();
+        run
+    }
+
     fn rps(&self) -> f64 {
         self.latency.len() as f64 / self.wall.as_secs_f64()
     }
@@ -103,12 +113,7 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
             })
         })
         .collect();
-    let mut run = Run::default();
-    for t in tasks {
-        run.merge(t.await.unwrap());
-    }
-    run.wall = start.elapsed();
-    run
+    Run::gather(tasks, start).await
 }
 
 async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
@@ -161,12 +166,7 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
             })
         })
         .collect();
-    let mut run = Run::default();
-    for t in tasks {
-        run.merge(t.await.unwrap());
-    }
-    run.wall = start.elapsed();
-    run
+    Run::gather(tasks, start).await
 }
 
 fn main() {

@@ -9,14 +9,7 @@ use serde_json::Value;
 
 /// Fetches `GET /status` from the gateway at `url` (`http://` or `https://` with `ca`).
 pub async fn fetch(url: &str, api_key: Option<&str>, ca: Option<&Path>) -> anyhow::Result<Value> {
-    let uri: hyper::Uri = url.parse()?;
-    let secure = uri.scheme_str() == Some("https");
-    let host = uri
-        .host()
-        .unwrap_or("127.0.0.1")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let (secure, host, port) = crate::tls::endpoint(url, "https").map_err(anyhow::Error::msg)?;
     let tls = match (secure, ca) {
         (true, Some(ca)) => Some(crate::tls::client_config(ca)?),
         (true, None) => {
@@ -24,10 +17,10 @@ pub async fn fetch(url: &str, api_key: Option<&str>, ca: Option<&Path>) -> anyho
         }
         (false, _) => None,
     };
-    let io = crate::tls::connect(host, port, tls.as_ref()).await?;
+    let io = crate::tls::connect(&host, port, tls.as_ref()).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
-    let mut req = hyper::Request::get("/status").header("host", host);
+    let mut req = hyper::Request::get("/status").header("host", host.as_str());
     if let Some(key) = api_key {
         req = req.header("authorization", format!("Bearer {key}"));
     }

@@ -106,6 +106,20 @@ pub async fn connect(host: &str, port: u16, tls: Option<&Arc<ClientConfig>>) -> 
     }
 }
 
+/// Where a URL points: `(secure, host, port)`, where `secure` means the scheme is `tls_scheme`
+/// (`https` or `wss`) and the port defaults to 443 or 80.
+pub fn endpoint(url: &str, tls_scheme: &str) -> Result<(bool, String, u16), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let secure = uri.scheme_str() == Some(tls_scheme);
+    let host = uri.host().ok_or_else(|| format!("no host in {url}"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    Ok((secure, host, port))
+}
+
 /// The acceptor for an optional server config.
 pub fn acceptor(config: &Option<Arc<ServerConfig>>) -> Option<TlsAcceptor> {
     config.as_ref().map(|c| TlsAcceptor::from(Arc::clone(c)))

@@ -249,22 +249,13 @@ impl Worker {
     async fn handshake(&self) -> Result<(WsReader, Outbox), String> {
         let config = transport::ws_config(self.opts.max_frame_bytes);
         let url = &self.opts.gateway_url;
-        let uri: tokio_tungstenite::tungstenite::http::Uri = url
-            .parse()
-            .map_err(|e| format!("bad gateway_url {url}: {e}"))?;
-        let secure = uri.scheme_str() == Some("wss");
-        let host = uri
-            .host()
-            .unwrap_or("")
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let (secure, host, port) = crate::tls::endpoint(url, "wss")?;
         let tls = if secure {
             Some(self.opts.tls.as_ref().ok_or("wss:// needs gateway_ca")?)
         } else {
             None
         };
-        let io = crate::tls::connect(host, port, tls)
+        let io = crate::tls::connect(&host, port, tls)
             .await
             .map_err(|e| format!("cannot connect to {url}: {e}"))?;
         let (ws, _) = tokio_tungstenite::client_async_with_config(url.as_str(), io, Some(config))
