@@ -1,4 +1,4 @@
-//! Fault injection: a bounded load (16 clients) on the seed pipeline and on chat while infer
+//! Fault injection: a bounded load (32 clients on the seed pipeline, 2 on chat) on the seed pipeline and on chat while infer
 //! workers, the caller and the gateway are killed (-9), stopped (SIGTERM) and restarted, plus a
 //! battery of malformed inputs. Prints one table; fails on any hung request or lost
 //! acknowledged write. Clients retry with an `Idempotency-Key`, so every logical request is
@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const CLIENTS: usize = 16;
+/// 32 clients on the seed pipeline, 2 on chat.
+const CLIENTS: usize = 34;
 const HANG: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
@@ -308,7 +309,7 @@ async fn the_mesh_survives_kills_and_restarts_without_losing_an_acknowledged_wri
     let acked = tally.acked_sum.load(Ordering::Relaxed);
     let hung = tally.hung.load(Ordering::Relaxed);
 
-    println!("\nfault injection: {secs} s, {CLIENTS} clients (14 math with Idempotency-Key retries, 2 chat)");
+    println!("\nfault injection: {secs} s, {CLIENTS} clients (32 math with Idempotency-Key retries, 2 chat)");
     println!("faults: {}", faults.join("; "));
     println!("| measure | value |\n|---|---|");
     println!(

@@ -33,7 +33,8 @@ struct Seq {
     next: Option<LlamaToken>,
     /// Where this sequence's logits are in the current batch.
     logits_at: Option<i32>,
-    sampler: LlamaSampler,
+    /// `None` for plain greedy decoding (temperature 0, no penalties).
+    sampler: Option<LlamaSampler>,
     events: mpsc::Sender<Event>,
     generated: u32,
     max_tokens: u32,
@@ -198,7 +199,12 @@ pub(super) fn run(
             let Some(at) = seq.logits_at.take() else {
                 continue;
             };
-            let token = seq.sampler.sample(&ctx, at);
+            let token = match seq.sampler.as_mut() {
+                Some(s) => s.sample(&ctx, at),
+                // Plain greedy: the arg-max of the logits, without building llama.cpp's
+                // candidate array over the whole vocabulary (262k entries) for every token.
+                None => argmax(ctx.get_logits_ith(at)),
+            };
             if let Some(t) = seq.submitted.take() {
                 if let Ok(mut h) = stats.ttft.lock() {
                     h.observe(t.elapsed().as_secs_f64());
@@ -268,10 +274,26 @@ fn free(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, slot: &mut Option<Seq>
     }
 }
 
-/// One sampler chain per sequence. Temperature 0 is greedy (deterministic).
-fn sampler(s: &Sampling, n_vocab: i32) -> LlamaSampler {
+/// The highest logit's token (the first on ties, as llama.cpp's greedy sampler picks).
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] {
+            best = i;
+        }
+    }
+    LlamaToken::new(best as i32)
+}
+
+/// One sampler chain per sequence; `None` for plain greedy, which needs no chain.
+fn sampler(s: &Sampling, n_vocab: i32) -> Option<LlamaSampler> {
+    let penalties =
+        s.repetition_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0;
+    if s.temperature <= 0.0 && !penalties {
+        return None;
+    }
     let mut chain = Vec::new();
-    if s.repetition_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
+    if penalties {
         chain.push(LlamaSampler::penalties(
             n_vocab,
             64,
@@ -295,5 +317,5 @@ fn sampler(s: &Sampling, n_vocab: i32) -> LlamaSampler {
         chain.push(LlamaSampler::temp(s.temperature));
         chain.push(LlamaSampler::dist(s.seed));
     }
-    LlamaSampler::chain_simple(chain)
+    Some(LlamaSampler::chain_simple(chain))
 }
