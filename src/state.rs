@@ -286,19 +286,25 @@ impl StateStore {
 async fn group_commit(mut rx: mpsc::Receiver<FlushWaiter>) {
     let mut last_sweep = 0;
     while let Some(first) = rx.recv().await {
-        if unix_now() > last_sweep + 600 {
-            last_sweep = unix_now();
-            sweep_idempotency(&first.db, last_sweep);
+        let now = unix_now();
+        let sweep = now > last_sweep + 600;
+        if sweep {
+            last_sweep = now;
         }
         let db = first.db.clone();
         let mut waiters = vec![first.done];
         while let Ok(more) = rx.try_recv() {
             waiters.push(more.done);
         }
-        let result = tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()));
+        let result = tokio::task::spawn_blocking(move || {
+            if sweep {
+                sweep_idempotency(&db, now);
+            }
+            db.flush()
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()));
         for w in waiters {
             let _ = w.send(result.clone());
         }

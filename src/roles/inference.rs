@@ -66,9 +66,19 @@ async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody
             .with_code("model_not_found"));
         }
     }
-    let prepared = engine
-        .prepare(&req.prompt, req.max_tokens, req.stop, req.sampling)
-        .map_err(engine_error)?;
+    // Formatting and tokenizing a long prompt takes a while: keep it off the async threads.
+    let e = engine.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        e.prepare(&req.prompt, req.max_tokens, req.stop, req.sampling)
+    })
+    .await
+    .map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("prompt preparation failed: {e}"),
+        )
+    })?
+    .map_err(engine_error)?;
     let prompt_tokens = prepared.prompt_tokens();
     let mut events = engine.submit(prepared).map_err(engine_error)?;
     let (tx, chunks) = mpsc::channel::<Result<Bytes, ErrorBody>>(64);
