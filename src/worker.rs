@@ -298,13 +298,34 @@ impl Worker {
     {
         let max = self.opts.max_frame_bytes;
         let mut idle_ticks = 0;
+        // Draining: the deadline, and whether the gateway has confirmed it routes nothing more
+        // here. Until it has, invokes already on their way are read and run as usual.
+        let mut draining: Option<Instant> = None;
+        let mut confirmed = false;
         loop {
-            let received = tokio::select! {
-                biased;
-                _ = stop.cancelled() => {
-                    self.drain(outbox, running).await;
+            if let Some(deadline) = draining {
+                let done = confirmed && running.len() == 0;
+                if done || Instant::now() >= deadline {
+                    if !done {
+                        tracing::warn!(worker = %self.opts.name, inflight = running.len(), "drain deadline passed");
+                    }
+                    let _ = outbox
+                        .send(Outgoing::Close("worker shutting down".into()))
+                        .await;
                     return SessionEnd::Shutdown;
                 }
+            }
+            let deadline = draining.unwrap_or_else(|| Instant::now() + IDLE);
+            let received = tokio::select! {
+                biased;
+                _ = stop.cancelled(), if draining.is_none() => {
+                    let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
+                    tracing::info!(worker = %self.opts.name, inflight = running.len(), "draining");
+                    draining = Some(Instant::now() + self.opts.drain_timeout);
+                    continue;
+                }
+                _ = running.idle(), if confirmed => continue,
+                _ = tokio::time::sleep_until(deadline), if draining.is_some() => continue,
                 r = tokio::time::timeout(IDLE, transport::recv(stream, max)) => r,
             };
             let msg = match received {
@@ -341,6 +362,8 @@ impl Worker {
                     self.start(id, &function, call, outbox, running);
                 }
                 Message::Cancel { id } => running.abort(id),
+                // The gateway's answer to our `Draining`: nothing more will be routed here.
+                Message::Draining {} => confirmed = true,
                 Message::Ping { nonce } => {
                     let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));
                 }
@@ -406,20 +429,6 @@ impl Worker {
             .instrument(span),
         );
         running.insert(id, task.abort_handle());
-    }
-
-    async fn drain(&self, outbox: &Outbox, running: &Running) {
-        let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
-        tracing::info!(worker = %self.opts.name, inflight = running.len(), "draining");
-        if tokio::time::timeout(self.opts.drain_timeout, running.idle())
-            .await
-            .is_err()
-        {
-            tracing::warn!(worker = %self.opts.name, inflight = running.len(), "drain deadline passed");
-        }
-        let _ = outbox
-            .send(Outgoing::Close("worker shutting down".into()))
-            .await;
     }
 }
 

@@ -316,6 +316,8 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
         Message::Draining {} => {
             tracing::info!("worker is draining; no new work goes to it");
             shared.registry().set_draining(me);
+            // Confirm: every invoke routed here before this point is already on the wire.
+            let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
         }
         Message::Ping { nonce } => {
             let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));
