@@ -31,13 +31,16 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
 }
 
 /// Starts the writer task for `sink`; it ends when every [`Outbox`] clone is dropped, after a
-/// close, or when the socket fails.
-pub fn spawn_writer<S>(mut sink: SplitSink<WebSocketStream<S>, WsMessage>) -> Outbox
+/// close, or when the socket fails. Await the handle after a close to know everything queued
+/// before it reached the socket (a process about to exit must).
+pub fn spawn_writer<S>(
+    mut sink: SplitSink<WebSocketStream<S>, WsMessage>,
+) -> (Outbox, tokio::task::JoinHandle<()>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTBOX_CAPACITY);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             // Feed everything already queued, then flush once.
@@ -73,7 +76,7 @@ where
         }
         let _ = sink.close().await;
     });
-    tx
+    (tx, task)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -528,8 +528,10 @@ async fn a_draining_infer_worker_finishes_its_work_and_gets_no_more() {
     assert_eq!(
         r.status,
         200,
-        "the running generation finishes: {}",
-        r.text()
+        "the running generation finishes: {}\ninfer: {}\ngateway: {}",
+        r.text(),
+        a.logs(),
+        gw.logs()
     );
     let status = a.child.wait().unwrap();
     assert!(

@@ -64,7 +64,7 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
         }
     };
     let (sink, mut stream) = ws.split();
-    let outbox = transport::spawn_writer(sink);
+    let (outbox, _writer) = transport::spawn_writer(sink);
     let max = shared.opts.max_frame_bytes;
 
     let hello = tokio::time::timeout(HELLO_TIMEOUT, transport::recv(&mut stream, max)).await;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ use crate::protocol::{
     ErrorBody, ErrorCode, HttpRequestHead, HttpResponseHead, Message, Outcome, PROTOCOL_VERSION,
 };
 use crate::transport::{self, Outbox, Outgoing, RecvError};
+
+mod calls;
+pub use calls::{CallStream, Mesh};
 
 type WsStream = tokio_tungstenite::WebSocketStream<crate::tls::BoxIo>;
 type WsReader = futures_util::stream::SplitStream<WsStream>;
@@ -206,7 +209,7 @@ impl Worker {
 
     /// One connection, from handshake to loss or shutdown.
     async fn session(self: &Arc<Self>, stop: &CancellationToken) -> Result<SessionEnd, String> {
-        let (mut stream, outbox) = tokio::select! {
+        let (mut stream, outbox, writer) = tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok(SessionEnd::Shutdown),
             joined = self.handshake() => joined?,
@@ -242,11 +245,16 @@ impl Worker {
         let end = self.serve(&mut stream, &outbox, &running, stop).await;
         self.mesh.disconnected();
         running.abort_all();
+        if matches!(end, SessionEnd::Shutdown) {
+            // The close is queued behind the last answers: let the writer put them all on the
+            // socket before the process exits.
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        }
         Ok(end)
     }
 
     /// Connects, says hello, and waits for the welcome.
-    async fn handshake(&self) -> Result<(WsReader, Outbox), String> {
+    async fn handshake(&self) -> Result<(WsReader, Outbox, tokio::task::JoinHandle<()>), String> {
         let config = transport::ws_config(self.opts.max_frame_bytes);
         let url = &self.opts.gateway_url;
         let (secure, host, port) = crate::tls::endpoint(url, "wss")?;
@@ -262,7 +270,7 @@ impl Worker {
             .await
             .map_err(|e| format!("websocket handshake with {url} failed: {e}"))?;
         let (sink, mut stream) = ws.split();
-        let outbox = transport::spawn_writer(sink);
+        let (outbox, writer) = transport::spawn_writer(sink);
         let hello = Message::Hello {
             protocol: PROTOCOL_VERSION,
             name: self.opts.name.clone(),
@@ -277,7 +285,7 @@ impl Worker {
         {
             Ok(Ok(Message::Welcome { worker_id })) => {
                 tracing::info!(worker = %self.opts.name, %worker_id, url = %self.opts.gateway_url, "joined the mesh");
-                Ok((stream, outbox))
+                Ok((stream, outbox, writer))
             }
             Ok(Ok(Message::Refused { reason })) => Err(format!("refused by the gateway: {reason}")),
             Ok(Ok(other)) => Err(format!("unexpected answer to hello: {other:?}")),
@@ -521,217 +529,6 @@ impl Running {
                 return;
             }
             notified.await;
-        }
-    }
-}
-
-/// An answer to a call this worker made through the gateway.
-#[derive(Debug)]
-enum Answer {
-    Done(Outcome),
-    Start(Option<HttpResponseHead>),
-    Chunk(Bytes),
-    End(Option<ErrorBody>),
-}
-
-/// Calls functions through the gateway. Cheap to clone; survives reconnects.
-#[derive(Clone, Default)]
-pub struct Mesh {
-    inner: Arc<MeshInner>,
-}
-
-#[derive(Default)]
-struct MeshInner {
-    outbox: Mutex<Option<Outbox>>,
-    pending: Mutex<HashMap<u64, mpsc::Sender<Answer>>>,
-    next_id: AtomicU64,
-}
-
-/// A call in flight; dropping it cancels the call where it runs.
-struct CallGuard {
-    id: u64,
-    mesh: Mesh,
-    answers: mpsc::Receiver<Answer>,
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        let was_pending = self.mesh.pending().remove(&self.id).is_some();
-        if was_pending {
-            if let Some(outbox) = self.mesh.outbox() {
-                let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id: self.id }));
-            }
-        }
-    }
-}
-
-/// A streamed answer from [`Mesh::call_stream`].
-pub struct CallStream {
-    guard: CallGuard,
-    pub http: Option<HttpResponseHead>,
-}
-
-impl CallStream {
-    /// The next chunk; `None` at the end; an `Err` ends the stream.
-    pub async fn next(&mut self) -> Option<Result<Bytes, ErrorBody>> {
-        match self.guard.answers.recv().await {
-            Some(Answer::Chunk(b)) => Some(Ok(b)),
-            Some(Answer::End(None)) => None,
-            Some(Answer::End(Some(e))) | Some(Answer::Done(Outcome::Error(e))) => Some(Err(e)),
-            // A second start: the gateway moved the call to another worker before it began.
-            Some(Answer::Start(_)) => Box::pin(self.next()).await,
-            Some(other) => Some(Err(unexpected(&other))),
-            None => Some(Err(lost())),
-        }
-    }
-}
-
-fn lost() -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::WorkerLost,
-        "the connection to the gateway was lost",
-    )
-}
-
-fn unexpected(a: &Answer) -> ErrorBody {
-    ErrorBody::new(ErrorCode::Internal, format!("unexpected answer: {a:?}"))
-}
-
-impl Mesh {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<Answer>>> {
-        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn outbox(&self) -> Option<Outbox> {
-        self.inner
-            .outbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn connected(&self, outbox: Outbox) {
-        *self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(outbox);
-    }
-
-    /// Fails every call in flight: their answers can no longer arrive.
-    fn disconnected(&self) {
-        *self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        for (_, tx) in self.pending().drain() {
-            let _ = tx.try_send(Answer::Done(Outcome::Error(lost())));
-        }
-    }
-
-    fn answer(&self, msg: Message) {
-        let (id, answer, last) = match msg {
-            Message::Result { id, outcome } => (id, Answer::Done(outcome), true),
-            Message::StreamStart { id, http } => (id, Answer::Start(http), false),
-            Message::StreamChunk { id, data } => {
-                (id, Answer::Chunk(Bytes::from(data.into_vec())), false)
-            }
-            Message::StreamEnd { id, error } => (id, Answer::End(error), true),
-            _ => return,
-        };
-        let mut pending = self.pending();
-        let tx = if last {
-            pending.remove(&id)
-        } else {
-            pending.get(&id).cloned()
-        };
-        drop(pending);
-        if let Some(tx) = tx {
-            if tx.try_send(answer).is_err() && !last {
-                // The caller is not reading fast enough (or left): stop the call.
-                if self.pending().remove(&id).is_some() {
-                    if let Some(outbox) = self.outbox() {
-                        let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id }));
-                    }
-                }
-            }
-        }
-    }
-
-    fn send(
-        &self,
-        function: &str,
-        payload: Vec<u8>,
-        trace_id: &str,
-        timeout: Duration,
-    ) -> Result<CallGuard, ErrorBody> {
-        let outbox = self.outbox().ok_or_else(|| {
-            ErrorBody::new(
-                ErrorCode::NoWorker,
-                "this worker is not connected to the gateway",
-            )
-        })?;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(512);
-        self.pending().insert(id, tx);
-        let guard = CallGuard {
-            id,
-            mesh: self.clone(),
-            answers: rx,
-        };
-        let msg = Message::Invoke {
-            id,
-            function: function.to_string(),
-            payload: serde_bytes::ByteBuf::from(payload),
-            timeout_ms: timeout.as_millis() as u64,
-            trace_id: trace_id.to_string(),
-            http: None,
-        };
-        outbox.try_send(Outgoing::Msg(msg)).map_err(|_| {
-            ErrorBody::new(
-                ErrorCode::Overloaded,
-                "the connection to the gateway is saturated",
-            )
-        })?;
-        Ok(guard)
-    }
-
-    /// Calls `function` and waits for its one answer, at most until `deadline`.
-    pub async fn call(
-        &self,
-        function: &str,
-        payload: Vec<u8>,
-        trace_id: &str,
-        deadline: Instant,
-    ) -> Result<Bytes, ErrorBody> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let mut guard = self.send(function, payload, trace_id, timeout)?;
-        match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
-            Err(_) => Err(ErrorBody::new(
-                ErrorCode::DeadlineExceeded,
-                format!("`{function}` did not answer in time"),
-            )),
-            Ok(None) => Err(lost()),
-            Ok(Some(Answer::Done(Outcome::Ok { payload, .. }))) => {
-                Ok(Bytes::from(payload.into_vec()))
-            }
-            Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
-            Ok(Some(other)) => Err(unexpected(&other)),
-        }
-    }
-
-    /// Calls a streaming function; answers once its stream has started (or it failed).
-    pub async fn call_stream(
-        &self,
-        function: &str,
-        payload: Vec<u8>,
-        trace_id: &str,
-        deadline: Instant,
-    ) -> Result<CallStream, ErrorBody> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let mut guard = self.send(function, payload, trace_id, timeout)?;
-        match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
-            Err(_) => Err(ErrorBody::new(
-                ErrorCode::DeadlineExceeded,
-                format!("`{function}` did not start in time"),
-            )),
-            Ok(None) => Err(lost()),
-            Ok(Some(Answer::Start(http))) => Ok(CallStream { guard, http }),
-            Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
-            Ok(Some(other)) => Err(unexpected(&other)),
         }
     }
 }
