@@ -12,16 +12,20 @@ use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
+/// The model the harnesses load: `MESHD_BENCH_MODEL`, else the offline test model.
 pub fn model() -> String {
-    let p = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/models/gemma3-270m-q4_k_m.gguf"
-    );
+    let p = std::env::var("MESHD_BENCH_MODEL").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/gemma3-270m-q4_k_m.gguf"
+        )
+        .to_string()
+    });
     assert!(
-        std::path::Path::new(p).is_file(),
-        "run scripts/fetch-model first"
+        std::path::Path::new(&p).is_file(),
+        "{p} is missing: run scripts/fetch-model first"
     );
-    p.to_string()
+    p
 }
 
 /// `meshd up` on a free port, killed on drop.
