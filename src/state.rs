@@ -124,33 +124,15 @@ impl StateStore {
         let mut refused: Option<StateError> = None;
         let mut result = 0i64;
         // sled's update is a compare-and-swap loop: concurrent increments never lose an update.
-        self.db.update_and_fetch(k, |old| {
-            refused = None;
-            let current = match old.map(serde_json::from_slice::<Value>) {
-                None => 0,
-                Some(Ok(v)) => match v.as_i64() {
-                    Some(n) => n,
-                    None => {
-                        refused = Some(StateError::Invalid(format!("value {v} is not an integer")));
-                        return old.map(<[u8]>::to_vec);
-                    }
-                },
-                Some(Err(_)) => {
-                    refused = Some(StateError::Invalid("stored value is not JSON".into()));
-                    return old.map(<[u8]>::to_vec);
-                }
-            };
-            match current.checked_add(by) {
-                Some(n) => {
-                    result = n;
-                    Some(n.to_string().into_bytes())
-                }
-                None => {
-                    refused = Some(StateError::Invalid(format!(
-                        "adding {by} to {current} would overflow a 64-bit integer"
-                    )));
-                    old.map(<[u8]>::to_vec)
-                }
+        self.db.update_and_fetch(k, |old| match added(old, by) {
+            Ok(n) => {
+                refused = None;
+                result = n;
+                Some(n.to_string().into_bytes())
+            }
+            Err(e) => {
+                refused = Some(e);
+                old.map(<[u8]>::to_vec)
             }
         })?;
         if let Some(e) = refused {
@@ -194,18 +176,7 @@ impl StateStore {
                 }
                 return Ok(rec.value);
             }
-            let current = match tx.get(&counter)? {
-                None => 0,
-                Some(v) => serde_json::from_slice::<Value>(&v)
-                    .ok()
-                    .and_then(|v| v.as_i64())
-                    .ok_or_else(|| Abort::Abort(StateError::Invalid("stored value is not an integer".into())))?,
-            };
-            let value = current.checked_add(by).ok_or_else(|| {
-                Abort::Abort(StateError::Invalid(format!(
-                    "adding {by} to {current} would overflow a 64-bit integer"
-                )))
-            })?;
+            let value = added(tx.get(&counter)?.as_deref(), by).map_err(Abort::Abort)?;
             tx.insert(counter.as_slice(), value.to_string().into_bytes())?;
             let rec = IdemRecord { by, value, at: now };
             tx.insert(record_key.as_slice(), serde_json::to_vec(&rec).expect("record serializes"))?;
@@ -309,6 +280,23 @@ async fn group_commit(mut rx: mpsc::Receiver<FlushWaiter>) {
             let _ = w.send(result.clone());
         }
     }
+}
+
+/// The integer stored in `old` (absent counts as 0) plus `by`; refuses a non-integer value and
+/// overflow. The one rule both increments follow.
+fn added(old: Option<&[u8]>, by: i64) -> Result<i64, StateError> {
+    let current = match old.map(serde_json::from_slice::<Value>) {
+        None => 0,
+        Some(Ok(v)) => v
+            .as_i64()
+            .ok_or_else(|| StateError::Invalid(format!("value {v} is not an integer")))?,
+        Some(Err(_)) => return Err(StateError::Invalid("stored value is not JSON".into())),
+    };
+    current.checked_add(by).ok_or_else(|| {
+        StateError::Invalid(format!(
+            "adding {by} to {current} would overflow a 64-bit integer"
+        ))
+    })
 }
 
 #[derive(Serialize, Deserialize)]

@@ -307,10 +307,7 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
         Message::Cancel { id } => {
             let target = shared.registry().cancel_from_origin(me, id);
             if let Some(t) = target {
-                let _ = t
-                    .outbox
-                    .send(Outgoing::Msg(Message::Cancel { id: t.id }))
-                    .await;
+                t.send().await;
             }
         }
         Message::Draining {} => {

@@ -182,10 +182,7 @@ impl Shared {
     pub async fn cancel(&self, id: u64) {
         let target = self.registry().cancel(id);
         if let Some(t) = target {
-            let _ = t
-                .outbox
-                .send(Outgoing::Msg(Message::Cancel { id: t.id }))
-                .await;
+            t.send().await;
         }
     }
 
@@ -196,10 +193,7 @@ impl Shared {
             let _ = outbox.send(Outgoing::Msg(invoke)).await;
         }
         for t in departure.abandoned {
-            let _ = t
-                .outbox
-                .send(Outgoing::Msg(Message::Cancel { id: t.id }))
-                .await;
+            t.send().await;
         }
         for (id, sink) in departure.orphaned {
             let err = ErrorBody::new(
@@ -224,9 +218,7 @@ impl Drop for LocalCall {
     fn drop(&mut self) {
         let target = self.shared.registry().cancel(self.id);
         if let Some(t) = target {
-            let _ = t
-                .outbox
-                .try_send(Outgoing::Msg(Message::Cancel { id: t.id }));
+            t.try_send();
         }
     }
 }

@@ -61,6 +61,21 @@ pub struct CancelTarget {
     pub outbox: Outbox,
 }
 
+impl CancelTarget {
+    fn message(&self) -> crate::transport::Outgoing {
+        crate::transport::Outgoing::Msg(Message::Cancel { id: self.id })
+    }
+
+    pub async fn send(self) {
+        let _ = self.outbox.send(self.message()).await;
+    }
+
+    /// For `Drop`: never waits; a full outbox means the worker is gone or stuck anyway.
+    pub fn try_send(self) {
+        let _ = self.outbox.try_send(self.message());
+    }
+}
+
 /// What became of a removed worker's invocations.
 #[derive(Default)]
 pub struct Departure {
