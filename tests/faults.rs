@@ -203,9 +203,10 @@ async fn malformed(
         ],
         false,
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let refused = rogue
+        .wait_for_log("wrong worker token", Duration::from_secs(10))
+        .await;
     rogue.kill9();
-    let refused = rogue.logs().contains("wrong worker token");
     out.push((
         "a worker with a wrong token".into(),
         if refused {

@@ -218,6 +218,10 @@ async fn a_worker_with_a_wrong_token_is_refused_and_counted() {
     )
     .await;
     assert!(m.gateway.logs().contains("worker refused"));
+    // The gateway counts the refusal before the worker has logged it: wait for its log line.
+    rogue
+        .wait_for_log("wrong worker token", Duration::from_secs(10))
+        .await;
     rogue.kill9();
     assert!(
         rogue.logs().contains("wrong worker token"),

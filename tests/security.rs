@@ -189,6 +189,9 @@ async fn tls_protects_the_api_and_the_mesh() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    rogue
+        .wait_for_log("cannot connect", Duration::from_secs(10))
+        .await;
     rogue.kill9();
     assert!(rogue.logs().contains("cannot connect"), "{}", rogue.logs());
 }
