@@ -1,6 +1,7 @@
 //! Fault injection: a bounded load (32 clients on the seed pipeline, 2 on chat) on the seed pipeline and on chat while infer
 //! workers, the caller and the gateway are killed (-9), stopped (SIGTERM) and restarted, plus a
-//! battery of malformed inputs. Prints one table; fails on any hung request or lost
+//! battery of malformed inputs. Prints one table; fails on any hung request (no answer long
+//! after the gateway's deadline; a hung one is named with the log lines that mention it) or lost
 //! acknowledged write. Clients retry with an `Idempotency-Key`, so every logical request is
 //! eventually acknowledged exactly once and the final total must equal their sum exactly.
 //!
@@ -18,7 +19,20 @@ use common::*;
 
 /// 32 clients on the seed pipeline, 2 on chat.
 const CLIENTS: usize = 34;
-const HANG: Duration = Duration::from_secs(15);
+/// The gateway's deadline for every request here: a generation starved of CPU by the load is
+/// answered with a 504 by then, so a request still unanswered well after it has hung.
+const DEADLINE_SECS: &str = "10";
+const HANG: Duration = Duration::from_secs(30);
+/// Two infer workers share the two cores of CI: one compute thread each, so that their thread
+/// pools do not spin against each other.
+const INFER: [&str; 6] = [
+    "--slots",
+    "2",
+    "--drain-timeout-secs",
+    "10",
+    "--threads",
+    "1",
+];
 
 #[derive(Default)]
 struct Tally {
@@ -28,6 +42,8 @@ struct Tally {
     by_status: Mutex<BTreeMap<String, u64>>,
     acked_sum: AtomicI64,
     logical: AtomicU64,
+    /// `x-request-id`s of the attempts that hung, with when they began.
+    hung_ids: Mutex<Vec<(String, Duration)>>,
 }
 
 impl Tally {
@@ -50,7 +66,13 @@ async fn attempt(
     tokio::time::timeout(HANG, fut).await.ok()
 }
 
-async fn math_client(addr: std::net::SocketAddr, n: usize, stop: Arc<AtomicBool>, t: Arc<Tally>) {
+async fn math_client(
+    addr: std::net::SocketAddr,
+    n: usize,
+    began: Instant,
+    stop: Arc<AtomicBool>,
+    t: Arc<Tally>,
+) {
     let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
@@ -59,18 +81,21 @@ async fn math_client(addr: std::net::SocketAddr, n: usize, stop: Arc<AtomicBool>
         t.logical.fetch_add(1, Ordering::Relaxed);
         // Retry the same logical request until it is acknowledged (bounded by the hang limit).
         let started = Instant::now();
-        loop {
+        for try_no in 1.. {
             t.sent.fetch_add(1, Ordering::Relaxed);
+            let id = format!("{key}-{try_no}");
+            let at = began.elapsed();
             match attempt(
                 addr,
                 "/math/add-two-numbers",
                 &format!(r#"{{"a":{a},"b":{b}}}"#),
-                &[("idempotency-key", &key)],
+                &[("idempotency-key", &key), ("x-request-id", &id)],
             )
             .await
             {
                 None => {
                     t.hung.fetch_add(1, Ordering::Relaxed);
+                    t.hung_ids.lock().unwrap().push((id, at));
                     break;
                 }
                 Some(Ok(r)) if r.status == 200 => {
@@ -97,13 +122,24 @@ async fn math_client(addr: std::net::SocketAddr, n: usize, stop: Arc<AtomicBool>
     }
 }
 
-async fn chat_client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, t: Arc<Tally>) {
+async fn chat_client(
+    addr: std::net::SocketAddr,
+    n: usize,
+    began: Instant,
+    stop: Arc<AtomicBool>,
+    t: Arc<Tally>,
+) {
     let body = r#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":8,"temperature":0}"#;
+    let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
+        seq += 1;
         t.sent.fetch_add(1, Ordering::Relaxed);
-        match attempt(addr, "/v1/chat/completions", body, &[]).await {
+        let id = format!("chat-{n}-{seq}");
+        let at = began.elapsed();
+        match attempt(addr, "/v1/chat/completions", body, &[("x-request-id", &id)]).await {
             None => {
                 t.hung.fetch_add(1, Ordering::Relaxed);
+                t.hung_ids.lock().unwrap().push((id, at));
             }
             Some(Ok(r)) => {
                 if r.status == 200 {
@@ -225,74 +261,73 @@ async fn the_mesh_survives_kills_and_restarts_without_losing_an_acknowledged_wri
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let gateway = |http: &str, mesh: &str| {
+        gateway_with(
+            dir.path(),
+            http,
+            mesh,
+            &["--request-timeout-secs", DEADLINE_SECS],
+        )
+    };
+    let mut gw = gateway("127.0.0.1:0", "127.0.0.1:0");
     let (addr, mesh) = (gw.http(), gw.mesh.unwrap());
     let url = gw.mesh_url();
     let mut caller_p = caller(&url, "caller");
-    let mut infer_a = infer_with(
-        &url,
-        "infer-a",
-        &["--slots", "2", "--drain-timeout-secs", "10"],
-    );
-    let mut infer_b = infer_with(
-        &url,
-        "infer-b",
-        &["--slots", "2", "--drain-timeout-secs", "10"],
-    );
+    let mut infer_a = infer_with(&url, "infer-a", &INFER);
+    let mut infer_b = infer_with(&url, "infer-b", &INFER);
     ready(addr).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
+    let began = Instant::now();
     let mut clients = Vec::new();
     for n in 0..CLIENTS - 2 {
-        clients.push(tokio::spawn(math_client(
-            addr,
-            n,
-            stop.clone(),
-            tally.clone(),
-        )));
+        let (stop, tally) = (stop.clone(), tally.clone());
+        clients.push(tokio::spawn(math_client(addr, n, began, stop, tally)));
     }
-    for _ in 0..2 {
-        clients.push(tokio::spawn(chat_client(addr, stop.clone(), tally.clone())));
+    for n in 0..2 {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        clients.push(tokio::spawn(chat_client(addr, n, began, stop, tally)));
     }
 
+    // Killed processes are kept (dead) so that their logs can explain a hung request.
+    let mut retired: Vec<Proc> = Vec::new();
     let mut faults: Vec<String> = Vec::new();
-    let began = Instant::now();
     let step = Duration::from_secs((secs / 5).max(2));
     let mut round = 0;
     while began.elapsed() + step < Duration::from_secs(secs) {
         tokio::time::sleep(step).await;
         round += 1;
-        match round % 4 {
+        let at = began.elapsed().as_secs_f64();
+        // Killing, draining and starting processes block; keep them off the clients' threads.
+        let what = tokio::task::block_in_place(|| match round % 4 {
             1 => {
                 infer_a.kill9();
-                infer_a = infer_with(
-                    &url,
-                    "infer-a",
-                    &["--slots", "2", "--drain-timeout-secs", "10"],
-                );
-                faults.push("kill -9 infer-a, restart".into());
+                let new = infer_with(&url, "infer-a", &INFER);
+                retired.push(std::mem::replace(&mut infer_a, new));
+                "kill -9 infer-a, restart"
             }
             2 => {
                 gw.kill9();
-                gw = gateway(dir.path(), &addr.to_string(), &mesh.to_string());
-                faults.push("kill -9 gateway, restart".into());
+                let new = gateway(&addr.to_string(), &mesh.to_string());
+                retired.push(std::mem::replace(&mut gw, new));
+                "kill -9 gateway, restart"
             }
             3 => {
                 infer_b.terminate();
-                infer_b = infer_with(
-                    &url,
-                    "infer-b",
-                    &["--slots", "2", "--drain-timeout-secs", "10"],
-                );
-                faults.push("SIGTERM infer-b (drain), restart".into());
+                let new = infer_with(&url, "infer-b", &INFER);
+                retired.push(std::mem::replace(&mut infer_b, new));
+                "SIGTERM infer-b (drain), restart"
             }
             _ => {
                 caller_p.kill9();
-                caller_p = caller(&url, "caller");
-                faults.push("kill -9 caller, restart".into());
+                let new = caller(&url, "caller");
+                retired.push(std::mem::replace(&mut caller_p, new));
+                "kill -9 caller, restart"
             }
-        }
+        });
+        let took = began.elapsed().as_secs_f64() - at;
+        faults.push(format!("{what} at {at:.1} s (took {took:.1} s)"));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
@@ -333,7 +368,25 @@ async fn the_mesh_survives_kills_and_restarts_without_losing_an_acknowledged_wri
         println!("| {what} | {answer} |");
     }
 
-    assert_eq!(hung, 0, "requests hung");
+    let hung_ids = tally.hung_ids.lock().unwrap().clone();
+    if !hung_ids.is_empty() {
+        let procs = retired.iter().chain([&gw, &caller_p, &infer_a, &infer_b]);
+        let logs: Vec<String> = procs.map(Proc::logs).collect();
+        for (id, at) in &hung_ids {
+            println!(
+                "\nhung: {id}, sent at {:.1} s; log lines naming it:",
+                at.as_secs_f64()
+            );
+            for line in logs
+                .iter()
+                .flat_map(|l| l.lines())
+                .filter(|l| l.contains(id.as_str()))
+            {
+                println!("  {line}");
+            }
+        }
+    }
+    assert_eq!(hung, 0, "requests hung: {hung_ids:?}");
     assert_eq!(
         total, acked,
         "the total must equal the sum of acknowledged requests exactly"

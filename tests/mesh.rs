@@ -484,7 +484,7 @@ async fn queued_generations_move_to_the_surviving_worker() {
         assert!(text.contains("worker_lost"), "{text}");
     }
     assert!(
-        gw.logs().contains("re-sending an invocation"),
+        gw.logs().contains("moved invocations it had not started"),
         "nothing was re-sent"
     );
 }

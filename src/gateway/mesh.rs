@@ -251,31 +251,26 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
                 });
                 return;
             }
-            let routed = shared.registry().route(
+            let routed = shared.registry().dispatch(
                 &function,
+                None,
                 Sink::Remote { worker: me, id },
                 Some((me, id)),
                 shared.opts.queue_depth,
+                |gid| Message::Invoke {
+                    id: gid,
+                    function: function.clone(),
+                    payload,
+                    timeout_ms,
+                    trace_id,
+                    http,
+                },
             );
-            match routed {
-                Ok(route) => {
-                    let msg = Message::Invoke {
-                        id: route.id,
-                        function,
-                        payload,
-                        timeout_ms,
-                        trace_id,
-                        http,
-                    };
-                    shared.registry().remember(route.id, &msg);
-                    let _ = route.outbox.send(Outgoing::Msg(msg)).await;
-                }
-                Err(e) => {
-                    let outcome = Outcome::Error(e.to_error(&function));
-                    let _ = outbox
-                        .send(Outgoing::Msg(Message::Result { id, outcome }))
-                        .await;
-                }
+            if let Err(e) = routed {
+                let outcome = Outcome::Error(e);
+                let _ = outbox
+                    .send(Outgoing::Msg(Message::Result { id, outcome }))
+                    .await;
             }
         }
         Message::Result { id, outcome } => {
@@ -312,9 +307,16 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
         }
         Message::Draining {} => {
             tracing::info!("worker is draining; no new work goes to it");
-            shared.registry().set_draining(me);
-            // Confirm: every invoke routed here before this point is already on the wire.
-            let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
+            // Confirm under the registry lock: invokes are queued under it as they are routed,
+            // so every one routed here is ahead of the confirmation on the connection.
+            let queued = {
+                let mut registry = shared.registry();
+                registry.set_draining(me);
+                outbox.try_send(Outgoing::Msg(Message::Draining {})).is_ok()
+            };
+            if !queued {
+                let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
+            }
         }
         Message::Ping { nonce } => {
             let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));

@@ -111,32 +111,24 @@ impl Shared {
         trace_id: &str,
     ) -> Result<LocalCall, ErrorBody> {
         let (tx, rx) = mpsc::channel(256);
-        let sink = Sink::Local(tx);
-        let route = match worker {
-            None => self
-                .registry()
-                .route(function, sink, None, self.opts.queue_depth),
-            Some(w) => self.registry().route_to(w, function, sink),
-        }
-        .map_err(|e| e.to_error(function))?;
-        let msg = Message::Invoke {
-            id: route.id,
-            function: function.to_string(),
-            payload: serde_bytes::ByteBuf::from(Vec::from(payload)),
-            timeout_ms: self.opts.request_timeout.as_millis() as u64,
-            trace_id: trace_id.to_string(),
-            http,
-        };
-        self.registry().remember(route.id, &msg);
-        if route.outbox.try_send(Outgoing::Msg(msg)).is_err() {
-            self.registry().cancel(route.id);
-            return Err(ErrorBody::new(
-                ErrorCode::Overloaded,
-                format!("the worker serving `{function}` is not keeping up; retry shortly"),
-            ));
-        }
+        let timeout_ms = self.opts.request_timeout.as_millis() as u64;
+        let id = self.registry().dispatch(
+            function,
+            worker,
+            Sink::Local(tx),
+            None,
+            self.opts.queue_depth,
+            |id| Message::Invoke {
+                id,
+                function: function.to_string(),
+                payload: serde_bytes::ByteBuf::from(Vec::from(payload)),
+                timeout_ms,
+                trace_id: trace_id.to_string(),
+                http,
+            },
+        )?;
         Ok(LocalCall {
-            id: route.id,
+            id,
             replies: rx,
             shared: Arc::clone(self),
         })
@@ -188,9 +180,8 @@ impl Shared {
 
     /// Fails every invocation left without a worker, and cancels the calls it had made.
     pub async fn worker_left(self: &Arc<Self>, departure: registry::Departure, name: &str) {
-        for (outbox, invoke) in departure.resent {
-            tracing::info!(worker = %name, "re-sending an invocation it had not started");
-            let _ = outbox.send(Outgoing::Msg(invoke)).await;
+        if departure.resent > 0 {
+            tracing::info!(worker = %name, count = departure.resent, "moved invocations it had not started to other workers");
         }
         for t in departure.abandoned {
             t.send().await;

@@ -1,5 +1,7 @@
 //! The gateway's routing tables: live workers, the functions and triggers they registered, and
-//! every invocation in flight. Pure bookkeeping under one lock; all I/O happens outside it.
+//! every invocation in flight. Bookkeeping under one lock: nothing here waits, but an invoke is
+//! queued on its worker's connection under the lock, in the same step that routes it, so that
+//! whatever else is queued under the lock (a drain confirmation) is ordered after it.
 
 use std::collections::HashMap;
 
@@ -7,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Message, Outcome};
-use crate::transport::Outbox;
+use crate::transport::{Outbox, Outgoing};
 
 pub type WorkerId = u64;
 pub type InvocationId = u64;
@@ -83,8 +85,8 @@ pub struct Departure {
     pub orphaned: Vec<(InvocationId, Sink)>,
     /// Calls it had made: each is cancelled where it runs.
     pub abandoned: Vec<CancelTarget>,
-    /// Invocations it had not started, routed to another worker: each invoke to send there.
-    pub resent: Vec<(Outbox, Message)>,
+    /// Invocations it had not started, now queued on another worker.
+    pub resent: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -234,8 +236,36 @@ impl Registry {
         self.triggers.len()
     }
 
+    /// Routes `function` (to `worker`, else to the least-loaded live one), builds its invoke for
+    /// the new id and queues it on that worker's connection. A full connection is `overloaded`.
+    pub fn dispatch(
+        &mut self,
+        function: &str,
+        worker: Option<WorkerId>,
+        sink: Sink,
+        origin: Option<(WorkerId, u64)>,
+        queue_depth: usize,
+        invoke: impl FnOnce(InvocationId) -> Message,
+    ) -> Result<InvocationId, ErrorBody> {
+        let route = match worker {
+            None => self.route(function, sink, origin, queue_depth),
+            Some(w) => self.route_to(w, function, sink),
+        }
+        .map_err(|e| e.to_error(function))?;
+        let msg = invoke(route.id);
+        self.remember(route.id, &msg);
+        if route.outbox.try_send(Outgoing::Msg(msg)).is_err() {
+            self.finish(route.id);
+            return Err(ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!("the worker serving `{function}` is not keeping up; retry shortly"),
+            ));
+        }
+        Ok(route.id)
+    }
+
     /// Picks the least-loaded live worker for `function` (ties rotate) and records the invocation.
-    pub fn route(
+    fn route(
         &mut self,
         function: &str,
         sink: Sink,
@@ -270,7 +300,7 @@ impl Registry {
     }
 
     /// Keeps the invoke of a resumable function until its worker says `Started`.
-    pub fn remember(&mut self, id: InvocationId, invoke: &Message) {
+    fn remember(&mut self, id: InvocationId, invoke: &Message) {
         if let Some(p) = self.pending.get_mut(&id) {
             if self.resumable.contains(&p.function) {
                 p.resend = Some(invoke.clone());
@@ -286,7 +316,7 @@ impl Registry {
     }
 
     /// Routes to one given worker (the gateway asking each worker of a function, for metrics).
-    pub fn route_to(
+    fn route_to(
         &mut self,
         worker: WorkerId,
         function: &str,
@@ -414,7 +444,12 @@ impl Registry {
                             *id = route.id;
                         }
                         self.remember(route.id, &invoke);
-                        departure.resent.push((route.outbox, invoke));
+                        if route.outbox.try_send(Outgoing::Msg(invoke)).is_ok() {
+                            departure.resent += 1;
+                        } else {
+                            let p = self.finish(route.id).expect("just recorded");
+                            departure.orphaned.push((route.id, p.sink));
+                        }
                     }
                     _ => departure.orphaned.push((id, p.sink)),
                 }
@@ -533,8 +568,11 @@ mod tests {
     #[test]
     fn an_unstarted_resumable_invocation_moves_to_another_worker() {
         let mut r = Registry::default();
-        r.add_worker(1, "a".into(), outbox());
-        r.add_worker(2, "b".into(), outbox());
+        let (tx_a, rx_a) = mpsc::channel(8);
+        let (tx_b, rx_b) = mpsc::channel(8);
+        r.add_worker(1, "a".into(), tx_a);
+        r.add_worker(2, "b".into(), tx_b);
+        let mut inbox = HashMap::from([(1, rx_a), (2, rx_b)]);
         r.register_function(1, "gen", true);
         r.register_function(2, "gen", true);
         let invoke = |id| Message::Invoke {
@@ -554,9 +592,10 @@ mod tests {
         // Both ran on different workers; the one on `first.worker` had not started.
         let d = r.remove_worker(first.worker);
         assert!(d.orphaned.is_empty());
-        assert_eq!(d.resent.len(), 1);
-        let Message::Invoke { id: moved, .. } = d.resent[0].1 else {
-            panic!()
+        assert_eq!(d.resent, 1);
+        let to = inbox.get_mut(&second.worker).unwrap();
+        let Ok(Outgoing::Msg(Message::Invoke { id: moved, .. })) = to.try_recv() else {
+            panic!("the invoke was not queued on the other worker")
         };
         assert!(
             r.complete(moved, second.worker).is_some(),
@@ -565,7 +604,37 @@ mod tests {
         // A started one is orphaned, not moved.
         let d = r.remove_worker(second.worker);
         assert_eq!(d.orphaned.len(), 1);
-        assert!(d.resent.is_empty());
+        assert_eq!(d.resent, 0);
+    }
+
+    #[test]
+    fn dispatch_queues_the_invoke_at_once_and_a_full_connection_leaves_nothing_behind() {
+        let mut r = Registry::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        r.add_worker(1, "a".into(), tx);
+        r.register_function(1, "f", false);
+        let invoke = |id| Message::Invoke {
+            id,
+            function: "f".into(),
+            payload: serde_bytes::ByteBuf::from(vec![]),
+            timeout_ms: 1000,
+            trace_id: "t".into(),
+            http: None,
+        };
+        let id = r.dispatch("f", None, local(), None, 9, invoke).unwrap();
+        // Already on the connection: a confirmation queued after this call comes after it.
+        let Ok(Outgoing::Msg(Message::Invoke { id: sent, .. })) = rx.try_recv() else {
+            panic!("the invoke was not queued")
+        };
+        assert_eq!(sent, id);
+        let _fills = r.dispatch("f", None, local(), None, 9, invoke).unwrap();
+        let err = r.dispatch("f", None, local(), None, 9, invoke).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Overloaded.as_str());
+        assert_eq!(
+            r.status()[0].inflight,
+            2,
+            "the refused one is not in flight"
+        );
     }
 
     #[test]

@@ -31,9 +31,16 @@ pub struct Mesh {
 
 #[derive(Default)]
 struct MeshInner {
-    outbox: Mutex<Option<Outbox>>,
-    pending: Mutex<HashMap<u64, mpsc::Sender<Answer>>>,
+    conn: Mutex<Conn>,
     next_id: AtomicU64,
+}
+
+/// The connection and the calls waiting on it, under one lock: a call is either registered
+/// before a disconnect fails it, or sees no connection at all; none is left waiting forever.
+#[derive(Default)]
+struct Conn {
+    outbox: Option<Outbox>,
+    pending: HashMap<u64, mpsc::Sender<Answer>>,
 }
 
 /// A call in flight; dropping it cancels the call where it runs.
@@ -45,12 +52,7 @@ struct CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        let was_pending = self.mesh.pending().remove(&self.id).is_some();
-        if was_pending {
-            if let Some(outbox) = self.mesh.outbox() {
-                let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id: self.id }));
-            }
-        }
+        self.mesh.cancel(self.id);
     }
 }
 
@@ -87,27 +89,30 @@ fn unexpected(a: &Answer) -> ErrorBody {
 }
 
 impl Mesh {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<Answer>>> {
-        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn outbox(&self) -> Option<Outbox> {
-        self.inner
-            .outbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.inner.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn connected(&self, outbox: Outbox) {
-        *self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(outbox);
+        self.conn().outbox = Some(outbox);
     }
 
     /// Fails every call in flight: their answers can no longer arrive.
     pub(super) fn disconnected(&self) {
-        *self.inner.outbox.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        for (_, tx) in self.pending().drain() {
+        let mut conn = self.conn();
+        conn.outbox = None;
+        for (_, tx) in conn.pending.drain() {
             let _ = tx.try_send(Answer::Done(Outcome::Error(lost())));
+        }
+    }
+
+    /// Stops call `id` where it runs, unless it has already ended.
+    fn cancel(&self, id: u64) {
+        let mut conn = self.conn();
+        if conn.pending.remove(&id).is_some() {
+            if let Some(outbox) = &conn.outbox {
+                let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id }));
+            }
         }
     }
 
@@ -121,21 +126,18 @@ impl Mesh {
             Message::StreamEnd { id, error } => (id, Answer::End(error), true),
             _ => return,
         };
-        let mut pending = self.pending();
-        let tx = if last {
-            pending.remove(&id)
-        } else {
-            pending.get(&id).cloned()
+        let tx = {
+            let mut conn = self.conn();
+            if last {
+                conn.pending.remove(&id)
+            } else {
+                conn.pending.get(&id).cloned()
+            }
         };
-        drop(pending);
         if let Some(tx) = tx {
             if tx.try_send(answer).is_err() && !last {
                 // The caller is not reading fast enough (or left): stop the call.
-                if self.pending().remove(&id).is_some() {
-                    if let Some(outbox) = self.outbox() {
-                        let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id }));
-                    }
-                }
+                self.cancel(id);
             }
         }
     }
@@ -147,20 +149,8 @@ impl Mesh {
         trace_id: &str,
         timeout: Duration,
     ) -> Result<CallGuard, ErrorBody> {
-        let outbox = self.outbox().ok_or_else(|| {
-            ErrorBody::new(
-                ErrorCode::NoWorker,
-                "this worker is not connected to the gateway",
-            )
-        })?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(512);
-        self.pending().insert(id, tx);
-        let guard = CallGuard {
-            id,
-            mesh: self.clone(),
-            answers: rx,
-        };
         let msg = Message::Invoke {
             id,
             function: function.to_string(),
@@ -169,13 +159,25 @@ impl Mesh {
             trace_id: trace_id.to_string(),
             http: None,
         };
+        let mut conn = self.conn();
+        let outbox = conn.outbox.as_ref().ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::NoWorker,
+                "this worker is not connected to the gateway",
+            )
+        })?;
         outbox.try_send(Outgoing::Msg(msg)).map_err(|_| {
             ErrorBody::new(
                 ErrorCode::Overloaded,
                 "the connection to the gateway is saturated",
             )
         })?;
-        Ok(guard)
+        conn.pending.insert(id, tx);
+        Ok(CallGuard {
+            id,
+            mesh: self.clone(),
+            answers: rx,
+        })
     }
 
     /// Calls `function` and waits for its one answer, at most until `deadline`.

@@ -51,7 +51,10 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
-            .env("RUST_LOG", "info");
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            );
         // Die with the thread that started it (and so with the test), whatever happens to it.
         unsafe {
             cmd.pre_exec(|| {
@@ -148,20 +151,23 @@ impl Drop for Proc {
 }
 
 pub fn gateway(data_dir: &Path, http: &str, mesh: &str) -> Proc {
-    Proc::start(
-        &[
-            "gateway",
-            "--http-addr",
-            http,
-            "--mesh-addr",
-            mesh,
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--worker-token",
-            TOKEN,
-        ],
-        true,
-    )
+    gateway_with(data_dir, http, mesh, &[])
+}
+
+pub fn gateway_with(data_dir: &Path, http: &str, mesh: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "gateway",
+        "--http-addr",
+        http,
+        "--mesh-addr",
+        mesh,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--worker-token",
+        TOKEN,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, true)
 }
 
 pub fn caller(url: &str, name: &str) -> Proc {
@@ -195,9 +201,10 @@ pub fn infer_with(url: &str, name: &str, extra: &[&str]) -> Proc {
         name,
         "--model",
         model.to_str().unwrap(),
-        "--threads",
-        "2",
     ];
+    if !extra.contains(&"--threads") {
+        args.extend_from_slice(&["--threads", "2"]);
+    }
     args.extend_from_slice(extra);
     Proc::start(&args, false)
 }
