@@ -264,7 +264,8 @@ async fn a_killed_infer_worker_fails_calls_fast_and_its_return_heals() {
                         assert!(r.status >= 500, "{}", r.text());
                         assert!(r.json()["error"]["message"].is_string());
                         failures.fetch_add(1, Ordering::Relaxed);
-                        if t.elapsed() > Duration::from_secs(1) {
+                        // "At once" against a 300 s deadline, with room for a busy CI machine.
+                        if t.elapsed() > Duration::from_secs(3) {
                             slow.fetch_add(1, Ordering::Relaxed);
                         }
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -289,7 +290,7 @@ async fn a_killed_infer_worker_fails_calls_fast_and_its_return_heals() {
     assert_eq!(
         slow.load(Ordering::Relaxed),
         0,
-        "a failure took more than 1 s"
+        "a failure took more than 3 s"
     );
     let mut c = Client::connect(addr).await.unwrap();
     assert_eq!(add(&mut c, 1, 1).await.unwrap().status, 200);
