@@ -3,7 +3,11 @@
 //! same prompts (no HTTP, no mesh). Reports req/s, completion tokens/s, p50/p99 latency, time to
 //! first token, and the mesh/engine throughput ratio at each concurrency.
 //!
-//! `cargo bench --bench load_chat` (env `ROUNDS`: requests per client, default 2).
+//! `cargo bench --bench load_chat`. Environment: `ROUNDS` (requests per client, default 2),
+//! `LEVELS` (concurrencies, default `1,4,8,16`), `MESH=0` (the engine alone, to study batching),
+//! `THREADS` (compute threads, default: every core), `MESHD_BENCH_MODEL` (another GGUF),
+//! `PAIRS` (default 5): after the table, that many back-to-back pairs of c=1 and c=8 runs, for the
+//! batching gain as a median of paired ratios (one table row pair swings with a shared host).
 
 mod harness;
 
@@ -16,7 +20,14 @@ use meshd::api::{ChatMessage, Prompt, Sampling};
 use meshd::engine::{Engine, EngineConfig, Event};
 
 const MAX_TOKENS: u32 = 64;
-const LEVELS: [usize; 4] = [1, 4, 8, 16];
+const LEVELS: &str = "1,4,8,16";
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
 
 fn prompt(i: usize) -> String {
     const TOPICS: [&str; 8] = [
@@ -170,11 +181,18 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
 }
 
 fn main() {
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+    let rounds: usize = env_or("ROUNDS", 2);
+    let levels: Vec<usize> = env_or("LEVELS", LEVELS.to_string())
+        .split(',')
+        .map(|l| {
+            l.trim()
+                .parse()
+                .expect("LEVELS: comma-separated concurrencies")
+        })
+        .collect();
+    let with_mesh = env_or("MESH", 1) != 0;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+    let threads: u32 = env_or("THREADS", cores);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -192,39 +210,79 @@ fn main() {
             max_queued: 64,
         };
         let engine = Engine::start(config).await.unwrap();
-        let up = Arc::new(Up::start(&["--slots", "16", "--ctx-per-slot", "512", "--threads", &threads.to_string()]));
-        up.ready().await;
+        let up = if with_mesh {
+            let up = Up::start(&["--slots", "16", "--ctx-per-slot", "512", "--threads", &threads.to_string()]);
+            up.ready().await;
+            Some(Arc::new(up))
+        } else {
+            None
+        };
         println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {threads} threads");
         println!(
             "{:<7} {:>3} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
             "target", "c", "req/s", "tok/s", "p50 ms", "p99 ms", "ttft p50", "ttft p99", "mesh/engine"
         );
         let mut base = None;
-        for conc in LEVELS {
+        for conc in levels {
             let e = engine_level(&engine, conc, rounds).await;
-            let m = mesh_level(&up, conc, rounds).await;
+            let m = match &up {
+                Some(up) => mesh_level(up, conc, rounds).await,
+                None => Run::default(),
+            };
             for (name, r) in [("engine", &e), ("mesh", &m)] {
+                if r.latency.is_empty() {
+                    continue;
+                }
                 let mut lat = r.latency.clone();
                 lat.sort();
                 let mut ttft = r.ttft.clone();
                 ttft.sort();
+                let ratio = if up.is_some() {
+                    format!("{:.3}", m.tps() / e.tps())
+                } else {
+                    "-".into()
+                };
                 println!(
-                    "{name:<7} {conc:>3} {:>7.2} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.3}",
+                    "{name:<7} {conc:>3} {:>7.2} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {ratio:>11}",
                     r.rps(),
                     r.tps(),
                     quantile_ms(&lat, 0.5),
                     quantile_ms(&lat, 0.99),
                     quantile_ms(&ttft, 0.5),
                     quantile_ms(&ttft, 0.99),
-                    m.tps() / e.tps(),
                 );
             }
-            if conc == 1 {
-                base = Some(m.tps());
+            let (which, tps) = if up.is_some() { ("mesh", m.tps()) } else { ("engine", e.tps()) };
+            match base {
+                None => base = Some((conc, tps)),
+                Some((c1, b)) => println!("{which} aggregate tok/s at c={conc} vs c={c1}: {:.2}x", tps / b),
             }
-            if conc == 8 {
-                println!("mesh aggregate tok/s at c=8 vs c=1: {:.2}x", m.tps() / base.unwrap());
+        }
+        let pairs: usize = env_or("PAIRS", 5);
+        if pairs == 0 {
+            return;
+        }
+        let mut engine_ratios = Vec::new();
+        let mut mesh_ratios = Vec::new();
+        for _ in 0..pairs {
+            let one = engine_level(&engine, 1, rounds).await.tps();
+            engine_ratios.push(engine_level(&engine, 8, rounds).await.tps() / one);
+            if let Some(up) = &up {
+                let one = mesh_level(up, 1, rounds).await.tps();
+                mesh_ratios.push(mesh_level(up, 8, rounds).await.tps() / one);
             }
+        }
+        for (name, mut r) in [("engine", engine_ratios), ("mesh", mesh_ratios)] {
+            if r.is_empty() {
+                continue;
+            }
+            r.sort_by(f64::total_cmp);
+            let all: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
+            println!(
+                "{name} c=8 / c=1 tok/s over {pairs} back-to-back pairs: median {:.2}x (all: {})",
+                r[r.len() / 2],
+                all.join(" ")
+            );
         }
     });
 }
