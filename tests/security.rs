@@ -103,6 +103,36 @@ async fn api_keys_guard_everything_but_health() {
         .await
         .unwrap();
     assert!(r.text().contains("status=\"401\""), "{}", r.text());
+
+    // Rotation without a restart: SIGHUP reads the file again.
+    let hangup = || unsafe {
+        libc::kill(gateway.child.id() as i32, libc::SIGHUP);
+    };
+    let status_with = |key: &'static str| async move {
+        let mut c = Client::connect(addr).await.unwrap();
+        let auth = [("authorization", key)];
+        let r = c.send("POST", "/math/add-two-numbers", body.as_bytes(), &auth);
+        r.await.unwrap().status
+    };
+    std::fs::write(keys.path(), "key-three\n").unwrap();
+    hangup();
+    assert!(
+        gateway
+            .wait_for_log("reloaded the API keys", Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(status_with("Bearer key-one").await, 401, "a retired key");
+    assert_eq!(status_with("Bearer key-three").await, 200, "the new key");
+    // An empty list would open the API: refused, the keys in force stay.
+    std::fs::write(keys.path(), "").unwrap();
+    hangup();
+    assert!(
+        gateway
+            .wait_for_log("reload refused", Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(status_with("Bearer key-three").await, 200);
+    assert_eq!(status_with("Bearer nothing").await, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,6 @@ const PRIVATE_HEADERS: [&str; 6] = [
 ];
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let acceptor = crate::tls::acceptor(&shared.opts.http_tls);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -56,7 +55,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let svc_shared = Arc::clone(&shared);
-        let acceptor = acceptor.clone();
+        let acceptor = crate::tls::acceptor(&shared.secrets().http_tls);
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
@@ -117,7 +116,7 @@ async fn route(
             _ => {}
         }
     }
-    if let Err(e) = authorize(&req, &shared.opts.api_keys) {
+    if let Err(e) = authorize(&req, &shared.secrets().api_keys) {
         return ("unauthorized".into(), error(&e));
     }
     if req.method() == Method::GET {

@@ -24,7 +24,6 @@ const IDLE: Duration = Duration::from_secs(15);
 static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let acceptor = crate::tls::acceptor(&shared.opts.mesh_tls);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -40,7 +39,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
-        let acceptor = acceptor.clone();
+        let acceptor = crate::tls::acceptor(&shared.secrets().mesh_tls);
         tokio::spawn(async move {
             let _permit = permit;
             match crate::tls::accept(acceptor.as_ref(), stream).await {

@@ -10,7 +10,7 @@ pub mod mesh;
 pub mod registry;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,6 +41,17 @@ pub struct GatewayOptions {
     pub queue_depth: usize,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Where the API keys and certificates were read from: `SIGHUP` reads them again.
+    pub settings: Option<Settings>,
+}
+
+/// What `SIGHUP` replaces without a restart: the API keys and the certificates. Connections
+/// already open keep what they were accepted with; every new one gets the new set.
+#[derive(Clone, Debug)]
+pub struct Secrets {
+    pub api_keys: Arc<Vec<[u8; 32]>>,
+    pub http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    pub mesh_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl GatewayOptions {
@@ -80,13 +91,23 @@ impl GatewayOptions {
             queue_depth: s.queue_depth,
             max_connections: s.max_connections,
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+            settings: Some(s.clone()),
         })
+    }
+
+    fn secrets(&self) -> Secrets {
+        Secrets {
+            api_keys: Arc::new(self.api_keys.clone()),
+            http_tls: self.http_tls.clone(),
+            mesh_tls: self.mesh_tls.clone(),
+        }
     }
 }
 
 /// State shared by every task of the gateway.
 pub struct Shared {
     pub opts: GatewayOptions,
+    secrets: RwLock<Secrets>,
     pub state: StateStore,
     pub metrics: Metrics,
     registry: Mutex<Registry>,
@@ -98,6 +119,49 @@ pub struct Shared {
 impl Shared {
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The API keys and certificates in force now.
+    pub fn secrets(&self) -> Secrets {
+        self.secrets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the API keys and certificates again (on `SIGHUP`). Anything wrong — a missing file,
+    /// a key that does not match its certificate, an empty key list where there were keys — keeps
+    /// the current set and says why; a listener that started without TLS stays without it.
+    pub fn reload_secrets(&self) {
+        let Some(settings) = &self.opts.settings else {
+            return;
+        };
+        let fresh = GatewayOptions::from_settings(settings, self.opts.token.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|fresh| {
+                if fresh.api_keys.is_empty() && !self.secrets().api_keys.is_empty() {
+                    return Err("the new key list is empty, which would open the API".to_string());
+                }
+                Ok(fresh)
+            });
+        match fresh {
+            Ok(fresh) => {
+                let mut secrets = self.secrets.write().unwrap_or_else(|e| e.into_inner());
+                let keep_tls = |now: &Option<_>, new: Option<_>| now.as_ref().and(new);
+                *secrets = Secrets {
+                    api_keys: Arc::new(fresh.api_keys),
+                    http_tls: keep_tls(&secrets.http_tls, fresh.http_tls),
+                    mesh_tls: keep_tls(&secrets.mesh_tls, fresh.mesh_tls),
+                };
+                tracing::info!(
+                    api_keys = secrets.api_keys.len(),
+                    "reloaded the API keys and certificates"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; keeping the current API keys and certificates")
+            }
+        }
     }
 
     /// Invokes `function` for the gateway itself (the HTTP front, metrics), on the least-loaded
@@ -244,6 +308,22 @@ pub struct Listeners {
 }
 
 /// Runs the gateway until `shutdown` completes, then drains and flushes.
+/// Reloads the API keys and certificates on every `SIGHUP`.
+async fn reload_on_hangup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: API keys reload only on restart");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received");
+        shared.reload_secrets();
+    }
+}
+
 pub async fn run(
     listeners: Listeners,
     opts: GatewayOptions,
@@ -252,6 +332,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         connections: Arc::new(Semaphore::new(opts.max_connections)),
+        secrets: RwLock::new(opts.secrets()),
         opts,
         state,
         metrics: Metrics::default(),
@@ -268,6 +349,7 @@ pub async fn run(
         mesh = %listeners.mesh.local_addr()?,
         "gateway listening"
     );
+    let reload_task = tokio::spawn(reload_on_hangup(Arc::clone(&shared)));
     let mesh_task = tokio::spawn(mesh::accept_loop(listeners.mesh, Arc::clone(&shared)));
     let http_task = tokio::spawn(http::serve(listeners.http, Arc::clone(&shared)));
     shutdown.await;
@@ -278,6 +360,7 @@ pub async fn run(
         tracing::warn!(?drain, "HTTP requests still running at the drain deadline");
     }
     mesh_task.abort();
+    reload_task.abort();
     shared.state.flush_now()?;
     tracing::info!("gateway stopped; state flushed");
     Ok(())

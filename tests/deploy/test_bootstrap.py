@@ -279,13 +279,14 @@ def test_gateway_reboot_without_changes_only_starts(gateway):
     assert not any("restart" in c for c in gateway.calls)
 
 
-def test_api_key_rotation_rewrites_file_and_restarts(gateway):
+def test_api_key_rotation_rewrites_file_and_reloads_without_a_restart(gateway):
     assert gateway.run() == 0, gateway.out
     rotated = "sha256:" + "b2" * 32 + "\nsha256:" + "c3" * 32
     gateway.set_param("api_keys", rotated)
     assert gateway.run() == 0, gateway.out
     assert gateway.path("/etc/meshd/api-keys").read_text() == rotated + "\n"
-    assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
+    assert "systemctl --no-block reload-or-restart meshd-gateway.service" in gateway.calls
+    assert not any(c.startswith("systemctl --no-block restart") for c in gateway.calls)
     assert "api-keys updated from SSM parameter /meshd/api-keys" in gateway.out
 
 

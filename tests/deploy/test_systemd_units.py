@@ -117,16 +117,17 @@ def test_workers_ip_allow_list(role):
 
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
-    """A root with the distribution's unit files (for sysinit.target & co) and an executable at ExecStart's path."""
+    """A root with the distribution's unit files (for sysinit.target & co) and executables at the units' paths."""
     root = tmp_path_factory.mktemp("sysroot")
     src = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()), None)
     assert src, "no /usr/lib/systemd/system: install the systemd package"
     shutil.copytree(src, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    exe = root / "usr/local/bin/meshd"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\nexit 0\n")
-    exe.chmod(0o755)
+    for path in ("usr/local/bin/meshd", "bin/kill"):  # ExecStart's and ExecReload's executables
+        exe = root / path
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text("#!/bin/sh\nexit 0\n")
+        exe.chmod(0o755)
     return root
 
 
