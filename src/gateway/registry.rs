@@ -237,7 +237,8 @@ impl Registry {
     }
 
     /// Routes `function` (to `worker`, else to the least-loaded live one), builds its invoke for
-    /// the new id and queues it on that worker's connection. A full connection is `overloaded`.
+    /// the new id and queues it on that worker's connection. A full connection is `overloaded`, a
+    /// closed one `worker_lost`; either way nothing stays in flight.
     pub fn dispatch(
         &mut self,
         function: &str,
@@ -254,14 +255,23 @@ impl Registry {
         .map_err(|e| e.to_error(function))?;
         let msg = invoke(route.id);
         self.remember(route.id, &msg);
-        if route.outbox.try_send(Outgoing::Msg(msg)).is_err() {
-            self.finish(route.id);
-            return Err(ErrorBody::new(
-                ErrorCode::Overloaded,
-                format!("the worker serving `{function}` is not keeping up; retry shortly"),
-            ));
+        match route.outbox.try_send(Outgoing::Msg(msg)) {
+            Ok(()) => Ok(route.id),
+            Err(e) => {
+                self.finish(route.id);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => ErrorBody::new(
+                        ErrorCode::Overloaded,
+                        format!("the worker serving `{function}` is not keeping up; retry shortly"),
+                    ),
+                    // Its connection is gone; the registry hears of it a moment later.
+                    mpsc::error::TrySendError::Closed(_) => ErrorBody::new(
+                        ErrorCode::WorkerLost,
+                        format!("the worker chosen for `{function}` has just disconnected; retry"),
+                    ),
+                })
+            }
         }
-        Ok(route.id)
     }
 
     /// Picks the least-loaded live worker for `function` (ties rotate) and records the invocation.
@@ -608,7 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn dispatch_queues_the_invoke_at_once_and_a_full_connection_leaves_nothing_behind() {
+    fn dispatch_queues_the_invoke_at_once_and_a_full_or_closed_connection_leaves_nothing_behind() {
         let mut r = Registry::default();
         let (tx, mut rx) = mpsc::channel(1);
         r.add_worker(1, "a".into(), tx);
