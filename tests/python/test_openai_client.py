@@ -1,49 +1,21 @@
 """The official `openai` Python client against `meshd up` (real processes, real model)."""
 
-import os
-import pathlib
+import shutil
 import subprocess
-import tempfile
+import urllib.request
 
 import openai
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-BIN = os.environ.get("MESHD_BIN", str(ROOT / "target" / "release" / "meshd"))
-MODEL = ROOT / "models" / "gemma3-270m-q4_k_m.gguf"
+from meshd_proc import up
 
 
 @pytest.fixture(scope="module")
 def client():
-    assert pathlib.Path(BIN).exists(), f"{BIN} is missing: cargo build --release first"
-    assert MODEL.exists(), "run scripts/fetch-model first"
-    data = tempfile.TemporaryDirectory()
-    proc = subprocess.Popen(
-        [BIN, "up", "--http-addr", "127.0.0.1:0", "--data-dir", data.name, "--model", str(MODEL),
-         "--slots", "4", "--ctx-per-slot", "512"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("meshd listening"), line
-        http = line.split("http=")[1].split()[0]
+    with up("--slots", "4", "--ctx-per-slot", "512") as http:
         c = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused-on-loopback", max_retries=0, timeout=60)
-        # Ready once the model answers.
-        import time, urllib.request
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://{http}/readyz", timeout=2).status == 200:
-                    break
-            except Exception:
-                pass
-            assert time.time() < deadline, "meshd up never became ready"
-            time.sleep(0.05)
         c.meshd_http = http
         yield c
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        data.cleanup()
 
 
 def test_chat_completion(client):
@@ -86,7 +58,6 @@ def test_unknown_model_is_not_found(client):
 
 
 def test_metrics_pass_promtool(client):
-    import shutil, urllib.request
     client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     text = urllib.request.urlopen(f"http://{client.meshd_http}/metrics", timeout=10).read().decode()
     for name in ["meshd_http_requests_total", "meshd_tokens_generated_total", "meshd_time_to_first_token_seconds_bucket",

@@ -11,11 +11,7 @@ and is skipped without it.
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import tempfile
-import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -25,9 +21,8 @@ yaml = pytest.importorskip("yaml")
 jsonschema_rs = pytest.importorskip("jsonschema_rs")
 from schemathesis import checks as st_checks  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-BIN = os.environ.get("MESHD_BIN", str(ROOT / "target" / "release" / "meshd"))
-MODEL = ROOT / "models" / "gemma3-270m-q4_k_m.gguf"
+from meshd_proc import ROOT, up  # noqa: E402
+
 SPEC = ROOT / "docs" / "openapi.yaml"
 CTX = 512
 API_KEY = "test-openapi-key"
@@ -44,34 +39,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def base_url():
-    assert pathlib.Path(BIN).exists(), f"{BIN} is missing: cargo build --release first"
-    assert MODEL.exists(), "run scripts/fetch-model first"
-    data = tempfile.TemporaryDirectory()
-    keys = pathlib.Path(data.name) / "api-keys"
-    keys.write_text(API_KEY + "\n")
-    proc = subprocess.Popen(
-        [BIN, "up", "--http-addr", "127.0.0.1:0", "--data-dir", str(pathlib.Path(data.name) / "data"),
-         "--model", str(MODEL), "--slots", "4", "--ctx-per-slot", str(CTX), "--threads", "1",
-         "--api-keys-file", str(keys)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("meshd listening"), line
-        url = "http://" + line.split("http=")[1].split()[0]
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
-                    break
-            except Exception:
-                pass
-            assert time.time() < deadline, "meshd up never became ready"
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        data.cleanup()
+    with up("--slots", "4", "--ctx-per-slot", str(CTX), "--threads", "1", api_key=API_KEY) as http:
+        yield "http://" + http
 
 
 @pytest.fixture(scope="module")
