@@ -180,6 +180,29 @@ impl Mesh {
         })
     }
 
+    /// Sends a call and waits, at most until `deadline`, for its first answer; an error answer,
+    /// a lost connection and a passed deadline (`\`function\` did not {what} in time`) are errors.
+    async fn first_answer(
+        &self,
+        function: &str,
+        payload: Vec<u8>,
+        trace_id: &str,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<(CallGuard, Answer), ErrorBody> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let mut guard = self.send(function, payload, trace_id, timeout)?;
+        match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
+            Err(_) => Err(ErrorBody::new(
+                ErrorCode::DeadlineExceeded,
+                format!("`{function}` did not {what} in time"),
+            )),
+            Ok(None) => Err(lost()),
+            Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
+            Ok(Some(answer)) => Ok((guard, answer)),
+        }
+    }
+
     /// Calls `function` and waits for its one answer, at most until `deadline`.
     pub async fn call(
         &self,
@@ -188,19 +211,12 @@ impl Mesh {
         trace_id: &str,
         deadline: Instant,
     ) -> Result<Bytes, ErrorBody> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let mut guard = self.send(function, payload, trace_id, timeout)?;
-        match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
-            Err(_) => Err(ErrorBody::new(
-                ErrorCode::DeadlineExceeded,
-                format!("`{function}` did not answer in time"),
-            )),
-            Ok(None) => Err(lost()),
-            Ok(Some(Answer::Done(Outcome::Ok { payload, .. }))) => {
-                Ok(Bytes::from(payload.into_vec()))
-            }
-            Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
-            Ok(Some(other)) => Err(unexpected(&other)),
+        let (_guard, answer) = self
+            .first_answer(function, payload, trace_id, deadline, "answer")
+            .await?;
+        match answer {
+            Answer::Done(Outcome::Ok { payload, .. }) => Ok(Bytes::from(payload.into_vec())),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -212,17 +228,12 @@ impl Mesh {
         trace_id: &str,
         deadline: Instant,
     ) -> Result<CallStream, ErrorBody> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let mut guard = self.send(function, payload, trace_id, timeout)?;
-        match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
-            Err(_) => Err(ErrorBody::new(
-                ErrorCode::DeadlineExceeded,
-                format!("`{function}` did not start in time"),
-            )),
-            Ok(None) => Err(lost()),
-            Ok(Some(Answer::Start(http))) => Ok(CallStream { guard, http }),
-            Ok(Some(Answer::Done(Outcome::Error(e)))) => Err(e),
-            Ok(Some(other)) => Err(unexpected(&other)),
+        let (guard, answer) = self
+            .first_answer(function, payload, trace_id, deadline, "start")
+            .await?;
+        match answer {
+            Answer::Start(http) => Ok(CallStream { guard, http }),
+            other => Err(unexpected(&other)),
         }
     }
 }
