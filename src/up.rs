@@ -38,7 +38,7 @@ pub async fn run(
     let state = StateStore::open(&settings.data_dir)?;
     let mut opts = GatewayOptions::from_settings(&settings, token.clone())?;
     // The mesh of `up` never leaves the process's loopback listener: no TLS there.
-    opts.mesh_tls = None;
+    opts.secrets.mesh_tls = None;
 
     let engine = Engine::start(EngineConfig::from_settings(&settings)).await?;
     let stop_workers = CancellationToken::new();

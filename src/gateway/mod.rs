@@ -29,12 +29,8 @@ use registry::{Registry, Reply, Sink};
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
     pub token: String,
-    /// SHA-256 digests of the accepted API keys; empty means the API is open.
-    pub api_keys: Vec<[u8; 32]>,
-    /// HTTPS on the API listener.
-    pub http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    /// wss:// on the mesh listener.
-    pub mesh_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// The API keys and certificates read at start ([`Shared::secrets`] has the ones in force).
+    pub secrets: Secrets,
     pub max_frame_bytes: usize,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
@@ -49,8 +45,11 @@ pub struct GatewayOptions {
 /// already open keep what they were accepted with; every new one gets the new set.
 #[derive(Clone, Debug)]
 pub struct Secrets {
+    /// SHA-256 digests of the accepted API keys; empty means the API is open.
     pub api_keys: Arc<Vec<[u8; 32]>>,
+    /// HTTPS on the API listener.
     pub http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// wss:// on the mesh listener.
     pub mesh_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
@@ -82,9 +81,11 @@ impl GatewayOptions {
             };
         Ok(GatewayOptions {
             token,
-            api_keys,
-            http_tls: tls(&s.tls_cert, &s.tls_key)?,
-            mesh_tls: tls(&s.mesh_tls_cert, &s.mesh_tls_key)?,
+            secrets: Secrets {
+                api_keys: Arc::new(api_keys),
+                http_tls: tls(&s.tls_cert, &s.tls_key)?,
+                mesh_tls: tls(&s.mesh_tls_cert, &s.mesh_tls_key)?,
+            },
             max_frame_bytes: s.max_frame_bytes,
             max_body_bytes: s.max_body_bytes,
             request_timeout: Duration::from_secs(s.request_timeout_secs),
@@ -93,14 +94,6 @@ impl GatewayOptions {
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
             settings: Some(s.clone()),
         })
-    }
-
-    fn secrets(&self) -> Secrets {
-        Secrets {
-            api_keys: Arc::new(self.api_keys.clone()),
-            http_tls: self.http_tls.clone(),
-            mesh_tls: self.mesh_tls.clone(),
-        }
     }
 }
 
@@ -139,17 +132,17 @@ impl Shared {
         let fresh = GatewayOptions::from_settings(settings, self.opts.token.clone())
             .map_err(|e| e.to_string())
             .and_then(|fresh| {
-                if fresh.api_keys.is_empty() && !self.secrets().api_keys.is_empty() {
+                if fresh.secrets.api_keys.is_empty() && !self.secrets().api_keys.is_empty() {
                     return Err("the new key list is empty, which would open the API".to_string());
                 }
                 Ok(fresh)
             });
         match fresh {
-            Ok(fresh) => {
+            Ok(GatewayOptions { secrets: fresh, .. }) => {
                 let mut secrets = self.secrets.write().unwrap_or_else(|e| e.into_inner());
                 let keep_tls = |now: &Option<_>, new: Option<_>| now.as_ref().and(new);
                 *secrets = Secrets {
-                    api_keys: Arc::new(fresh.api_keys),
+                    api_keys: fresh.api_keys,
                     http_tls: keep_tls(&secrets.http_tls, fresh.http_tls),
                     mesh_tls: keep_tls(&secrets.mesh_tls, fresh.mesh_tls),
                 };
@@ -332,7 +325,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         connections: Arc::new(Semaphore::new(opts.max_connections)),
-        secrets: RwLock::new(opts.secrets()),
+        secrets: RwLock::new(opts.secrets.clone()),
         opts,
         state,
         metrics: Metrics::default(),
