@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench load_chat`. Environment: `ROUNDS` (requests per client, default 2),
 //! `LEVELS` (concurrencies, default `1,4,8,16`), `MESH=0` (the engine alone, to study batching),
-//! `THREADS` (compute threads, default: every core), `MESHD_BENCH_MODEL` (another GGUF),
+//! `THREADS` (compute threads, default: every core), `MATMUL` (`meshd`, the default, or
+//! `llama.cpp`: the CPU matmul kernel, see build.rs), `MESHD_BENCH_MODEL` (another GGUF),
 //! `PAIRS` (default 5): after the table, that many back-to-back pairs of c=1 and c=8 runs, for the
 //! batching gain as a median of paired ratios (one table row pair swings with a shared host).
 
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use harness::{quantile_ms, Conn, Up};
 use http_body_util::BodyExt;
 use meshd::api::{ChatMessage, Prompt, Sampling};
-use meshd::engine::{Engine, EngineConfig, Event};
+use meshd::engine::{Engine, EngineConfig, Event, MatmulKernel};
 
 const MAX_TOKENS: u32 = 64;
 const LEVELS: &str = "1,4,8,16";
@@ -193,6 +194,11 @@ fn main() {
     let with_mesh = env_or("MESH", 1) != 0;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
     let threads: u32 = env_or("THREADS", cores);
+    let matmul = match std::env::var("MATMUL").as_deref() {
+        Ok("llama.cpp") => MatmulKernel::Llama,
+        Ok("meshd") | Err(_) => MatmulKernel::Meshd,
+        Ok(other) => panic!("MATMUL={other}: use meshd or llama.cpp"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -205,19 +211,20 @@ fn main() {
             ctx_per_slot: 512,
             batch_size: 512,
             threads,
+            matmul_kernel: matmul,
             n_gpu_layers: 0,
             chat_template: "gemma".into(),
             max_queued: 64,
         };
         let engine = Engine::start(config).await.unwrap();
         let up = if with_mesh {
-            let up = Up::start(&["--slots", "16", "--ctx-per-slot", "512", "--threads", &threads.to_string()]);
+            let up = Up::start(&["--slots", "16", "--ctx-per-slot", "512", "--threads", &threads.to_string(), "--matmul-kernel", matmul.name()]);
             up.ready().await;
             Some(Arc::new(up))
         } else {
             None
         };
-        println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {threads} threads");
+        println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {threads} threads, matmul {}", matmul.name());
         println!(
             "{:<7} {:>3} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
             "target", "c", "req/s", "tok/s", "p50 ms", "p99 ms", "ttft p50", "ttft p99", "mesh/engine"

@@ -18,6 +18,30 @@ pub enum LogFormat {
     Json,
 }
 
+/// The quantized matrix multiply the CPU runs (see `build.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum MatmulKernel {
+    /// llama.cpp's tinyBLAS with meshd's prefetch patch (x86-64 Linux builds; elsewhere the
+    /// same as `llama.cpp`).
+    #[serde(rename = "meshd")]
+    #[value(name = "meshd")]
+    Meshd,
+    /// llama.cpp's own kernels, unchanged: for comparison runs.
+    #[serde(rename = "llama.cpp")]
+    #[value(name = "llama.cpp")]
+    Llama,
+}
+
+impl MatmulKernel {
+    /// The name config files and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulKernel::Meshd => "meshd",
+            MatmulKernel::Llama => "llama.cpp",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Gateway,
@@ -77,13 +101,14 @@ impl Role {
             "worker_token_file",
             "max_concurrency",
         ];
-        const ENGINE: [&str; 9] = [
+        const ENGINE: [&str; 10] = [
             "model",
             "model_id",
             "slots",
             "ctx_per_slot",
             "batch_size",
             "threads",
+            "matmul_kernel",
             "n_gpu_layers",
             "chat_template",
             "max_queued_sequences",
@@ -173,6 +198,8 @@ pub struct Settings {
     pub batch_size: u32,
     /// Inference threads; 0 means one per core.
     pub threads: u32,
+    /// `meshd` (default) or `llama.cpp`: which CPU matrix multiply runs quantized weights.
+    pub matmul_kernel: MatmulKernel,
     /// Layers offloaded to the GPU (builds with `cuda` or `metal`).
     pub n_gpu_layers: u32,
     /// A llama.cpp built-in template name used when the GGUF carries none (e.g. `gemma`).
@@ -227,6 +254,7 @@ impl Settings {
             ctx_per_slot: 2048,
             batch_size: 512,
             threads: 0,
+            matmul_kernel: MatmulKernel::Meshd,
             n_gpu_layers: 0,
             chat_template: "gemma".into(),
             max_queued_sequences: 256,

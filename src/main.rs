@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use meshd::config::{LogFormat, Role, Settings};
+use meshd::config::{LogFormat, MatmulKernel, Role, Settings};
 use meshd::engine::{Engine, EngineConfig};
 use meshd::gateway::{self, GatewayOptions};
 use meshd::state::StateStore;
@@ -193,6 +193,10 @@ struct ModelFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<u32>,
+    /// CPU matrix multiply for quantized weights: `meshd` (prefetching) or `llama.cpp` (stock).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    matmul_kernel: Option<MatmulKernel>,
     /// Layers offloaded to the GPU.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

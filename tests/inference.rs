@@ -190,6 +190,52 @@ async fn eight_concurrent_completions_never_mix() {
     );
 }
 
+/// meshd's patched matrix multiply (build.rs) is built on x86-64 Linux, runs by default, and
+/// gives the same greedy completions as llama.cpp's own kernel, token for token. Two servers of
+/// one slot each, so every sequence runs alone and batching cannot differ between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patched_matmul_runs_by_default_and_agrees_with_llama_cpps_own() {
+    let x86_linux = cfg!(all(target_arch = "x86_64", target_os = "linux"));
+    assert_eq!(
+        meshd::engine::patched_matmul_built(),
+        x86_linux,
+        "build.rs did not apply its sgemm patch; see the cargo warning it printed"
+    );
+    let args = ["--slots", "1", "--ctx-per-slot", "256", "--threads", "2"];
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ours = up(dirs[0].path(), &args);
+    let stock = up(
+        dirs[1].path(),
+        &[&args[..], &["--matmul-kernel", "llama.cpp"]].concat(),
+    );
+    let expected = if x86_linux { "meshd" } else { "llama.cpp" };
+    for (p, kernel) in [(&ours, expected), (&stock, "llama.cpp")] {
+        ready(p.http()).await;
+        let line = format!("matmul=\"{kernel}\"");
+        assert!(
+            p.wait_for_log(&line, Duration::from_secs(10)).await,
+            "no {line} in:\n{}",
+            p.logs()
+        );
+    }
+    for prompt in [
+        "The capital of France is",
+        "Once upon a time, in a small village",
+        "def fibonacci(n):",
+        "Water boils at",
+    ] {
+        let body = json!({"prompt": prompt, "max_tokens": 48, "temperature": 0}).to_string();
+        let mut texts = Vec::new();
+        for p in [&ours, &stock] {
+            let r = request(p.http(), "POST", "/v1/completions", &body).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            texts.push(r.json()["choices"][0]["text"].as_str().unwrap().to_string());
+        }
+        assert!(!texts[0].is_empty());
+        assert_eq!(texts[0], texts[1], "{prompt:?}: meshd vs llama.cpp kernel");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_tokens_stop_strings_and_usage_are_exact() {
     let r = post(

@@ -21,6 +21,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::api::{FinishReason, Prompt, Sampling, StatsSnapshot};
+pub use crate::config::MatmulKernel;
 
 /// How the engine is built; from the infer role's settings.
 #[derive(Debug, Clone)]
@@ -32,6 +33,7 @@ pub struct EngineConfig {
     pub batch_size: u32,
     /// 0: one per available core.
     pub threads: u32,
+    pub matmul_kernel: MatmulKernel,
     pub n_gpu_layers: u32,
     /// A llama.cpp built-in template used when the GGUF carries none.
     pub chat_template: String,
@@ -47,6 +49,7 @@ impl EngineConfig {
             ctx_per_slot: s.ctx_per_slot,
             batch_size: s.batch_size,
             threads: s.threads,
+            matmul_kernel: s.matmul_kernel,
             n_gpu_layers: s.n_gpu_layers,
             chat_template: s.chat_template.clone(),
             max_queued: s.max_queued_sequences,
@@ -161,6 +164,7 @@ impl Engine {
             ));
         }
         let backend = backend()?;
+        let matmul = select_matmul_kernel(config.matmul_kernel);
         let cfg = config.clone();
         let model = tokio::task::spawn_blocking(move || {
             let params = LlamaModelParams::default().with_n_gpu_layers(cfg.n_gpu_layers);
@@ -203,6 +207,7 @@ impl Engine {
             slots = config.slots,
             ctx_per_slot = config.ctx_per_slot,
             params = model.n_params(),
+            matmul = matmul.name(),
             "model loaded"
         );
         Ok(Engine {
@@ -319,6 +324,37 @@ impl Engine {
             ttft: s.ttft.lock().map(|h| h.clone()).unwrap_or_default(),
         }
     }
+}
+
+/// Whether this build carries meshd's patched matmul (x86-64 Linux; see `build.rs`).
+pub fn patched_matmul_built() -> bool {
+    cfg!(meshd_sgemm)
+}
+
+/// Switches the process's CPU matrix multiply (one switch for the whole process, as llama.cpp's
+/// kernels are global) and returns the kernel that will run: a build without meshd's patch
+/// (see `build.rs`) always runs llama.cpp's own.
+pub fn select_matmul_kernel(wanted: MatmulKernel) -> MatmulKernel {
+    #[cfg(meshd_sgemm)]
+    {
+        extern "C" {
+            fn meshd_sgemm_set_patched(on: std::os::raw::c_int);
+            fn meshd_sgemm_patch_active() -> std::os::raw::c_int;
+        }
+        // SAFETY: two C functions of build.rs's patched sgemm.cpp that store and load one
+        // atomic flag; they take and return plain integers.
+        let active = unsafe {
+            meshd_sgemm_set_patched((wanted == MatmulKernel::Meshd).into());
+            meshd_sgemm_patch_active()
+        };
+        if active == 1 {
+            return MatmulKernel::Meshd;
+        }
+    }
+    if wanted == MatmulKernel::Meshd {
+        tracing::debug!("this build has no patched matmul; llama.cpp's own kernels run");
+    }
+    MatmulKernel::Llama
 }
 
 /// The context size for `slots` sequences of `ctx_per_slot` positions each.
