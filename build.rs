@@ -93,6 +93,8 @@ fn build_sgemm() -> Result<(), String> {
     let flags_file = out_root.join("build/ggml/src/CMakeFiles/ggml-cpu.dir/flags.make");
     let flags = fs::read_to_string(&flags_file)
         .map_err(|e| format!("cannot read {}: {e}", flags_file.display()))?;
+    // A rebuild of llama.cpp with other flags (say `GGML_AVX512=ON`) rewrites this file.
+    println!("cargo:rerun-if-changed={}", flags_file.display());
     let field = |name: &str| -> Result<Vec<String>, String> {
         let line = flags
             .lines()
