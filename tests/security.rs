@@ -224,6 +224,58 @@ async fn tls_protects_the_api_and_the_mesh() {
         .await;
     rogue.kill9();
     assert!(rogue.logs().contains("cannot connect"), "{}", rogue.logs());
+
+    // Certificate rotation without a restart: new files, SIGHUP, and new connections get the new
+    // certificate while an open one keeps working.
+    let other_ca = pki.dir.path().join("other-ca.pem");
+    std::fs::copy(pki.path("rotated.pem"), &cert).unwrap();
+    std::fs::copy(pki.path("rotated-key.pem"), &key).unwrap();
+    unsafe {
+        libc::kill(gateway.child.id() as i32, libc::SIGHUP);
+    }
+    assert!(
+        gateway
+            .wait_for_log(
+                "reloaded the API keys and certificates",
+                Duration::from_secs(10)
+            )
+            .await,
+        "{}",
+        gateway.logs()
+    );
+    let mut fresh = Client::connect_tls(addr, &other_ca).await.unwrap();
+    let r = add(&mut fresh, 1, 2).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        Client::connect_tls(addr, &ca_path).await.is_err(),
+        "the retired certificate is still served"
+    );
+    let r = add(&mut c, 3, 4).await.unwrap();
+    assert_eq!(
+        r.json()["c"],
+        7,
+        "the connection opened before the rotation"
+    );
+    // The mesh listener rotated too: a worker that trusts only the new CA joins now.
+    let mut joiner = Proc::start(
+        &[
+            "caller",
+            "--gateway-url",
+            &url,
+            "--worker-token",
+            TOKEN,
+            "--gateway-ca",
+            other_ca.to_str().unwrap(),
+            "--name",
+            "after-rotation",
+        ],
+        false,
+    );
+    let joined = joiner
+        .wait_for_log("joined the mesh", Duration::from_secs(20))
+        .await;
+    joiner.kill9();
+    assert!(joined, "{}", joiner.logs());
 }
 
 #[test]

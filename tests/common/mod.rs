@@ -342,10 +342,23 @@ impl Pki {
             .unwrap()
             .signed_by(&key, &main)
             .unwrap();
-        std::fs::write(dir.path().join("ca.pem"), main.pem()).unwrap();
-        std::fs::write(dir.path().join("other-ca.pem"), other.pem()).unwrap();
-        std::fs::write(dir.path().join("gateway.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("gateway-key.pem"), key.serialize_pem()).unwrap();
+        // The same name signed by the other CA: a rotated certificate.
+        let rotated_key = KeyPair::generate().unwrap();
+        let rotated = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&rotated_key, &other)
+            .unwrap();
+        let files = [
+            ("ca.pem", main.pem()),
+            ("other-ca.pem", other.pem()),
+            ("gateway.pem", cert.pem()),
+            ("gateway-key.pem", key.serialize_pem()),
+            ("rotated.pem", rotated.pem()),
+            ("rotated-key.pem", rotated_key.serialize_pem()),
+        ];
+        for (name, pem) in files {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
         Pki { dir }
     }
 
