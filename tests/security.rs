@@ -191,20 +191,7 @@ async fn tls_protects_the_api_and_the_mesh() {
     // A worker that trusts another CA cannot join, and the gateway counts the failed handshake.
     let other = pki.path("other-ca.pem");
     let url = format!("wss://{}", gateway.mesh.unwrap());
-    let mut rogue = Proc::start(
-        &[
-            "caller",
-            "--gateway-url",
-            &url,
-            "--worker-token",
-            TOKEN,
-            "--gateway-ca",
-            &other,
-            "--name",
-            "rogue",
-        ],
-        false,
-    );
+    let mut rogue = caller_trusting(&url, &other, "rogue");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let r = c.get("/metrics").await.unwrap();
@@ -257,25 +244,28 @@ async fn tls_protects_the_api_and_the_mesh() {
         "the connection opened before the rotation"
     );
     // The mesh listener rotated too: a worker that trusts only the new CA joins now.
-    let mut joiner = Proc::start(
-        &[
-            "caller",
-            "--gateway-url",
-            &url,
-            "--worker-token",
-            TOKEN,
-            "--gateway-ca",
-            other_ca.to_str().unwrap(),
-            "--name",
-            "after-rotation",
-        ],
-        false,
-    );
+    let mut joiner = caller_trusting(&url, other_ca.to_str().unwrap(), "after-rotation");
     let joined = joiner
         .wait_for_log("joined the mesh", Duration::from_secs(20))
         .await;
     joiner.kill9();
     assert!(joined, "{}", joiner.logs());
+}
+
+/// A caller that joins the mesh at `url` trusting only the CA in `ca`.
+fn caller_trusting(url: &str, ca: &str, name: &str) -> Proc {
+    let args = [
+        "caller",
+        "--gateway-url",
+        url,
+        "--worker-token",
+        TOKEN,
+        "--gateway-ca",
+        ca,
+        "--name",
+        name,
+    ];
+    Proc::start(&args, false)
 }
 
 #[test]
