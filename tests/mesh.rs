@@ -516,9 +516,7 @@ async fn a_draining_infer_worker_finishes_its_work_and_gets_no_more() {
         },
     )
     .await;
-    unsafe {
-        libc::kill(a.child.id() as i32, libc::SIGTERM);
-    }
+    a.signal(libc::SIGTERM);
     // While it drains, new work is not routed to it: with no other worker, a clear 503.
     common::eventually(
         Duration::from_secs(10),

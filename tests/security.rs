@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -105,9 +106,7 @@ async fn api_keys_guard_everything_but_health() {
     assert!(r.text().contains("status=\"401\""), "{}", r.text());
 
     // Rotation without a restart: SIGHUP reads the file again.
-    let hangup = || unsafe {
-        libc::kill(gateway.child.id() as i32, libc::SIGHUP);
-    };
+    let hangup = || gateway.signal(libc::SIGHUP);
     let status_with = |key: &'static str| async move {
         let mut c = Client::connect(addr).await.unwrap();
         let auth = [("authorization", key)];
@@ -214,12 +213,9 @@ async fn tls_protects_the_api_and_the_mesh() {
 
     // Certificate rotation without a restart: new files, SIGHUP, and new connections get the new
     // certificate while an open one keeps working.
-    let other_ca = pki.dir.path().join("other-ca.pem");
     std::fs::copy(pki.path("rotated.pem"), &cert).unwrap();
     std::fs::copy(pki.path("rotated-key.pem"), &key).unwrap();
-    unsafe {
-        libc::kill(gateway.child.id() as i32, libc::SIGHUP);
-    }
+    gateway.signal(libc::SIGHUP);
     assert!(
         gateway
             .wait_for_log(
@@ -230,7 +226,7 @@ async fn tls_protects_the_api_and_the_mesh() {
         "{}",
         gateway.logs()
     );
-    let mut fresh = Client::connect_tls(addr, &other_ca).await.unwrap();
+    let mut fresh = Client::connect_tls(addr, Path::new(&other)).await.unwrap();
     let r = add(&mut fresh, 1, 2).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
@@ -244,7 +240,7 @@ async fn tls_protects_the_api_and_the_mesh() {
         "the connection opened before the rotation"
     );
     // The mesh listener rotated too: a worker that trusts only the new CA joins now.
-    let mut joiner = caller_trusting(&url, other_ca.to_str().unwrap(), "after-rotation");
+    let mut joiner = caller_trusting(&url, &other, "after-rotation");
     let joined = joiner
         .wait_for_log("joined the mesh", Duration::from_secs(20))
         .await;

@@ -124,11 +124,16 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (such as `libc::SIGHUP`) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
     /// SIGTERM, then waits for the exit status (bounded).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
