@@ -30,15 +30,33 @@ const PATCHES: [(&str, &str); 3] = [
     (
         "#include <type_traits>\n",
         "#include <type_traits>\n#include <atomic>\n\n\
-         // meshd: the engine chooses the kernel at start (config key `matmul_kernel`).\n\
-         static std::atomic<int> meshd_sgemm_on{1};\n\
-         static inline bool meshd_sgemm_patched() {\n\
-         \x20   return meshd_sgemm_on.load(std::memory_order_relaxed) != 0;\n\
+         // meshd: the engine chooses the kernel at start (config key `matmul_kernel`):\n\
+         // 0 llama.cpp's own, 1 the prefetching AVX2 tiles, 2 the AVX-512 VNNI kernel too.\n\
+         static std::atomic<int> meshd_sgemm_level{1};\n\
+         static inline int meshd_level() {\n\
+         \x20   return meshd_sgemm_level.load(std::memory_order_relaxed);\n\
          }\n\
-         extern \"C\" void meshd_sgemm_set_patched(int on) {\n\
-         \x20   meshd_sgemm_on.store(on ? 1 : 0, std::memory_order_relaxed);\n\
+         static inline bool meshd_sgemm_patched() { return meshd_level() > 0; }\n\
+         #if defined(MESHD_AVX512_KERNEL)\n\
+         extern \"C\" int meshd_q0_gemm_avx512(int64_t m, int64_t n, int64_t k, const void *A,\n\
+         \x20   int64_t lda, const void *B, int64_t ldb, float *C, int64_t ldc, int type, int ith,\n\
+         \x20   int nth);\n\
+         static bool meshd_cpu_has_avx512_vnni() {\n\
+         \x20   static const bool has = __builtin_cpu_supports(\"avx512f\") &&\n\
+         \x20       __builtin_cpu_supports(\"avx512bw\") && __builtin_cpu_supports(\"avx512vl\") &&\n\
+         \x20       __builtin_cpu_supports(\"avx512dq\") && __builtin_cpu_supports(\"avx512vnni\");\n\
+         \x20   return has;\n\
          }\n\
-         extern \"C\" int meshd_sgemm_patch_active(void) { return meshd_sgemm_patched() ? 1 : 0; }\n",
+         #else\n\
+         static bool meshd_cpu_has_avx512_vnni() { return false; }\n\
+         #endif\n\
+         // Asks for a level; the CPU or the build may allow less. Returns the level that runs.\n\
+         extern \"C\" int meshd_sgemm_set_level(int level) {\n\
+         \x20   int top = meshd_cpu_has_avx512_vnni() ? 2 : 1;\n\
+         \x20   level = level < 0 ? 0 : level > top ? top : level;\n\
+         \x20   meshd_sgemm_level.store(level, std::memory_order_relaxed);\n\
+         \x20   return level;\n\
+         }\n",
     ),
     (
         "            int64_t ii = m0 + job / xtiles * 4;\n\
@@ -63,12 +81,34 @@ const PATCHES: [(&str, &str); 3] = [
          \x20       Atype == GGML_TYPE_Q5_0 || Atype == GGML_TYPE_Q4_0);\n\
          \x20   if (n < 2 && !meshd_gemv)\n\
          \x20       return false;\n\
+         #endif\n\
+         #if defined(MESHD_AVX512_KERNEL)\n\
+         \x20   // meshd: decode steps (up to 16 tokens) of Q8_0 and Q5_0 weights on AVX-512 VNNI.\n\
+         \x20   if (meshd_level() >= 2 && Ctype == GGML_TYPE_F32 && Btype == GGML_TYPE_Q8_0 &&\n\
+         \x20       (Atype == GGML_TYPE_Q8_0 || Atype == GGML_TYPE_Q5_0) &&\n\
+         \x20       meshd_q0_gemm_avx512(m, n, k, A, lda, B, ldb, (float *)C, ldc,\n\
+         \x20           Atype == GGML_TYPE_Q8_0 ? 0 : 1, params->ith, params->nth))\n\
+         \x20       return true;\n\
          #endif\n",
     ),
 ];
 
+/// meshd's own AVX-512 VNNI kernel for decode steps, and the flags it needs (build.rs and the
+/// patched sgemm.cpp make sure it only runs on CPUs that have them).
+const AVX512_KERNEL: &str = "src/engine/matmul_avx512.c";
+const AVX512_FLAGS: [&str; 7] = [
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512vnni",
+    "-mf16c",
+    "-mfma",
+];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed={AVX512_KERNEL}");
     println!("cargo:rustc-check-cfg=cfg(meshd_sgemm)");
     let target = env::var("TARGET").unwrap_or_default();
     if !(target.starts_with("x86_64") && target.contains("linux")) {
@@ -135,7 +175,24 @@ fn build_sgemm() -> Result<(), String> {
     let patched = out.join("sgemm-meshd.cpp");
     fs::write(&patched, text).map_err(|e| e.to_string())?;
 
+    // The AVX-512 kernel is compiled on its own, with AVX-512 flags, so that no code the CPU check
+    // guards can leak into code that runs everywhere. A compiler without those flags only costs
+    // the kernel, not the build.
+    let avx512 = cc::Build::new()
+        .file(AVX512_KERNEL)
+        .opt_level(3)
+        .flags(AVX512_FLAGS)
+        .warnings(false)
+        .cargo_metadata(false)
+        .try_compile("meshd_avx512");
+    if let Err(e) = &avx512 {
+        println!("cargo:warning=meshd: no AVX-512 matmul kernel ({e}); see build.rs");
+    }
+
     let mut build = cc::Build::new();
+    if avx512.is_ok() {
+        build.define("MESHD_AVX512_KERNEL", None);
+    }
     build
         .cpp(true)
         .file(&patched)
@@ -148,5 +205,10 @@ fn build_sgemm() -> Result<(), String> {
     }
     build
         .try_compile("meshd_sgemm")
-        .map_err(|e| format!("cannot compile the patched sgemm.cpp: {e}"))
+        .map_err(|e| format!("cannot compile the patched sgemm.cpp: {e}"))?;
+    if avx512.is_ok() {
+        // After meshd_sgemm, which calls into it; cc put both archives in OUT_DIR.
+        println!("cargo:rustc-link-lib=static:+whole-archive=meshd_avx512");
+    }
+    Ok(())
 }

@@ -5,8 +5,8 @@
 //!
 //! `cargo bench --bench load_chat`. Environment: `ROUNDS` (requests per client, default 2),
 //! `LEVELS` (concurrencies, default `1,4,8,16`), `MESH=0` (the engine alone, to study batching),
-//! `THREADS` (compute threads, default: every core), `MATMUL` (`meshd`, the default, or
-//! `llama.cpp`: the CPU matmul kernel, see build.rs), `MESHD_BENCH_MODEL` (another GGUF),
+//! `THREADS` (compute threads, default: every core), `MATMUL` (`meshd`, the default,
+//! `meshd-avx2` or `llama.cpp`: the CPU matmul kernel, see build.rs), `MESHD_BENCH_MODEL` (another GGUF),
 //! `PAIRS` (default 5): after the table, that many back-to-back pairs of c=1 and c=8 runs, for the
 //! batching gain as a median of paired ratios (one table row pair swings with a shared host).
 
@@ -194,11 +194,10 @@ fn main() {
     let with_mesh = env_or("MESH", 1) != 0;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
     let threads: u32 = env_or("THREADS", cores);
-    let matmul = match std::env::var("MATMUL").as_deref() {
-        Ok("llama.cpp") => MatmulKernel::Llama,
-        Ok("meshd") | Err(_) => MatmulKernel::Meshd,
-        Ok(other) => panic!("MATMUL={other}: use meshd or llama.cpp"),
-    };
+    let matmul = std::env::var("MATMUL").map_or(MatmulKernel::Meshd, |s| {
+        clap::ValueEnum::from_str(&s, false)
+            .unwrap_or_else(|_| panic!("MATMUL={s}: use meshd, meshd-avx2 or llama.cpp"))
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -21,11 +21,16 @@ pub enum LogFormat {
 /// The quantized matrix multiply the CPU runs (see `build.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum MatmulKernel {
-    /// llama.cpp's tinyBLAS with meshd's prefetch patch (x86-64 Linux builds; elsewhere the
-    /// same as `llama.cpp`).
+    /// meshd's fastest kernel this CPU runs: the AVX-512 VNNI decode kernel where the CPU has
+    /// it, else llama.cpp's tinyBLAS with meshd's prefetch patch (x86-64 Linux builds; elsewhere
+    /// the same as `llama.cpp`).
     #[serde(rename = "meshd")]
     #[value(name = "meshd")]
     Meshd,
+    /// Only the prefetch patch, never the AVX-512 kernel: to compare, or to rule it out.
+    #[serde(rename = "meshd-avx2")]
+    #[value(name = "meshd-avx2")]
+    MeshdAvx2,
     /// llama.cpp's own kernels, unchanged: for comparison runs.
     #[serde(rename = "llama.cpp")]
     #[value(name = "llama.cpp")]
@@ -37,6 +42,7 @@ impl MatmulKernel {
     pub fn name(self) -> &'static str {
         match self {
             MatmulKernel::Meshd => "meshd",
+            MatmulKernel::MeshdAvx2 => "meshd-avx2",
             MatmulKernel::Llama => "llama.cpp",
         }
     }

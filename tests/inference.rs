@@ -190,28 +190,46 @@ async fn eight_concurrent_completions_never_mix() {
     );
 }
 
-/// meshd's patched matrix multiply (build.rs) is built on x86-64 Linux, runs by default, and
-/// gives the same greedy completions as llama.cpp's own kernel, token for token. Two servers of
-/// one slot each, so every sequence runs alone and batching cannot differ between them.
+/// meshd's matrix multiply kernels (build.rs) are built on x86-64 Linux, the best one this CPU
+/// runs is the default, and each continues greedy completions as llama.cpp's own kernel does.
+/// Servers of one slot each, so every sequence runs alone and batching cannot differ between
+/// them. The kernels sum in different orders, so their products differ in the last bits (tests/
+/// matmul.rs bounds that at 1e-5 of the largest value), and a near-tie between two tokens can
+/// go either way after a while: the completions must agree on their first `AGREE_CHARS`
+/// characters (a wrong kernel derails the very first tokens), not to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_patched_matmul_runs_by_default_and_agrees_with_llama_cpps_own() {
+async fn meshds_matmul_kernels_run_by_default_and_agree_with_llama_cpps_own() {
+    const AGREE_CHARS: usize = 40;
     let x86_linux = cfg!(all(target_arch = "x86_64", target_os = "linux"));
     assert_eq!(
         meshd::engine::patched_matmul_built(),
         x86_linux,
         "build.rs did not apply its sgemm patch; see the cargo warning it printed"
     );
+    let best = best_matmul_kernel();
+    // (the `--matmul-kernel` value, the kernel that must run)
+    let mut kernels = vec![("meshd", best), ("llama.cpp", "llama.cpp")];
+    if best == "meshd-avx512" {
+        kernels.push(("meshd-avx2", "meshd-avx2"));
+    }
     let args = ["--slots", "1", "--ctx-per-slot", "256", "--threads", "2"];
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let ours = up(dirs[0].path(), &args);
-    let stock = up(
-        dirs[1].path(),
-        &[&args[..], &["--matmul-kernel", "llama.cpp"]].concat(),
-    );
-    let expected = if x86_linux { "meshd" } else { "llama.cpp" };
-    for (p, kernel) in [(&ours, expected), (&stock, "llama.cpp")] {
+    let dirs: Vec<_> = kernels
+        .iter()
+        .map(|_| tempfile::tempdir().unwrap())
+        .collect();
+    let servers: Vec<_> = kernels
+        .iter()
+        .zip(&dirs)
+        .map(|((flag, _), dir)| {
+            up(
+                dir.path(),
+                &[&args[..], &["--matmul-kernel", flag]].concat(),
+            )
+        })
+        .collect();
+    for (p, (_, runs)) in servers.iter().zip(&kernels) {
         ready(p.http()).await;
-        let line = format!("matmul=\"{kernel}\"");
+        let line = format!("matmul=\"{runs}\"");
         assert!(
             p.wait_for_log(&line, Duration::from_secs(10)).await,
             "no {line} in:\n{}",
@@ -226,13 +244,22 @@ async fn the_patched_matmul_runs_by_default_and_agrees_with_llama_cpps_own() {
     ] {
         let body = json!({"prompt": prompt, "max_tokens": 48, "temperature": 0}).to_string();
         let mut texts = Vec::new();
-        for p in [&ours, &stock] {
+        for p in &servers {
             let r = request(p.http(), "POST", "/v1/completions", &body).await;
             assert_eq!(r.status, 200, "{}", r.text());
             texts.push(r.json()["choices"][0]["text"].as_str().unwrap().to_string());
         }
         assert!(!texts[0].is_empty());
-        assert_eq!(texts[0], texts[1], "{prompt:?}: meshd vs llama.cpp kernel");
+        for (text, (_, runs)) in texts.iter().zip(&kernels).skip(1) {
+            let same = common_prefix_chars(&texts[0], text);
+            eprintln!("{prompt:?}: {best} and {runs} agree on {same} leading characters");
+            assert!(
+                same >= AGREE_CHARS.min(texts[0].chars().count()),
+                "{prompt:?}: {best} and {runs} part after {same} characters:\n{:?}\n{:?}",
+                texts[0],
+                text
+            );
+        }
     }
 }
 
@@ -475,4 +502,8 @@ async fn a_deadline_is_a_504_that_frees_the_slot_and_a_full_queue_is_a_429() {
         },
     )
     .await;
+}
+
+fn common_prefix_chars(a: &str, b: &str) -> usize {
+    a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count()
 }

@@ -207,7 +207,7 @@ impl Engine {
             slots = config.slots,
             ctx_per_slot = config.ctx_per_slot,
             params = model.n_params(),
-            matmul = matmul.name(),
+            matmul,
             "model loaded"
         );
         Ok(Engine {
@@ -332,29 +332,34 @@ pub fn patched_matmul_built() -> bool {
 }
 
 /// Switches the process's CPU matrix multiply (one switch for the whole process, as llama.cpp's
-/// kernels are global) and returns the kernel that will run: a build without meshd's patch
-/// (see `build.rs`) always runs llama.cpp's own.
-pub fn select_matmul_kernel(wanted: MatmulKernel) -> MatmulKernel {
+/// kernels are global) and names the kernel that will run: `meshd-avx512` (the AVX-512 VNNI
+/// decode kernel, then the prefetching tiles), `meshd-avx2` (the prefetching tiles) or
+/// `llama.cpp`. The CPU and the build may allow less than `wanted`: a CPU without AVX-512
+/// VNNI never runs that kernel, and a build without meshd's patch (see `build.rs`) always
+/// runs llama.cpp's own.
+pub fn select_matmul_kernel(wanted: MatmulKernel) -> &'static str {
+    let level = match wanted {
+        MatmulKernel::Meshd => 2,
+        MatmulKernel::MeshdAvx2 => 1,
+        MatmulKernel::Llama => 0,
+    };
     #[cfg(meshd_sgemm)]
     {
         extern "C" {
-            fn meshd_sgemm_set_patched(on: std::os::raw::c_int);
-            fn meshd_sgemm_patch_active() -> std::os::raw::c_int;
+            fn meshd_sgemm_set_level(level: std::os::raw::c_int) -> std::os::raw::c_int;
         }
-        // SAFETY: two C functions of build.rs's patched sgemm.cpp that store and load one
-        // atomic flag; they take and return plain integers.
-        let active = unsafe {
-            meshd_sgemm_set_patched((wanted == MatmulKernel::Meshd).into());
-            meshd_sgemm_patch_active()
-        };
-        if active == 1 {
-            return MatmulKernel::Meshd;
+        // SAFETY: a C function of build.rs's patched sgemm.cpp that checks the CPU once and
+        // stores one atomic integer; it takes and returns plain integers.
+        match unsafe { meshd_sgemm_set_level(level) } {
+            2 => return "meshd-avx512",
+            1 => return "meshd-avx2",
+            _ => {}
         }
     }
-    if wanted == MatmulKernel::Meshd {
+    if level > 0 {
         tracing::debug!("this build has no patched matmul; llama.cpp's own kernels run");
     }
-    MatmulKernel::Llama
+    "llama.cpp"
 }
 
 /// The context size for `slots` sequences of `ctx_per_slot` positions each.

@@ -434,3 +434,31 @@ pub async fn add(client: &mut Client, a: i64, b: i64) -> Result<Resp, String> {
         )
         .await
 }
+
+/// The matmul kernel `matmul_kernel = "meshd"` must run on this machine: the AVX-512 VNNI kernel
+/// where the CPU has what it needs (checked here apart from the C code's own check), else the
+/// prefetching AVX2 tiles; llama.cpp's own where build.rs applies no patch (not x86-64 Linux).
+pub fn best_matmul_kernel() -> &'static str {
+    if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        return "llama.cpp";
+    }
+    if avx512_vnni() {
+        "meshd-avx512"
+    } else {
+        "meshd-avx2"
+    }
+}
+
+fn avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("avx512dq")
+            && has!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
