@@ -4,11 +4,13 @@
 //! first token, and the mesh/engine throughput ratio at each concurrency.
 //!
 //! `cargo bench --bench load_chat`. Environment: `ROUNDS` (requests per client, default 2),
+//! `REPEATS` (default 3: each level runs engine then mesh that many times, for a median ratio),
 //! `LEVELS` (concurrencies, default `1,4,8,16`), `MESH=0` (the engine alone, to study batching),
 //! `THREADS` (compute threads, default: every core), `MATMUL` (`meshd`, the default,
 //! `meshd-avx2` or `llama.cpp`: the CPU matmul kernel, see build.rs), `MESHD_BENCH_MODEL` (another GGUF),
 //! `PAIRS` (default 5): after the table, that many back-to-back pairs of c=1 and c=8 runs, for the
-//! batching gain as a median of paired ratios (one table row pair swings with a shared host).
+//! batching gain and the mesh/engine ratios as medians of paired ratios (one table row pair
+//! swings with a shared host).
 
 mod harness;
 
@@ -53,10 +55,12 @@ struct Run {
 }
 
 impl Run {
+    /// Adds another run's requests and tokens; the wall time adds up too (runs one after another).
     fn merge(&mut self, o: Run) {
         self.latency.extend(o.latency);
         self.ttft.extend(o.ttft);
         self.tokens += o.tokens;
+        self.wall += o.wall;
     }
     /// Merges the clients' runs; the wall time is from `start` to the last client's end.
     async fn gather(tasks: Vec<tokio::task::JoinHandle<Run>>, start: Instant) -> Run {
@@ -64,6 +68,7 @@ impl Run {
         for t in tasks {
             run.merge(t.await.unwrap());
         }
+        // The clients ran at once: the wall time is the span, not the sum.
         run.wall = start.elapsed();
         run
     }
@@ -183,6 +188,7 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
 
 fn main() {
     let rounds: usize = env_or("ROUNDS", 2);
+    let repeats: usize = env_or("REPEATS", 3).max(1);
     let levels: Vec<usize> = env_or("LEVELS", LEVELS.to_string())
         .split(',')
         .map(|l| {
@@ -223,18 +229,26 @@ fn main() {
         } else {
             None
         };
-        println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {threads} threads, matmul {}", matmul.name());
+        println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {repeats} repeats, {threads} threads, matmul {}", matmul.name());
         println!(
             "{:<7} {:>3} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
             "target", "c", "req/s", "tok/s", "p50 ms", "p99 ms", "ttft p50", "ttft p99", "mesh/engine"
         );
         let mut base = None;
         for conc in levels {
-            let e = engine_level(&engine, conc, rounds).await;
-            let m = match &up {
-                Some(up) => mesh_level(up, conc, rounds).await,
-                None => Run::default(),
-            };
+            // Engine and mesh alternate `repeats` times: the row shows all of them together, and
+            // the mesh/engine column is the median of the per-repeat ratios.
+            let (mut e, mut m, mut ratios) = (Run::default(), Run::default(), Vec::new());
+            for _ in 0..repeats {
+                let er = engine_level(&engine, conc, rounds).await;
+                if let Some(up) = &up {
+                    let mr = mesh_level(up, conc, rounds).await;
+                    ratios.push(mr.tps() / er.tps());
+                    m.merge(mr);
+                }
+                e.merge(er);
+            }
+            ratios.sort_by(f64::total_cmp);
             for (name, r) in [("engine", &e), ("mesh", &m)] {
                 if r.latency.is_empty() {
                     continue;
@@ -243,10 +257,9 @@ fn main() {
                 lat.sort();
                 let mut ttft = r.ttft.clone();
                 ttft.sort();
-                let ratio = if up.is_some() {
-                    format!("{:.3}", m.tps() / e.tps())
-                } else {
-                    "-".into()
+                let ratio = match ratios.get(ratios.len() / 2) {
+                    Some(r) => format!("{r:.3}"),
+                    None => "-".into(),
                 };
                 println!(
                     "{name:<7} {conc:>3} {:>7.2} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {ratio:>11}",
@@ -268,24 +281,30 @@ fn main() {
         if pairs == 0 {
             return;
         }
-        let mut engine_ratios = Vec::new();
-        let mut mesh_ratios = Vec::new();
+        // Per pair: engine c=1, engine c=8, then the same through the mesh; the gain and the
+        // mesh/engine ratios are taken within each pair, then their medians reported.
+        let mut series: Vec<(String, Vec<f64>)> = Vec::new();
+        let mut push = |name: &str, x: f64| match series.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => v.push(x),
+            None => series.push((name.to_string(), vec![x])),
+        };
         for _ in 0..pairs {
-            let one = engine_level(&engine, 1, rounds).await.tps();
-            engine_ratios.push(engine_level(&engine, 8, rounds).await.tps() / one);
+            let e1 = engine_level(&engine, 1, rounds).await.tps();
+            let e8 = engine_level(&engine, 8, rounds).await.tps();
+            push("engine c=8 / c=1 tok/s", e8 / e1);
             if let Some(up) = &up {
-                let one = mesh_level(up, 1, rounds).await.tps();
-                mesh_ratios.push(mesh_level(up, 8, rounds).await.tps() / one);
+                let m1 = mesh_level(up, 1, rounds).await.tps();
+                let m8 = mesh_level(up, 8, rounds).await.tps();
+                push("mesh c=8 / c=1 tok/s", m8 / m1);
+                push("mesh/engine at c=1", m1 / e1);
+                push("mesh/engine at c=8", m8 / e8);
             }
         }
-        for (name, mut r) in [("engine", engine_ratios), ("mesh", mesh_ratios)] {
-            if r.is_empty() {
-                continue;
-            }
+        for (name, mut r) in series {
             r.sort_by(f64::total_cmp);
             let all: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
             println!(
-                "{name} c=8 / c=1 tok/s over {pairs} back-to-back pairs: median {:.2}x (all: {})",
+                "{name} over {pairs} back-to-back pairs: median {:.3} (all: {})",
                 r[r.len() / 2],
                 all.join(" ")
             );

@@ -193,7 +193,8 @@ struct ModelFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<u32>,
-    /// CPU matrix multiply for quantized weights: `meshd` (prefetching) or `llama.cpp` (stock).
+    /// CPU matrix multiply for quantized weights: `meshd` (the best this CPU runs), `meshd-avx2`
+    /// (prefetching tiles only) or `llama.cpp` (stock).
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     matmul_kernel: Option<MatmulKernel>,
