@@ -178,12 +178,10 @@ async fn eight_concurrent_completions_never_mix() {
     }
     // Batched output need not equal solo output bit for bit (llama.cpp is not batch-invariant on
     // CPU); report how much of it agrees.
-    let agree = solo
-        .to_lowercase()
-        .split_whitespace()
-        .zip(outputs[0].split_whitespace())
-        .take_while(|(x, y)| x == y)
-        .count();
+    let agree = leading_agreement(
+        solo.to_lowercase().split_whitespace(),
+        outputs[0].split_whitespace(),
+    );
     println!(
         "batched vs solo: {agree} leading words agree ({solo:?} vs {:?})",
         outputs[0]
@@ -251,7 +249,7 @@ async fn meshds_matmul_kernels_run_by_default_and_agree_with_llama_cpps_own() {
         }
         assert!(!texts[0].is_empty());
         for (text, (_, runs)) in texts.iter().zip(&kernels).skip(1) {
-            let same = common_prefix_chars(&texts[0], text);
+            let same = leading_agreement(texts[0].chars(), text.chars());
             eprintln!("{prompt:?}: {best} and {runs} agree on {same} leading characters");
             assert!(
                 same >= AGREE_CHARS.min(texts[0].chars().count()),
@@ -504,6 +502,10 @@ async fn a_deadline_is_a_504_that_frees_the_slot_and_a_full_queue_is_a_429() {
     .await;
 }
 
-fn common_prefix_chars(a: &str, b: &str) -> usize {
-    a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count()
+/// How many leading items (words, characters) two outputs share.
+fn leading_agreement<T: PartialEq>(
+    a: impl IntoIterator<Item = T>,
+    b: impl IntoIterator<Item = T>,
+) -> usize {
+    a.into_iter().zip(b).take_while(|(x, y)| x == y).count()
 }

@@ -9,7 +9,7 @@ mod common;
 mod ggml;
 
 use common::best_matmul_kernel;
-use ggml::MulMat;
+use ggml::{largest_difference, MulMat};
 use llama_cpp_sys_2 as sys;
 use meshd::engine::{select_matmul_kernel, MatmulKernel};
 
@@ -37,23 +37,16 @@ fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
                         let runs = select_matmul_kernel(kernel);
                         mm.run(n, threads);
                         let got = mm.output(n);
-                        for (col, (w, g)) in want
-                            .chunks(ROWS as usize)
-                            .zip(got.chunks(ROWS as usize))
-                            .enumerate()
-                        {
-                            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-                            assert!(scale > 0.0);
-                            for (row, (a, b)) in w.iter().zip(g).enumerate() {
-                                let err = (a - b).abs() / scale;
-                                worst = worst.max(err);
-                                assert!(
-                                    err < 1e-5,
-                                    "{name} k={k} n={n} threads={threads} {runs}: \
-                                     row {row} col {col}: {b} vs llama.cpp's {a}"
-                                );
-                            }
-                        }
+                        let (err, row, col) = largest_difference(&want, &got, ROWS as usize);
+                        worst = worst.max(err);
+                        let at = col * ROWS as usize + row;
+                        assert!(
+                            err < 1e-5,
+                            "{name} k={k} n={n} threads={threads} {runs}: row {row} col {col}: \
+                             {} vs llama.cpp's {}",
+                            got[at],
+                            want[at]
+                        );
                     }
                 }
             }

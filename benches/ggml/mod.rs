@@ -88,6 +88,26 @@ impl Drop for MulMat {
     }
 }
 
+/// The largest difference between two products of `rows`-value columns, relative to the largest
+/// value in `want`'s column, with the row and column where it is. NaN (a column of zeros, or a
+/// NaN in either product) is returned at once, so that no bound passes it.
+pub fn largest_difference(want: &[f32], got: &[f32], rows: usize) -> (f32, usize, usize) {
+    let mut worst = (0f32, 0, 0);
+    for (col, (w, g)) in want.chunks(rows).zip(got.chunks(rows)).enumerate() {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (row, (a, b)) in w.iter().zip(g).enumerate() {
+            let err = (a - b).abs() / scale;
+            if err.is_nan() {
+                return (err, row, col);
+            }
+            if err > worst.0 {
+                worst = (err, row, col);
+            }
+        }
+    }
+    worst
+}
+
 /// Deterministic values in [-0.5, 0.5): the same matrix for every kernel and every run.
 fn fill(out: &mut [f32], seed: u64) {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
