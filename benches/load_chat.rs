@@ -17,7 +17,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{quantile_ms, Conn, Up};
+use harness::{quantile_ms, Client, Up};
 use http_body_util::BodyExt;
 use meshd::api::{ChatMessage, Prompt, Sampling};
 use meshd::engine::{Engine, EngineConfig, Event, MatmulKernel};
@@ -139,7 +139,7 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
     let tasks: Vec<_> = (0..conc)
         .map(|c| {
             tokio::spawn(async move {
-                let mut conn = Conn::connect(addr).await.unwrap();
+                let mut conn = Client::connect(addr).await.unwrap();
                 let mut run = Run::default();
                 for r in 0..rounds {
                     let body = serde_json::json!({
@@ -150,7 +150,7 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
                     .to_string();
                     let t = Instant::now();
                     let resp = conn
-                        .start("POST", "/v1/chat/completions", body.as_bytes())
+                        .start("POST", "/v1/chat/completions", body.as_bytes(), &[])
                         .await
                         .unwrap();
                     assert_eq!(resp.status(), 200);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use harness::{quantile_ms, Conn, Up};
+use harness::{quantile_ms, Client, Up};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -35,12 +35,12 @@ async fn drive(
     let tasks: Vec<_> = (0..conc)
         .map(|_| {
             tokio::spawn(async move {
-                let mut c = Conn::connect(addr).await.unwrap();
+                let mut c = Client::connect(addr).await.unwrap();
                 let (mut lat, mut errors) = (Vec::new(), 0);
                 while Instant::now() < end {
                     let t = Instant::now();
-                    match c.send("POST", path, body).await {
-                        Ok((200, _)) => lat.push(t.elapsed()),
+                    match c.send("POST", path, body, &[]).await {
+                        Ok(r) if r.status == 200 => lat.push(t.elapsed()),
                         _ => errors += 1,
                     }
                 }

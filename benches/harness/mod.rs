@@ -7,10 +7,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+#[path = "../../tests/common/http.rs"]
+mod http;
+pub use http::Client;
 
 /// The model the harnesses load: `MESHD_BENCH_MODEL`, else the offline test model.
 pub fn model() -> String {
@@ -78,12 +77,8 @@ impl Up {
 
     pub async fn ready(&self) {
         for _ in 0..600 {
-            if let Ok(mut c) = Conn::connect(self.addr).await {
-                if c.send("GET", "/readyz", b"")
-                    .await
-                    .map(|(s, _)| s == 200)
-                    .unwrap_or(false)
-                {
+            if let Ok(mut c) = Client::connect(self.addr).await {
+                if c.get("/readyz").await.is_ok_and(|r| r.status == 200) {
                     return;
                 }
             }
@@ -97,61 +92,6 @@ impl Drop for Up {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-pub struct Conn {
-    sender: SendRequest<Full<Bytes>>,
-}
-
-impl Conn {
-    pub async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
-        let s = tokio::net::TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(conn);
-        Ok(Conn { sender })
-    }
-
-    /// Sends one request; returns the status and the response (not yet read).
-    pub async fn start(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: &[u8],
-    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "bench")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::copy_from_slice(body)))
-            .unwrap();
-        self.sender.ready().await.map_err(|e| e.to_string())?;
-        self.sender
-            .send_request(req)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    pub async fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: &[u8],
-    ) -> Result<(u16, Bytes), String> {
-        use http_body_util::BodyExt;
-        let resp = self.start(method, path, body).await?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, body))
     }
 }
 
