@@ -83,7 +83,7 @@ const PATCHES: [(&str, &str); 3] = [
          \x20       return false;\n\
          #endif\n\
          #if defined(MESHD_AVX512_KERNEL)\n\
-         \x20   // meshd: decode steps (up to 16 tokens) of Q8_0 and Q5_0 weights on AVX-512 VNNI.\n\
+         \x20   // meshd: Q8_0 and Q5_0 weights on AVX-512 VNNI, where the CPU has it.\n\
          \x20   if (meshd_level() >= 2 && Ctype == GGML_TYPE_F32 && Btype == GGML_TYPE_Q8_0 &&\n\
          \x20       (Atype == GGML_TYPE_Q8_0 || Atype == GGML_TYPE_Q5_0) &&\n\
          \x20       meshd_q0_gemm_avx512(m, n, k, A, lda, B, ldb, (float *)C, ldc,\n\

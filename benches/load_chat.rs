@@ -10,7 +10,8 @@
 //! `meshd-avx2` or `llama.cpp`: the CPU matmul kernel, see build.rs), `MESHD_BENCH_MODEL` (another GGUF),
 //! `PAIRS` (default 5): after the table, that many back-to-back pairs of c=1 and c=8 runs, for the
 //! batching gain and the mesh/engine ratios as medians of paired ratios (one table row pair
-//! swings with a shared host).
+//! swings with a shared host). First, `PROMPT_RUNS` (default 5; 0 skips it) times of one
+//! ~420-token prompt on the engine alone under each CPU matmul kernel, alternating.
 
 mod harness;
 
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use harness::{quantile_ms, Client, Up};
 use http_body_util::BodyExt;
 use meshd::api::{ChatMessage, Prompt, Sampling};
-use meshd::engine::{Engine, EngineConfig, Event, MatmulKernel};
+use meshd::engine::{select_matmul_kernel, Engine, EngineConfig, Event, MatmulKernel};
 
 const MAX_TOKENS: u32 = 64;
 const LEVELS: &str = "1,4,8,16";
@@ -79,6 +80,61 @@ impl Run {
     fn tps(&self) -> f64 {
         self.tokens as f64 / self.wall.as_secs_f64()
     }
+}
+
+/// One long raw prompt (about 420 tokens) with max_tokens 1 on the engine alone, `runs` times
+/// per CPU matmul kernel this build and CPU run, the kernels alternating (the switch is
+/// process-wide); prints each kernel's median time, then leaves `keep` selected.
+async fn prompt_processing(engine: &Engine, runs: usize, keep: MatmulKernel) {
+    let text = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(30);
+    let mut kernels: Vec<(MatmulKernel, &str, Vec<Duration>)> = Vec::new();
+    for k in [
+        MatmulKernel::Llama,
+        MatmulKernel::MeshdAvx2,
+        MatmulKernel::Meshd,
+    ] {
+        let runs_as = select_matmul_kernel(k);
+        if kernels.iter().all(|(_, name, _)| *name != runs_as) {
+            kernels.push((k, runs_as, Vec::new()));
+        }
+    }
+    let mut tokens = 0;
+    for _ in 0..runs {
+        for (kernel, _, times) in kernels.iter_mut() {
+            select_matmul_kernel(*kernel);
+            let prompt = Prompt::Text { text: text.clone() };
+            let sampling = Sampling {
+                temperature: 0.0,
+                ..Sampling::default()
+            };
+            let t = Instant::now();
+            let prepared = engine.prepare(&prompt, Some(1), vec![], sampling).unwrap();
+            let mut events = engine.submit(prepared).unwrap();
+            while let Some(e) = events.recv().await {
+                match e {
+                    Event::Done { prompt_tokens, .. } => {
+                        tokens = prompt_tokens;
+                        break;
+                    }
+                    Event::Error(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+            times.push(t.elapsed());
+        }
+    }
+    select_matmul_kernel(keep);
+    let line: Vec<String> = kernels
+        .iter_mut()
+        .map(|(_, name, times)| {
+            times.sort();
+            format!("{name} {:.0} ms", quantile_ms(times, 0.5))
+        })
+        .collect();
+    println!(
+        "engine prompt processing, {tokens} tokens, median of {runs}: {}",
+        line.join(", ")
+    );
 }
 
 async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
@@ -230,6 +286,10 @@ fn main() {
             None
         };
         println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {repeats} repeats, {threads} threads, matmul {}", matmul.name());
+        let prompt_runs: usize = env_or("PROMPT_RUNS", 5);
+        if prompt_runs > 0 {
+            prompt_processing(&engine, prompt_runs, matmul).await;
+        }
         println!(
             "{:<7} {:>3} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
             "target", "c", "req/s", "tok/s", "p50 ms", "p99 ms", "ttft p50", "ttft p99", "mesh/engine"

@@ -2,12 +2,16 @@
 //! the prefetching AVX2 tiles, and the AVX-512 VNNI kernel where the CPU has it), in one run,
 //! on the shapes that dominate Gemma 3 270M on a CPU. Rows:
 //! - `output Q8_0`: the 262,144 × 640 output projection (tied to the token embeddings);
-//! - `ffn Q5_0`: every layer's gate and up projections stacked (18 × 2 × 2,048 rows × 640).
+//! - `ffn Q5_0`: every layer's gate and up projections stacked (18 × 2 × 2,048 rows × 640);
 //!
-//! Each is multiplied by 1, 2, 4, 8 and 16 token columns (one decode step of that many sequences).
+//! each by 1, 2, 4, 8 and 16 token columns (one decode step of that many sequences), and
+//! - `layer Q5_0`: one layer's gate projection (2,048 × 640), by 32, 128 and 512 columns (a
+//!   prompt batch).
+//!
 //! The kernels alternate, and each figure is the median of `ROUNDS` (default 15) runs, so a
 //! busy host slows all alike. The last column is the largest difference between any of meshd's
-//! products and llama.cpp's, relative to the largest value of llama.cpp's column. `THREADS` sets the compute threads (default: every core).
+//! products and llama.cpp's, relative to the largest value of llama.cpp's column. `THREADS`
+//! sets the compute threads (default: every core).
 //!
 //! `cargo bench --bench matmul`
 
@@ -18,7 +22,9 @@ use llama_cpp_sys_2 as sys;
 use meshd::engine::{select_matmul_kernel, MatmulKernel};
 
 const K: i64 = 640;
-const COLUMNS: [i64; 5] = [1, 2, 4, 8, 16];
+/// Token columns: one decode step of that many sequences, or a prompt batch.
+const DECODE: &[i64] = &[1, 2, 4, 8, 16];
+const PROMPT: &[i64] = &[32, 128, 512];
 
 fn env_or(key: &str, default: usize) -> usize {
     std::env::var(key)
@@ -39,8 +45,9 @@ fn main() {
         n => n,
     };
     let shapes = [
-        ("output Q8_0", sys::GGML_TYPE_Q8_0, 262_144),
-        ("ffn Q5_0", sys::GGML_TYPE_Q5_0, 18 * 2 * 2048),
+        ("output Q8_0", sys::GGML_TYPE_Q8_0, 262_144, DECODE),
+        ("ffn Q5_0", sys::GGML_TYPE_Q5_0, 18 * 2 * 2048, DECODE),
+        ("layer Q5_0", sys::GGML_TYPE_Q5_0, 2048, PROMPT),
     ];
     // The kernels this build and CPU run, llama.cpp's own first; each is compared with it.
     let mut kernels = vec![(MatmulKernel::Llama, "llama.cpp")];
@@ -58,9 +65,9 @@ fn main() {
         print!(" {name:>22}");
     }
     println!("  max diff");
-    for (name, ty, rows) in shapes {
-        let shape = MulMat::new(ty, rows, K, &COLUMNS);
-        for n in COLUMNS {
+    for (name, ty, rows, columns) in shapes {
+        let shape = MulMat::new(ty, rows, K, columns);
+        for &n in columns {
             let mut times = vec![Vec::new(); kernels.len()];
             let mut outputs = vec![Vec::new(); kernels.len()];
             shape.run(n, threads); // warm the caches and the page tables

@@ -1,7 +1,7 @@
 //! meshd's CPU matmul kernels (build.rs: the prefetching AVX2 tiles, and the AVX-512 VNNI kernel
 //! where the CPU has it) against llama.cpp's own, on the same ggml products: every kernel must
 //! give the same values up to float rounding, for each weight type meshd takes over, row
-//! lengths of the model, 1 to 17 token columns (17 is past what the AVX-512 kernel takes) and
+//! lengths of the model, 1 to 17 token columns and two prompt-sized batches (33 and 100), and
 //! thread counts that split the rows unevenly.
 
 mod common;
@@ -17,7 +17,8 @@ use meshd::engine::{select_matmul_kernel, MatmulKernel};
 fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
     // Not a multiple of the 4-row tiles, so every kernel's tail rows run too.
     const ROWS: i64 = 1027;
-    let columns: Vec<i64> = (1..=17).collect();
+    // Every tile shape up to 17 columns (two sweeps of 8 and a tail), then prompt-sized batches.
+    let columns: Vec<i64> = (1..=17).chain([33, 100]).collect();
     let ours = [MatmulKernel::MeshdAvx2, MatmulKernel::Meshd];
     assert_eq!(
         select_matmul_kernel(MatmulKernel::Meshd),
