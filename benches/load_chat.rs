@@ -3,7 +3,8 @@
 //! same prompts (no HTTP, no mesh). Reports req/s, completion tokens/s, p50/p99 latency, time to
 //! first token, and the mesh/engine throughput ratio at each concurrency.
 //!
-//! `cargo bench --bench load_chat`. Environment: `ROUNDS` (requests per client, default 2),
+//! `cargo bench --bench load_chat`. Environment: `ROUNDS` (requests per client, default 2; more
+//! where needed for 16 requests per run),
 //! `REPEATS` (default 3: each level runs engine then mesh that many times, for a median ratio),
 //! `LEVELS` (concurrencies, default `1,4,8,16`), `MESH=0` (the engine alone, to study batching),
 //! `THREADS` (compute threads, default: every core), `MATMUL` (`meshd`, the default,
@@ -137,7 +138,17 @@ async fn prompt_processing(engine: &Engine, runs: usize, keep: MatmulKernel) {
     );
 }
 
+/// Every run sends at least this many requests in all, whatever the concurrency: a c=1 run of
+/// two requests lasts a second, and one stall of the shared host swung it by 10%.
+const MIN_REQUESTS: usize = 16;
+
+/// Requests per client at `conc` clients: `rounds`, or more to reach `MIN_REQUESTS`.
+fn per_client(rounds: usize, conc: usize) -> usize {
+    rounds.max(MIN_REQUESTS.div_ceil(conc))
+}
+
 async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
+    let rounds = per_client(rounds, conc);
     let start = Instant::now();
     let tasks: Vec<_> = (0..conc)
         .map(|c| {
@@ -190,6 +201,7 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
 }
 
 async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
+    let rounds = per_client(rounds, conc);
     let addr = up.addr;
     let start = Instant::now();
     let tasks: Vec<_> = (0..conc)
@@ -285,7 +297,7 @@ fn main() {
         } else {
             None
         };
-        println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds} requests per client, {repeats} repeats, {threads} threads, matmul {}", matmul.name());
+        println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds}+ requests per client ({MIN_REQUESTS}+ per run), {repeats} repeats, {threads} threads, matmul {}", matmul.name());
         let prompt_runs: usize = env_or("PROMPT_RUNS", 5);
         if prompt_runs > 0 {
             prompt_processing(&engine, prompt_runs, matmul).await;
