@@ -1,8 +1,9 @@
 //! meshd's CPU matmul kernels (build.rs: the prefetching AVX2 tiles, and the AVX-512 VNNI kernel
 //! where the CPU has it) against llama.cpp's own, on the same ggml products: every kernel must
-//! give the same values up to float rounding, for each weight type meshd takes over, row
-//! lengths of the model, 1 to 17 token columns and two prompt-sized batches (33 and 100), and
-//! thread counts that split the rows unevenly.
+//! give the same values up to float rounding, for each weight type meshd takes over, the
+//! model's row lengths and an odd one, 1 to 17 token columns and two prompt-sized batches (33
+//! and 100), and thread counts that split the rows unevenly. `scripts/test` also runs this test
+//! under an emulated CPU without AVX-512, where it must pick the AVX2 tiles and not crash.
 
 mod common;
 #[path = "../benches/ggml/mod.rs"]
@@ -26,8 +27,9 @@ fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
     );
     let mut worst = 0f32;
     for (ty, name) in [(sys::GGML_TYPE_Q8_0, "Q8_0"), (sys::GGML_TYPE_Q5_0, "Q5_0")] {
-        // The model's two row lengths: the embedding width and the feed-forward width.
-        for k in [640, 2048] {
+        // The model's two row lengths (the embedding width and the feed-forward width), and a
+        // row of an odd number of blocks (21), which the AVX-512 kernel leaves to tinyBLAS.
+        for k in [640, 2048, 672] {
             let mm = MulMat::new(ty, ROWS, k, &columns);
             for &n in &columns {
                 for threads in [1, 2, 3] {
