@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use harness::{quantile_ms, Client, Up};
 use http_body_util::BodyExt;
 use meshd::api::{ChatMessage, Prompt, Sampling};
-use meshd::engine::{select_matmul_kernel, Engine, EngineConfig, Event, MatmulKernel};
+use meshd::engine::{
+    available_matmul_kernels, select_matmul_kernel, Engine, EngineConfig, Event, MatmulKernel,
+};
 
 const MAX_TOKENS: u32 = 64;
 const LEVELS: &str = "1,4,8,16";
@@ -88,17 +90,10 @@ impl Run {
 /// process-wide); prints each kernel's median time, then leaves `keep` selected.
 async fn prompt_processing(engine: &Engine, runs: usize, keep: MatmulKernel) {
     let text = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(30);
-    let mut kernels: Vec<(MatmulKernel, &str, Vec<Duration>)> = Vec::new();
-    for k in [
-        MatmulKernel::Llama,
-        MatmulKernel::MeshdAvx2,
-        MatmulKernel::Meshd,
-    ] {
-        let runs_as = select_matmul_kernel(k);
-        if kernels.iter().all(|(_, name, _)| *name != runs_as) {
-            kernels.push((k, runs_as, Vec::new()));
-        }
-    }
+    let mut kernels: Vec<(MatmulKernel, &str, Vec<Duration>)> = available_matmul_kernels()
+        .into_iter()
+        .map(|(kernel, name)| (kernel, name, Vec::new()))
+        .collect();
     let mut tokens = 0;
     for _ in 0..runs {
         for (kernel, _, times) in kernels.iter_mut() {

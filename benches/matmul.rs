@@ -19,7 +19,7 @@ mod ggml;
 
 use ggml::{largest_difference, MulMat};
 use llama_cpp_sys_2 as sys;
-use meshd::engine::{select_matmul_kernel, MatmulKernel};
+use meshd::engine::{available_matmul_kernels, select_matmul_kernel};
 
 const K: i64 = 640;
 /// Token columns: one decode step of that many sequences, or a prompt batch.
@@ -49,14 +49,8 @@ fn main() {
         ("ffn Q5_0", sys::GGML_TYPE_Q5_0, 18 * 2 * 2048, DECODE),
         ("layer Q5_0", sys::GGML_TYPE_Q5_0, 2048, PROMPT),
     ];
-    // The kernels this build and CPU run, llama.cpp's own first; each is compared with it.
-    let mut kernels = vec![(MatmulKernel::Llama, "llama.cpp")];
-    for wanted in [MatmulKernel::MeshdAvx2, MatmulKernel::Meshd] {
-        let runs = select_matmul_kernel(wanted);
-        if kernels.iter().all(|&(_, name)| name != runs) {
-            kernels.push((wanted, runs));
-        }
-    }
+    // llama.cpp's own first; each of meshd's is compared with it.
+    let kernels = available_matmul_kernels();
     println!(
         "matmul: {rounds} rounds, {threads} threads; ms per multiply (speed-up over llama.cpp)"
     );

@@ -58,6 +58,13 @@ static inline __m512 pair_scales(uint16_t d0, uint16_t d1) {
     return _mm512_insertf32x8(lo, _mm256_set1_ps(_cvtsh_ss(d1)), 1);
 }
 
+// The 64 values of two consecutive Q8_0 blocks.
+static inline __m512i q8_0_pair_values(const q8_0_block *b) {
+    return _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b[0].qs)),
+        _mm256_loadu_si256((const __m256i *)b[1].qs), 1);
+}
+
 static void pack_columns(const q8_0_block *B, int64_t ldb, int64_t pairs, int64_t col0,
                          int cols, int shift, packed_pair *out) {
     const __m512i ones = _mm512_set1_epi8(1);
@@ -65,9 +72,7 @@ static void pack_columns(const q8_0_block *B, int64_t ldb, int64_t pairs, int64_
     for (int64_t p = 0; p < pairs; p++) {
         for (int c = 0; c < cols; c++) {
             const q8_0_block *b = B + ldb * (col0 + c) + 2 * p;
-            __m512i q = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b[0].qs)),
-                _mm256_loadu_si256((const __m256i *)b[1].qs), 1);
+            __m512i q = q8_0_pair_values(b);
             packed_pair *o = &out[p * cols + c];
             o->q = q;
             o->fix = _mm512_mullo_epi32(
@@ -81,10 +86,7 @@ static void pack_columns(const q8_0_block *B, int64_t ldb, int64_t pairs, int64_
 static inline __m512i load_q8_0(const void *row, int64_t p, __m512 *d) {
     const q8_0_block *b = (const q8_0_block *)row + 2 * p;
     *d = pair_scales(b[0].d, b[1].d);
-    __m512i q = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b[0].qs)),
-        _mm256_loadu_si256((const __m256i *)b[1].qs), 1);
-    return _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+    return _mm512_xor_si512(q8_0_pair_values(b), _mm512_set1_epi8((char)0x80));
 }
 
 static inline __m512i load_q5_0(const void *row, int64_t p, __m512 *d) {
@@ -189,7 +191,7 @@ int meshd_q0_gemm_avx512(int64_t m, int64_t n, int64_t k, const void *A, int64_t
     const int64_t row_bytes =
         lda * (type == WEIGHTS_Q8_0 ? (int64_t)sizeof(q8_0_block) : (int64_t)sizeof(q5_0_block));
     // Row boundaries on multiples of 4, so each thread runs whole tiles until the very last rows.
-    const int64_t first = ith == 0 ? 0 : (m * ith / nth) & ~(int64_t)3;
+    const int64_t first = (m * ith / nth) & ~(int64_t)3;
     const int64_t end = ith == nth - 1 ? m : (m * (ith + 1) / nth) & ~(int64_t)3;
     _Alignas(64) packed_pair pack[PACK_BYTES / sizeof(packed_pair)];
     const int shift = type == WEIGHTS_Q8_0 ? 128 : 16;

@@ -362,6 +362,25 @@ pub fn select_matmul_kernel(wanted: MatmulKernel) -> &'static str {
     "llama.cpp"
 }
 
+/// The distinct CPU matrix multiplies this build and CPU run, llama.cpp's own first, each as the
+/// `matmul_kernel` value that selects it and the name `select_matmul_kernel` gives it: for runs
+/// that compare them. It finds them by switching, and leaves llama.cpp's own selected.
+pub fn available_matmul_kernels() -> Vec<(MatmulKernel, &'static str)> {
+    let mut kernels: Vec<(MatmulKernel, &'static str)> = Vec::new();
+    for wanted in [
+        MatmulKernel::Llama,
+        MatmulKernel::MeshdAvx2,
+        MatmulKernel::Meshd,
+    ] {
+        let runs = select_matmul_kernel(wanted);
+        if kernels.iter().all(|&(_, name)| name != runs) {
+            kernels.push((wanted, runs));
+        }
+    }
+    select_matmul_kernel(MatmulKernel::Llama);
+    kernels
+}
+
 /// The context size for `slots` sequences of `ctx_per_slot` positions each.
 fn n_ctx(config: &EngineConfig) -> Option<NonZeroU32> {
     NonZeroU32::new(config.slots * config.ctx_per_slot)
