@@ -283,6 +283,7 @@ fn main() {
             n_gpu_layers: 0,
             chat_template: "gemma".into(),
             max_queued: 64,
+            stall_limit: std::time::Duration::from_secs(15),
         };
         let engine = Engine::start(config).await.unwrap();
         let up = if with_mesh {

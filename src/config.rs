@@ -74,12 +74,14 @@ impl Role {
 
     /// The keys this role reads; any other key in its file is refused.
     pub fn keys(self) -> &'static [&'static str] {
-        const COMMON: [&str; 5] = [
+        const COMMON: [&str; 7] = [
             "allow_plaintext",
             "log_format",
             "log_level",
             "drain_timeout_secs",
             "max_frame_bytes",
+            "heartbeat_interval_ms",
+            "heartbeat_timeout_ms",
         ];
         const GATEWAY: [&str; 16] = [
             "tls_cert",
@@ -107,7 +109,8 @@ impl Role {
             "worker_token_file",
             "max_concurrency",
         ];
-        const ENGINE: [&str; 10] = [
+        const ENGINE: [&str; 11] = [
+            "engine_stall_secs",
             "model",
             "model_id",
             "slots",
@@ -182,6 +185,14 @@ pub struct Settings {
     pub drain_timeout_secs: u64,
     /// Largest mesh frame accepted (payload plus envelope).
     pub max_frame_bytes: usize,
+    /// How often each end of a mesh connection sends a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a mesh peer is dead: the gateway fails (or moves) its work, a worker
+    /// reconnects.
+    pub heartbeat_timeout_ms: u64,
+    /// An engine holding work with no decode step for this long is stalled: its worker leaves
+    /// routing (and stops feeding systemd's watchdog) until it steps again.
+    pub engine_stall_secs: u64,
     /// Largest HTTP request body accepted.
     pub max_body_bytes: usize,
     /// Longest an HTTP request may take end to end.
@@ -249,6 +260,10 @@ impl Settings {
             log_level: "info".into(),
             drain_timeout_secs: 20,
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME,
+            heartbeat_interval_ms: crate::liveness::Heartbeat::default().interval.as_millis()
+                as u64,
+            heartbeat_timeout_ms: crate::liveness::Heartbeat::default().timeout.as_millis() as u64,
+            engine_stall_secs: 15,
             max_body_bytes: 1024 * 1024,
             request_timeout_secs: 300,
             queue_depth: 1024,
@@ -347,6 +362,20 @@ impl Settings {
         if self.max_body_bytes == 0 || self.max_body_bytes > self.max_frame_bytes - 512 {
             return bad("max_body_bytes", "must be positive and fit in a mesh frame");
         }
+        if self.heartbeat_interval_ms < 50 || self.heartbeat_interval_ms > 60_000 {
+            return bad("heartbeat_interval_ms", "must be between 50 and 60000");
+        }
+        if self.heartbeat_timeout_ms < 2 * self.heartbeat_interval_ms
+            || self.heartbeat_timeout_ms > 600_000
+        {
+            return bad(
+                "heartbeat_timeout_ms",
+                "must be at least twice heartbeat_interval_ms, and at most 600000",
+            );
+        }
+        if matches!(role, Role::Infer | Role::Up) && self.engine_stall_secs == 0 {
+            return bad("engine_stall_secs", "must be at least 1");
+        }
         if self.queue_depth == 0 || self.max_concurrency == 0 || self.max_connections == 0 {
             return bad("queue_depth", "limits must be positive");
         }
@@ -362,6 +391,14 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The mesh heartbeat of this role.
+    pub fn heartbeat(&self) -> crate::liveness::Heartbeat {
+        crate::liveness::Heartbeat {
+            interval: std::time::Duration::from_millis(self.heartbeat_interval_ms),
+            timeout: std::time::Duration::from_millis(self.heartbeat_timeout_ms),
+        }
     }
 
     /// The worker token from `worker_token` or `worker_token_file`.
@@ -576,6 +613,27 @@ mod tests {
         w.validate(Role::Infer).unwrap();
         w.gateway_url = "ws://localhost:49134".into();
         w.validate(Role::Infer).unwrap();
+    }
+
+    #[test]
+    fn heartbeat_limits_are_checked() {
+        let mut s = Settings::defaults(Role::Up);
+        s.validate(Role::Up).unwrap();
+        assert_eq!(
+            s.heartbeat(),
+            crate::liveness::Heartbeat::default(),
+            "one source of defaults"
+        );
+        s.heartbeat_timeout_ms = s.heartbeat_interval_ms;
+        let err = s.validate(Role::Up).unwrap_err().to_string();
+        assert!(err.contains("heartbeat_timeout_ms"), "{err}");
+        s.heartbeat_timeout_ms = 4000;
+        s.heartbeat_interval_ms = 10;
+        assert!(s.validate(Role::Up).is_err());
+        s.heartbeat_interval_ms = 1000;
+        s.engine_stall_secs = 0;
+        let err = s.validate(Role::Up).unwrap_err().to_string();
+        assert!(err.contains("engine_stall_secs"), "{err}");
     }
 
     #[test]

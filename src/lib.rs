@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod gateway;
+pub mod liveness;
 pub mod metrics;
 pub mod openai;
 pub mod protocol;

@@ -14,7 +14,7 @@ use meshd::engine::{Engine, EngineConfig};
 use meshd::gateway::{self, GatewayOptions};
 use meshd::state::StateStore;
 use meshd::worker::WorkerOptions;
-use meshd::{roles, telemetry, up};
+use meshd::{liveness, roles, telemetry, up};
 
 #[derive(Parser)]
 #[command(
@@ -93,6 +93,14 @@ struct CommonFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_timeout_secs: Option<u64>,
+    /// Milliseconds between mesh heartbeats.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_interval_ms: Option<u64>,
+    /// Milliseconds of silence after which a mesh peer is dead.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_timeout_ms: Option<u64>,
 }
 
 #[derive(Args, Serialize)]
@@ -206,6 +214,10 @@ struct ModelFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_queued_sequences: Option<usize>,
+    /// Seconds an engine may hold work without a decode step before it counts as stalled.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_stall_secs: Option<u64>,
 }
 
 #[derive(Args, Serialize)]
@@ -291,6 +303,7 @@ fn worker_options(s: &Settings) -> anyhow::Result<WorkerOptions> {
         max_frame_bytes: s.max_frame_bytes,
         max_concurrency: s.max_concurrency,
         drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+        heartbeat: s.heartbeat(),
         tls: match &s.gateway_ca {
             Some(ca) => Some(meshd::tls::client_config(ca)?),
             None => None,
@@ -353,15 +366,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Caller(args) => {
             let settings = load(Role::Caller, &args)?;
             let opts = worker_options(&settings)?;
-            runtime()?.block_on(roles::caller(opts).run(shutdown_signal()));
+            runtime()?.block_on(run_worker(roles::caller(opts)));
             Ok(())
         }
         Command::Infer(args) => {
             let settings = load(Role::Infer, &args)?;
             let opts = worker_options(&settings)?;
             runtime()?.block_on(async {
+                liveness::notify("STATUS=loading the model");
                 let engine = Engine::start(EngineConfig::from_settings(&settings)).await?;
-                roles::infer(opts, engine).run(shutdown_signal()).await;
+                run_worker(roles::infer(opts, engine)).await;
                 Ok(())
             })
         }
@@ -374,6 +388,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// Runs a worker until SIGTERM, feeding systemd's watchdog while its connection loop runs (and
+/// its engine, if any, is not stalled).
+async fn run_worker(worker: meshd::worker::Worker) {
+    let beacon = worker.beacon();
+    let watchdog = tokio::spawn(liveness::feed_watchdog(move |period| {
+        beacon.healthy(period)
+    }));
+    worker.run(shutdown_signal()).await;
+    watchdog.abort();
+    liveness::notify("STOPPING=1");
 }
 
 /// Prints the bound addresses on stdout (tests and scripts read them back when binding port 0).

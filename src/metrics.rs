@@ -37,6 +37,7 @@ struct Inner {
     requests: BTreeMap<(String, u16), u64>,
     latency: BTreeMap<String, Histogram>,
     refused: BTreeMap<&'static str, u64>,
+    lost: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default)]
@@ -60,6 +61,12 @@ impl Metrics {
 
     pub fn worker_refused(&self, kind: &'static str) {
         *self.lock().refused.entry(kind).or_default() += 1;
+    }
+
+    /// A worker taken out of service by the gateway: `heartbeat` (declared dead), `stalled`
+    /// (engine without progress), `slow_reader` (one invocation cancelled, its answers unread).
+    pub fn worker_lost(&self, reason: &'static str) {
+        *self.lock().lost.entry(reason).or_default() += 1;
     }
 
     /// Renders every metric, with the registry's live view for the gauges and the inference
@@ -115,6 +122,11 @@ impl Metrics {
         out.push_str("# TYPE meshd_workers_refused_total counter\n");
         for (kind, n) in &m.refused {
             let _ = writeln!(out, "meshd_workers_refused_total{{reason=\"{kind}\"}} {n}");
+        }
+        out.push_str("# HELP meshd_workers_lost_total Workers the gateway took out of service (or invocations it cancelled for a worker that stopped reading), by reason.\n");
+        out.push_str("# TYPE meshd_workers_lost_total counter\n");
+        for (reason, n) in &m.lost {
+            let _ = writeln!(out, "meshd_workers_lost_total{{reason=\"{reason}\"}} {n}");
         }
         out.push_str("# HELP meshd_workers_connected Workers connected to the mesh.\n");
         out.push_str("# TYPE meshd_workers_connected gauge\n");

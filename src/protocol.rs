@@ -95,8 +95,12 @@ pub enum Message {
     },
     /// Tells the gateway to stop routing new work here (drain before shutdown).
     Draining {},
+    /// A heartbeat: each end sends one every heartbeat interval and answers the other's.
     Ping {
         nonce: u64,
+        /// An infer worker's engine, on every heartbeat it sends.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health: Option<Health>,
     },
     Pong {
         nonce: u64,
@@ -104,6 +108,18 @@ pub enum Message {
     /// Any message type this build does not know; ignored by the receiver.
     #[serde(other)]
     Unknown,
+}
+
+/// How a worker's engine is doing, sent with its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Decode steps completed since the engine started.
+    pub steps: u64,
+    /// The engine holds work (running or queued).
+    pub busy: bool,
+    /// Busy with no step for the worker's `engine_stall_secs`: the gateway routes nothing to it
+    /// and fails or moves what it had, until it makes progress again.
+    pub stalled: bool,
 }
 
 /// How an invocation ended.
@@ -394,7 +410,18 @@ mod tests {
             Message::Cancel { id: 9 },
             Message::Started { id: 9 },
             Message::Draining {},
-            Message::Ping { nonce: 1 },
+            Message::Ping {
+                nonce: 1,
+                health: None,
+            },
+            Message::Ping {
+                nonce: 2,
+                health: Some(Health {
+                    steps: 7,
+                    busy: true,
+                    stalled: false,
+                }),
+            },
             Message::Pong { nonce: 1 },
         ]
     }

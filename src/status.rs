@@ -53,7 +53,7 @@ pub fn render(status: &Value) -> String {
             .flatten()
             .map(|w| {
                 format!(
-                    "{}#{} ({} / {}){}",
+                    "{}#{} ({} / {}){}{}",
                     w["name"].as_str().unwrap_or("?"),
                     w["id"],
                     w["inflight"],
@@ -62,7 +62,8 @@ pub fn render(status: &Value) -> String {
                         " draining"
                     } else {
                         ""
-                    }
+                    },
+                    if w["stalled"] == true { " STALLED" } else { "" }
                 )
             })
             .collect();
@@ -86,11 +87,14 @@ mod tests {
         let v = serde_json::json!({"functions": [
             {"function": "math::add", "inflight": 1, "workers": [
                 {"name": "infer", "id": 2, "inflight": 1, "served": 10, "draining": false},
-                {"name": "infer-b", "id": 3, "inflight": 0, "served": 9, "draining": true}]}]});
+                {"name": "infer-b", "id": 3, "inflight": 0, "served": 9, "draining": true},
+                {"name": "infer-c", "id": 4, "inflight": 0, "served": 1, "draining": false, "stalled": true}]}]});
         let text = super::render(&v);
         assert!(text.lines().nth(1).unwrap().starts_with("math::add"));
         assert!(
-            text.contains("infer#2 (1 / 10), infer-b#3 (0 / 9) draining"),
+            text.contains(
+                "infer#2 (1 / 10), infer-b#3 (0 / 9) draining, infer-c#4 (0 / 1) STALLED"
+            ),
             "{text}"
         );
     }

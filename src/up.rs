@@ -23,6 +23,7 @@ fn worker_options(settings: &Settings, name: &str, url: &str, token: &str) -> Wo
         max_frame_bytes: settings.max_frame_bytes,
         max_concurrency: settings.max_concurrency,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
+        heartbeat: settings.heartbeat(),
         tls: None,
     }
 }

@@ -38,6 +38,8 @@ pub struct EngineConfig {
     /// A llama.cpp built-in template used when the GGUF carries none.
     pub chat_template: String,
     pub max_queued: usize,
+    /// Busy with no decode step for this long: the engine is stalled.
+    pub stall_limit: std::time::Duration,
 }
 
 impl EngineConfig {
@@ -53,6 +55,7 @@ impl EngineConfig {
             n_gpu_layers: s.n_gpu_layers,
             chat_template: s.chat_template.clone(),
             max_queued: s.max_queued_sequences,
+            stall_limit: std::time::Duration::from_secs(s.engine_stall_secs),
         }
     }
 }
@@ -307,6 +310,20 @@ impl Engine {
         Ok(rx)
     }
 
+    /// Decode steps so far, and whether the engine holds work: what a stall is judged on.
+    pub fn progress(&self) -> crate::liveness::Progress {
+        let s = &self.stats;
+        let busy = s.active.load(Ordering::Relaxed) > 0 || s.queued.load(Ordering::Relaxed) > 0;
+        crate::liveness::Progress {
+            steps: s.decode_steps.load(Ordering::Relaxed),
+            busy,
+        }
+    }
+
+    pub fn stall_limit(&self) -> std::time::Duration {
+        self.config.stall_limit
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = &self.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -323,6 +340,25 @@ impl Engine {
             decode_steps: get(&s.decode_steps),
             ttft: s.ttft.lock().map(|h| h.clone()).unwrap_or_default(),
         }
+    }
+}
+
+/// A fault hook for tests of stall detection: while the file named by `MESHD_FAULT_STALL_FILE`
+/// exists, the engine thread blocks before its next decode step (as a hung GPU call or a
+/// deadlock would). Read once; unset (always, outside tests), it costs nothing.
+fn stall_for_fault_injection() {
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let Some(path) =
+        FILE.get_or_init(|| std::env::var_os("MESHD_FAULT_STALL_FILE").map(PathBuf::from))
+    else {
+        return;
+    };
+    if path.exists() {
+        tracing::warn!(file = %path.display(), "fault injection: the engine thread is blocked");
+        while path.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        tracing::warn!("fault injection: the engine thread runs again");
     }
 }
 

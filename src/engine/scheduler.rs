@@ -178,6 +178,7 @@ pub(super) fn run(
             continue;
         }
 
+        super::stall_for_fault_injection();
         if let Err(e) = ctx.decode(&mut batch) {
             tracing::error!(error = %e, tokens = batch.n_tokens(), "decode failed");
             for &i in &order {

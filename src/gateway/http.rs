@@ -112,12 +112,19 @@ async fn route(
     if req.method() == Method::GET {
         match path.as_str() {
             "/healthz" => return (path, json(200, &serde_json::json!({"status": "ok"}))),
-            "/readyz" => return (path, readyz(shared)),
+            "/readyz" if !wants_deep(&req) => return (path, readyz(shared)),
             _ => {}
         }
     }
     if let Err(e) = authorize(&req, &shared.secrets().api_keys) {
         return ("unauthorized".into(), error(&e));
+    }
+    if req.method() == Method::GET && path == "/readyz" {
+        let (ok, body) = super::probe::deep(shared, trace_id).await;
+        return (
+            "/readyz?deep".into(),
+            json(if ok { 200 } else { 503 }, &body),
+        );
     }
     if req.method() == Method::GET {
         match path.as_str() {
@@ -348,13 +355,23 @@ fn authorize(req: &Request<Incoming>, keys: &[[u8; 32]]) -> Result<(), ErrorBody
     }
 }
 
+/// `?deep=1` (or `deep=true`): run the whole chain instead of reading the registry.
+fn wants_deep(req: &Request<Incoming>) -> bool {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv == "deep=1" || kv == "deep=true")
+}
+
 fn readyz(shared: &Shared) -> Response<Body> {
-    let (missing, triggers, workers) = {
+    let (missing, triggers, workers, stalled) = {
         let reg = shared.registry();
         (
             reg.unserved_triggers(),
             reg.trigger_count(),
             reg.worker_count(),
+            reg.stalled_workers(),
         )
     };
     let ready = triggers > 0 && missing.is_empty();
@@ -363,6 +380,7 @@ fn readyz(shared: &Shared) -> Response<Body> {
         "workers": workers,
         "triggers": triggers,
         "unserved_functions": missing,
+        "stalled_workers": stalled,
     });
     json(if ready { 200 } else { 503 }, &body)
 }

@@ -18,8 +18,6 @@ use crate::transport::{self, Outbox, Outgoing, RecvError};
 
 /// A worker must say `Hello` within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Silence after which the gateway pings, and after twice which it drops the worker.
-const IDLE: Duration = Duration::from_secs(15);
 
 static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
 
@@ -63,7 +61,7 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
         }
     };
     let (sink, mut stream) = ws.split();
-    let (outbox, _writer) = transport::spawn_writer(sink);
+    let (outbox, writer) = transport::spawn_writer(sink);
     let max = shared.opts.max_frame_bytes;
 
     let hello = tokio::time::timeout(HELLO_TIMEOUT, transport::recv(&mut stream, max)).await;
@@ -140,15 +138,26 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
         tracing::info!("worker connected");
         let why = read_loop(id, &mut stream, &outbox, &shared).await;
         let departure = shared.registry().remove_worker(id);
-        tracing::info!(
-            reason = %why,
-            orphaned = departure.orphaned.len(),
-            "worker disconnected"
-        );
-        shared.worker_left(departure, &name).await;
+        if why.starts_with("no heartbeat") {
+            tracing::warn!(reason = %why, orphaned = departure.orphaned.len(), "worker declared dead");
+            shared.metrics.worker_lost("heartbeat");
+        } else {
+            tracing::info!(reason = %why, orphaned = departure.orphaned.len(), "worker disconnected");
+        }
+        let message = format!("worker `{name}` was lost while handling this request ({why})");
+        shared.fail_departure(departure, &name, &message);
     }
     .instrument(span)
     .await;
+    // A peer that stopped reading must not keep the writer (and the socket) forever.
+    drop(outbox);
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(1), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
 }
 
 async fn refuse(shared: &Shared, outbox: &Outbox, peer: &str, kind: &'static str, reason: String) {
@@ -167,6 +176,8 @@ fn token_matches(given: &str, expected: &str) -> bool {
     !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
+/// Reads a worker's messages until it leaves; answers why. Sends a heartbeat every interval and
+/// declares the worker dead after a heartbeat timeout of silence.
 async fn read_loop<S>(
     me: WorkerId,
     stream: &mut futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<S>>,
@@ -177,26 +188,32 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let max = shared.opts.max_frame_bytes;
-    let mut idle_ticks = 0;
+    let heartbeat = shared.opts.heartbeat;
+    let mut ticker = heartbeat.ticker();
+    let mut last_heard = std::time::Instant::now();
+    let mut nonce = 0u64;
     loop {
-        let msg = match tokio::time::timeout(IDLE, transport::recv(stream, max)).await {
-            Err(_) => {
-                idle_ticks += 1;
-                if idle_ticks >= 2 {
-                    return "no message for 30 s".into();
+        let received = tokio::select! {
+            r = transport::recv(stream, max) => r,
+            _ = ticker.tick() => {
+                if let Some(why) = heartbeat.expired(last_heard) {
+                    return why;
                 }
-                let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce: 0 }));
+                nonce += 1;
+                let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce, health: None }));
                 continue;
             }
-            Ok(Err(RecvError::Closed(reason))) => return format!("closed ({reason})"),
-            Ok(Err(e)) => {
+        };
+        let msg = match received {
+            Err(RecvError::Closed(reason)) => return format!("closed ({reason})"),
+            Err(e) => {
                 let reason = e.to_string();
-                let _ = outbox.send(Outgoing::Close(reason.clone())).await;
+                let _ = outbox.try_send(Outgoing::Close(reason.clone()));
                 return reason;
             }
-            Ok(Ok(msg)) => msg,
+            Ok(msg) => msg,
         };
-        idle_ticks = 0;
+        last_heard = std::time::Instant::now();
         handle(me, msg, outbox, shared).await;
     }
 }
@@ -275,33 +292,33 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
         Message::Result { id, outcome } => {
             let sink = shared.registry().complete(id, me);
             if let Some(sink) = sink {
-                shared.deliver(id, sink, Reply::Done(outcome)).await;
+                shared.deliver(id, sink, Reply::Done(outcome));
             }
         }
         Message::StreamStart { id, http } => {
             let sink = shared.registry().sink(id, me);
             if let Some(sink) = sink {
-                shared.deliver(id, sink, Reply::Start(http)).await;
+                shared.deliver(id, sink, Reply::Start(http));
             }
         }
         Message::StreamChunk { id, data } => {
             let sink = shared.registry().sink(id, me);
             if let Some(sink) = sink {
                 let data = bytes::Bytes::from(data.into_vec());
-                shared.deliver(id, sink, Reply::Chunk(data)).await;
+                shared.deliver(id, sink, Reply::Chunk(data));
             }
         }
         Message::StreamEnd { id, error } => {
             let sink = shared.registry().complete(id, me);
             if let Some(sink) = sink {
-                shared.deliver(id, sink, Reply::End(error)).await;
+                shared.deliver(id, sink, Reply::End(error));
             }
         }
         Message::Started { id } => shared.registry().started(id, me),
         Message::Cancel { id } => {
             let target = shared.registry().cancel_from_origin(me, id);
             if let Some(t) = target {
-                t.send().await;
+                t.try_send();
             }
         }
         Message::Draining {} => {
@@ -317,8 +334,11 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
                 let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
             }
         }
-        Message::Ping { nonce } => {
+        Message::Ping { nonce, health } => {
             let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));
+            if let Some(health) = health {
+                shared.worker_health(me, health);
+            }
         }
         Message::Pong { .. } | Message::Unknown => {}
         Message::Hello { .. } | Message::Welcome { .. } | Message::Refused { .. } => {

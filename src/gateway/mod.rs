@@ -7,6 +7,7 @@
 pub mod builtins;
 pub mod http;
 pub mod mesh;
+pub mod probe;
 pub mod registry;
 
 use std::future::Future;
@@ -37,6 +38,8 @@ pub struct GatewayOptions {
     pub queue_depth: usize,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// How often the gateway pings each worker, and how long a silent one is given.
+    pub heartbeat: crate::liveness::Heartbeat,
     /// Where the API keys and certificates were read from: `SIGHUP` reads them again.
     pub settings: Option<Settings>,
 }
@@ -92,6 +95,7 @@ impl GatewayOptions {
             queue_depth: s.queue_depth,
             max_connections: s.max_connections,
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
+            heartbeat: s.heartbeat(),
             settings: Some(s.clone()),
         })
     }
@@ -191,15 +195,12 @@ impl Shared {
         })
     }
 
-    /// Delivers one answer to wherever its invocation came from.
-    pub async fn deliver(self: &Arc<Self>, id: u64, sink: Sink, reply: Reply) {
-        match sink {
-            Sink::Local(tx) => {
-                if tx.try_send(reply).is_err() {
-                    // The HTTP client is gone or too slow to keep up: stop the work.
-                    self.cancel(id).await;
-                }
-            }
+    /// Delivers one answer to wherever its invocation came from. Never waits: an answer that
+    /// does not fit in its destination's queue (an HTTP client or a worker that stopped reading)
+    /// cancels that one invocation instead of stalling the connection it came from.
+    pub fn deliver(&self, id: u64, sink: Sink, reply: Reply) {
+        let delivered = match sink {
+            Sink::Local(tx) => tx.try_send(reply).is_ok(),
             Sink::Remote {
                 worker,
                 id: their_id,
@@ -222,34 +223,76 @@ impl Shared {
                         error,
                     },
                 };
-                let _ = outbox.send(Outgoing::Msg(msg)).await;
+                match outbox.try_send(Outgoing::Msg(msg)) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(
+                            worker,
+                            id,
+                            "a worker is not reading its answers; cancelling the invocation"
+                        );
+                        self.metrics.worker_lost("slow_reader");
+                        false
+                    }
+                    // It has left; its departure cancels what it called.
+                    Err(mpsc::error::TrySendError::Closed(_)) => true,
+                }
             }
+        };
+        if !delivered {
+            self.cancel(id);
         }
     }
 
     /// Cancels an invocation wherever it runs.
-    pub async fn cancel(&self, id: u64) {
+    pub fn cancel(&self, id: u64) {
         let target = self.registry().cancel(id);
         if let Some(t) = target {
-            t.send().await;
+            t.try_send();
         }
     }
 
-    /// Fails every invocation left without a worker, and cancels the calls it had made.
-    pub async fn worker_left(self: &Arc<Self>, departure: registry::Departure, name: &str) {
+    /// Fails what a departed (or stalled) worker owed with `worker_lost`, and cancels the calls it
+    /// had made.
+    pub fn fail_departure(&self, departure: registry::Departure, name: &str, message: &str) {
         if departure.resent > 0 {
             tracing::info!(worker = %name, count = departure.resent, "moved invocations it had not started to other workers");
         }
         for t in departure.abandoned {
-            t.send().await;
+            t.try_send();
         }
         for (id, sink) in departure.orphaned {
-            let err = ErrorBody::new(
-                ErrorCode::WorkerLost,
-                format!("worker `{name}` disconnected while handling this request"),
-            );
-            self.deliver(id, sink, Reply::Done(Outcome::Error(err)))
-                .await;
+            let err = ErrorBody::new(ErrorCode::WorkerLost, message);
+            self.deliver(id, sink, Reply::Done(Outcome::Error(err)));
+        }
+    }
+
+    /// A worker's heartbeat carried its engine's health: a stall takes it out of routing and
+    /// takes its work away; progress puts it back.
+    pub fn worker_health(&self, worker: registry::WorkerId, health: crate::protocol::Health) {
+        let (changed, name, departure) = {
+            let mut registry = self.registry();
+            let changed = registry.set_health(worker, health);
+            let departure = match changed {
+                Some(true) => registry.evict(worker),
+                _ => registry::Departure::default(),
+            };
+            (changed, registry.worker_name(worker), departure)
+        };
+        let name = name.unwrap_or_default();
+        match changed {
+            Some(true) => {
+                tracing::error!(worker = %name, steps = health.steps, failed = departure.orphaned.len(), moved = departure.resent, "engine stalled: worker taken out of routing");
+                self.metrics.worker_lost("stalled");
+                let message = format!(
+                    "worker `{name}` stopped making progress (its engine stalled) while handling this request"
+                );
+                self.fail_departure(departure, &name, &message);
+            }
+            Some(false) => {
+                tracing::info!(worker = %name, steps = health.steps, "engine progressing again: worker back in routing")
+            }
+            None => {}
         }
     }
 }
@@ -300,7 +343,6 @@ pub struct Listeners {
     pub mesh: TcpListener,
 }
 
-/// Runs the gateway until `shutdown` completes, then drains and flushes.
 /// Reloads the API keys and certificates on every `SIGHUP`.
 async fn reload_on_hangup(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -317,6 +359,56 @@ async fn reload_on_hangup(shared: Arc<Shared>) {
     }
 }
 
+/// Tells systemd the gateway is ready (its listeners are bound and served), keeps `STATUS=` up to
+/// date, and feeds the watchdog from the runtime, through the registry's lock: a deadlock there
+/// or in the runtime stops the feeding and systemd restarts the gateway.
+async fn tell_systemd(shared: Arc<Shared>) {
+    let status = |shared: &Shared| {
+        let reg = shared.registry();
+        let missing = reg.unserved_triggers();
+        format!(
+            "STATUS={} workers, {} triggers, {}",
+            reg.worker_count(),
+            reg.trigger_count(),
+            if missing.is_empty() {
+                "every trigger served".to_string()
+            } else {
+                format!("waiting for {}", missing.join(", "))
+            }
+        )
+    };
+    if !crate::liveness::notify(&format!("READY=1\n{}", status(&shared))) {
+        return;
+    }
+    let watchdog = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(crate::liveness::feed_watchdog(move |_| {
+            // Takes the registry's lock: a gateway stuck on it is not healthy.
+            let _ = shared.registry().worker_count();
+            true
+        }))
+    };
+    let _abort_on_drop = AbortOnDrop(watchdog);
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = status(&shared);
+        if now != last {
+            crate::liveness::notify(&now);
+            last = now;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the gateway until `shutdown` completes, then drains and flushes.
 pub async fn run(
     listeners: Listeners,
     opts: GatewayOptions,
@@ -345,7 +437,10 @@ pub async fn run(
     let reload_task = tokio::spawn(reload_on_hangup(Arc::clone(&shared)));
     let mesh_task = tokio::spawn(mesh::accept_loop(listeners.mesh, Arc::clone(&shared)));
     let http_task = tokio::spawn(http::serve(listeners.http, Arc::clone(&shared)));
+    let systemd_task = tokio::spawn(tell_systemd(Arc::clone(&shared)));
     shutdown.await;
+    systemd_task.abort();
+    crate::liveness::notify("STOPPING=1\nSTATUS=draining HTTP requests");
     tracing::info!("gateway shutting down: draining HTTP requests");
     shared.closing.cancel();
     let drain = shared.opts.drain_timeout;

@@ -39,6 +39,10 @@ struct Worker {
     /// Invocations routed to it since it connected.
     served: u64,
     draining: bool,
+    /// Its engine reports no progress while it holds work: out of routing until it steps again.
+    stalled: bool,
+    /// Its engine's decode steps, as last reported.
+    steps: Option<u64>,
 }
 
 struct Pending {
@@ -68,11 +72,7 @@ impl CancelTarget {
         crate::transport::Outgoing::Msg(Message::Cancel { id: self.id })
     }
 
-    pub async fn send(self) {
-        let _ = self.outbox.send(self.message()).await;
-    }
-
-    /// For `Drop`: never waits; a full outbox means the worker is gone or stuck anyway.
+    /// Never waits: a full outbox means the worker is gone or stuck anyway.
     pub fn try_send(self) {
         let _ = self.outbox.try_send(self.message());
     }
@@ -143,6 +143,10 @@ pub struct WorkerStatus {
     pub inflight: usize,
     pub served: u64,
     pub draining: bool,
+    pub stalled: bool,
+    /// Decode steps of its engine (infer workers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_steps: Option<u64>,
 }
 
 impl Registry {
@@ -155,6 +159,8 @@ impl Registry {
                 inflight: 0,
                 served: 0,
                 draining: false,
+                stalled: false,
+                steps: None,
             },
         );
     }
@@ -215,7 +221,32 @@ impl Registry {
             .into_iter()
             .flatten()
             .filter_map(|id| self.workers.get(id).map(|w| (*id, w)))
-            .filter(|(_, w)| !w.draining)
+            .filter(|(_, w)| !w.draining && !w.stalled)
+    }
+
+    /// Records a worker's engine health. Answers `Some(true)` when it has just stalled (take its
+    /// work away: [`Registry::evict`]), `Some(false)` when it has just recovered.
+    pub fn set_health(
+        &mut self,
+        worker: WorkerId,
+        health: crate::protocol::Health,
+    ) -> Option<bool> {
+        let w = self.workers.get_mut(&worker)?;
+        w.steps = Some(health.steps);
+        let was = std::mem::replace(&mut w.stalled, health.stalled);
+        (was != health.stalled).then_some(health.stalled)
+    }
+
+    /// Names of the workers whose engine is stalled.
+    pub fn stalled_workers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| w.stalled)
+            .map(|w| w.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// Functions behind triggers that have no live worker (empty means ready).
@@ -421,6 +452,10 @@ impl Registry {
         self.cancel(gid)
     }
 
+    pub fn worker_name(&self, worker: WorkerId) -> Option<String> {
+        self.workers.get(&worker).map(|w| w.name.clone())
+    }
+
     pub fn outbox(&self, worker: WorkerId) -> Option<Outbox> {
         self.workers.get(&worker).map(|w| w.outbox.clone())
     }
@@ -431,42 +466,78 @@ impl Registry {
         for list in self.functions.values_mut() {
             list.retain(|w| *w != worker);
         }
-        let mut departure = Departure::default();
+        let mut departure = self.take_work(worker);
         let ids: Vec<InvocationId> = self.pending.keys().copied().collect();
         for id in ids {
-            let p = &self.pending[&id];
-            let ran_here = p.worker == worker;
-            let called_from_here = matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker);
-            if ran_here {
-                let p = self.finish(id).expect("present");
-                if matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
-                    continue;
-                }
-                let elsewhere: Vec<(WorkerId, usize)> = self
-                    .live_workers(&p.function)
-                    .map(|(id, w)| (id, w.inflight))
-                    .collect();
-                match p.resend {
-                    Some(mut invoke) if !elsewhere.is_empty() => {
-                        let to = self.choose(elsewhere);
-                        let route = self.record(to, &p.function, p.sink, p.origin);
-                        if let Message::Invoke { id, .. } = &mut invoke {
-                            *id = route.id;
-                        }
-                        self.remember(route.id, &invoke);
-                        if route.outbox.try_send(Outgoing::Msg(invoke)).is_ok() {
-                            departure.resent += 1;
-                        } else {
-                            let p = self.finish(route.id).expect("just recorded");
-                            departure.orphaned.push((route.id, p.sink));
-                        }
-                    }
-                    _ => departure.orphaned.push((id, p.sink)),
-                }
-            } else if called_from_here {
+            let called_from_here =
+                matches!(self.pending[&id].sink, Sink::Remote { worker: w, .. } if w == worker);
+            if called_from_here {
                 if let Some(c) = self.cancel(id) {
                     departure.abandoned.push(c);
                 }
+            }
+        }
+        departure
+    }
+
+    /// Takes every invocation away from a worker that stays connected but cannot do its work (a
+    /// stalled engine): like a departure, and each one is also cancelled on that worker.
+    pub fn evict(&mut self, worker: WorkerId) -> Departure {
+        let Some(outbox) = self.outbox(worker) else {
+            return Departure::default();
+        };
+        let ran_here: Vec<InvocationId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.worker == worker)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut departure = self.take_work(worker);
+        departure
+            .abandoned
+            .extend(ran_here.into_iter().map(|id| CancelTarget {
+                id,
+                outbox: outbox.clone(),
+            }));
+        departure
+    }
+
+    /// Ends every invocation running on `worker` (no longer routable): an unstarted resumable one
+    /// moves to another live worker, any other is orphaned.
+    fn take_work(&mut self, worker: WorkerId) -> Departure {
+        let mut departure = Departure::default();
+        let ids: Vec<InvocationId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.worker == worker)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let p = self.finish(id).expect("present");
+            if matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
+                continue;
+            }
+            let elsewhere: Vec<(WorkerId, usize)> = self
+                .live_workers(&p.function)
+                .filter(|(id, _)| *id != worker)
+                .map(|(id, w)| (id, w.inflight))
+                .collect();
+            match p.resend {
+                Some(mut invoke) if !elsewhere.is_empty() => {
+                    let to = self.choose(elsewhere);
+                    let route = self.record(to, &p.function, p.sink, p.origin);
+                    if let Message::Invoke { id, .. } = &mut invoke {
+                        *id = route.id;
+                    }
+                    self.remember(route.id, &invoke);
+                    if route.outbox.try_send(Outgoing::Msg(invoke)).is_ok() {
+                        departure.resent += 1;
+                    } else {
+                        let p = self.finish(route.id).expect("just recorded");
+                        departure.orphaned.push((route.id, p.sink));
+                    }
+                }
+                _ => departure.orphaned.push((id, p.sink)),
             }
         }
         departure
@@ -487,6 +558,8 @@ impl Registry {
                         inflight: w.inflight,
                         served: w.served,
                         draining: w.draining,
+                        stalled: w.stalled,
+                        engine_steps: w.steps,
                     })
                     .collect(),
                 inflight: self.function_inflight.get(f).copied().unwrap_or(0),
@@ -615,6 +688,70 @@ mod tests {
         let d = r.remove_worker(second.worker);
         assert_eq!(d.orphaned.len(), 1);
         assert_eq!(d.resent, 0);
+    }
+
+    #[test]
+    fn a_stalled_worker_leaves_routing_and_its_work_is_failed_moved_and_cancelled() {
+        use crate::protocol::Health;
+        let mut r = Registry::default();
+        let (tx_a, mut rx_a) = mpsc::channel(8);
+        let (tx_b, mut rx_b) = mpsc::channel(8);
+        r.add_worker(1, "a".into(), tx_a);
+        r.add_worker(2, "b".into(), tx_b);
+        r.register_function(1, "gen", true);
+        let invoke = |id| Message::Invoke {
+            id,
+            function: "gen".into(),
+            payload: serde_bytes::ByteBuf::from(vec![1]),
+            timeout_ms: 1000,
+            trace_id: "t".into(),
+            http: None,
+        };
+        let started = r.dispatch("gen", None, local(), None, 9, invoke).unwrap();
+        let queued = r.dispatch("gen", None, local(), None, 9, invoke).unwrap();
+        r.started(started, 1);
+        r.register_function(2, "gen", true);
+        while rx_a.try_recv().is_ok() {}
+        let health = |steps, stalled| Health {
+            steps,
+            busy: true,
+            stalled,
+        };
+        assert_eq!(r.set_health(1, health(5, false)), None, "no change");
+        assert_eq!(r.set_health(1, health(5, true)), Some(true), "just stalled");
+        assert_eq!(r.set_health(1, health(5, true)), None, "still stalled");
+        assert_eq!(r.stalled_workers(), ["a"]);
+        let d = r.evict(1);
+        assert_eq!(d.orphaned.len(), 1, "the started one fails");
+        assert_eq!(d.orphaned[0].0, started);
+        assert_eq!(d.resent, 1, "the queued one moves");
+        let Ok(Outgoing::Msg(Message::Invoke { id: moved, .. })) = rx_b.try_recv() else {
+            panic!("the unstarted invoke did not move to the healthy worker")
+        };
+        assert_ne!(moved, queued);
+        let mut cancelled: Vec<u64> = d.abandoned.iter().map(|c| c.id).collect();
+        cancelled.sort();
+        assert_eq!(
+            cancelled,
+            [started, queued],
+            "both are cancelled on the stalled worker"
+        );
+        // Nothing new goes to it while stalled; it is routable again once it steps.
+        for _ in 0..3 {
+            let route = r.route("gen", local(), None, 99).unwrap();
+            assert_eq!(route.worker, 2);
+        }
+        let status = r.status();
+        let a = status[0].workers.iter().find(|w| w.id == 1).unwrap();
+        assert!(a.stalled);
+        assert_eq!(a.engine_steps, Some(5));
+        assert_eq!(r.set_health(1, health(6, false)), Some(false), "recovered");
+        assert!(r.stalled_workers().is_empty());
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            seen.insert(r.route("gen", local(), None, 99).unwrap().worker);
+        }
+        assert!(seen.contains(&1), "back in routing");
     }
 
     #[test]

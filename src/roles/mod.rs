@@ -5,6 +5,8 @@ pub mod chat;
 pub mod inference;
 pub mod math;
 
+use std::sync::Arc;
+
 use crate::engine::Engine;
 use crate::worker::{Worker, WorkerOptions};
 
@@ -23,6 +25,9 @@ pub fn caller(opts: WorkerOptions) -> Worker {
 
 /// The infer role: the model's functions over a loaded engine, and `math::add`.
 pub fn infer(opts: WorkerOptions, engine: Engine) -> Worker {
-    let worker = Worker::new(opts).function("math::add", math::add);
+    let probe = engine.clone();
+    let worker = Worker::new(opts)
+        .function("math::add", math::add)
+        .progress(Arc::new(move || probe.progress()), engine.stall_limit());
     inference::register(worker, engine)
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::liveness::{notify, Beacon, Health, Heartbeat, ProgressProbe, StallWatch};
 use crate::protocol::{
     ErrorBody, ErrorCode, HttpRequestHead, HttpResponseHead, Message, Outcome, PROTOCOL_VERSION,
 };
@@ -98,6 +99,8 @@ pub struct WorkerOptions {
     pub max_frame_bytes: usize,
     pub max_concurrency: usize,
     pub drain_timeout: Duration,
+    /// How often the worker pings the gateway, and how long a silent gateway is given.
+    pub heartbeat: Heartbeat,
     /// Trust for a `wss://` gateway (its CA); `None` for `ws://`.
     pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
@@ -109,10 +112,14 @@ pub struct Worker {
     functions: Vec<(String, Handler, bool)>,
     triggers: Vec<Trigger>,
     mesh: Mesh,
+    /// Beaten by the connection loop; read by the systemd watchdog.
+    beacon: Arc<Beacon>,
+    /// An engine's progress, reported with every heartbeat (infer).
+    progress: Option<(ProgressProbe, Mutex<StallWatch>)>,
 }
 
-/// Silence after which a worker pings, and after twice which it reconnects.
-const IDLE: Duration = Duration::from_secs(15);
+/// Longest a connection attempt (TCP, TLS, WebSocket, hello → welcome) may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Worker {
     pub fn new(opts: WorkerOptions) -> Self {
@@ -121,7 +128,45 @@ impl Worker {
             functions: Vec::new(),
             triggers: Vec::new(),
             mesh: Mesh::default(),
+            beacon: Arc::new(Beacon::default()),
+            progress: None,
         }
+    }
+
+    /// Reports an engine's progress with every heartbeat; busy without a step for `stall_limit`
+    /// is a stall: the gateway stops routing here and the watchdog is no longer fed.
+    pub fn progress(mut self, probe: ProgressProbe, stall_limit: Duration) -> Self {
+        self.progress = Some((probe, Mutex::new(StallWatch::new(stall_limit))));
+        self
+    }
+
+    /// What the systemd watchdog reads: the connection loop's beat and the engine's stall.
+    pub fn beacon(&self) -> Arc<Beacon> {
+        Arc::clone(&self.beacon)
+    }
+
+    /// Beats the beacon and takes one reading of the engine, if any.
+    fn health(&self) -> Option<Health> {
+        self.beacon.beat();
+        let (probe, watch) = self.progress.as_ref()?;
+        let mut watch = watch.lock().unwrap_or_else(|e| e.into_inner());
+        let health = watch.observe(probe(), std::time::Instant::now());
+        if self.beacon.set_stalled(health.stalled) != health.stalled {
+            if health.stalled {
+                let secs = watch.limit().as_secs();
+                tracing::error!(worker = %self.opts.name, steps = health.steps, "engine stalled: no decode step for {secs} s while holding work");
+                notify(&format!(
+                    "STATUS=engine stalled: no decode step for {secs} s while holding work"
+                ));
+            } else {
+                tracing::info!(worker = %self.opts.name, steps = health.steps, "engine progressing again");
+                notify(&format!(
+                    "STATUS=engine progressing again; serving {}",
+                    self.opts.gateway_url
+                ));
+            }
+        }
+        Some(health)
     }
 
     pub fn function<F, Fut>(self, name: &str, f: F) -> Self
@@ -186,15 +231,19 @@ impl Worker {
     async fn run_until(self: Arc<Self>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
+            self.health();
             let session = self.session(&stop).await;
+            self.health();
             match session {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Lost(why)) => {
                     tracing::warn!(worker = %self.opts.name, reason = %why, "lost the gateway; reconnecting");
+                    notify(&format!("STATUS=lost the gateway ({why}); reconnecting"));
                     backoff = Duration::from_millis(100);
                 }
                 Err(why) => {
                     tracing::warn!(worker = %self.opts.name, reason = %why, retry_in = ?backoff, "cannot join the mesh");
+                    notify(&format!("STATUS=cannot join the mesh: {why}"));
                 }
             }
             let jitter = rand::random::<f64>() * 0.5 + 0.75;
@@ -212,7 +261,9 @@ impl Worker {
         let (mut stream, outbox, writer) = tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok(SessionEnd::Shutdown),
-            joined = self.handshake() => joined?,
+            joined = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()) => {
+                joined.map_err(|_| format!("no welcome from {} within {} s", self.opts.gateway_url, HANDSHAKE_TIMEOUT.as_secs()))??
+            }
         };
         let send = |m: Message| {
             let outbox = outbox.clone();
@@ -241,6 +292,13 @@ impl Worker {
             .await?;
         }
         self.mesh.connected(outbox.clone());
+        // Registered: tell systemd (again after a reconnect, which it ignores).
+        notify(&format!(
+            "READY=1\nSTATUS=joined {} as {}; serving {} functions",
+            self.opts.gateway_url,
+            self.opts.name,
+            self.functions.len()
+        ));
         let running = Running::default();
         let end = self.serve(&mut stream, &outbox, &running, stop).await;
         self.mesh.disconnected();
@@ -281,16 +339,14 @@ impl Worker {
             .await
             .map_err(|_| "connection closed".to_string())?;
         let max = self.opts.max_frame_bytes;
-        match tokio::time::timeout(Duration::from_secs(10), transport::recv(&mut stream, max)).await
-        {
-            Ok(Ok(Message::Welcome { worker_id })) => {
+        match transport::recv(&mut stream, max).await {
+            Ok(Message::Welcome { worker_id }) => {
                 tracing::info!(worker = %self.opts.name, %worker_id, url = %self.opts.gateway_url, "joined the mesh");
                 Ok((stream, outbox, writer))
             }
-            Ok(Ok(Message::Refused { reason })) => Err(format!("refused by the gateway: {reason}")),
-            Ok(Ok(other)) => Err(format!("unexpected answer to hello: {other:?}")),
-            Ok(Err(e)) => Err(format!("handshake failed: {e}")),
-            Err(_) => Err("no welcome within 10 s".into()),
+            Ok(Message::Refused { reason }) => Err(format!("refused by the gateway: {reason}")),
+            Ok(other) => Err(format!("unexpected answer to hello: {other:?}")),
+            Err(e) => Err(format!("handshake failed: {e}")),
         }
     }
 
@@ -305,7 +361,10 @@ impl Worker {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let max = self.opts.max_frame_bytes;
-        let mut idle_ticks = 0;
+        let heartbeat = self.opts.heartbeat;
+        let mut ticker = heartbeat.ticker();
+        let mut last_heard = std::time::Instant::now();
+        let mut nonce = 0u64;
         // Draining: the deadline, and whether the gateway has confirmed it routes nothing more
         // here. Until it has, invokes already on their way are read and run as usual.
         let mut draining: Option<Instant> = None;
@@ -323,7 +382,7 @@ impl Worker {
                     return SessionEnd::Shutdown;
                 }
             }
-            let deadline = draining.unwrap_or_else(|| Instant::now() + IDLE);
+            let deadline = draining.unwrap_or_else(Instant::now);
             let received = tokio::select! {
                 biased;
                 _ = stop.cancelled(), if draining.is_none() => {
@@ -334,22 +393,23 @@ impl Worker {
                 }
                 _ = running.idle(), if confirmed => continue,
                 _ = tokio::time::sleep_until(deadline), if draining.is_some() => continue,
-                r = tokio::time::timeout(IDLE, transport::recv(stream, max)) => r,
-            };
-            let msg = match received {
-                Err(_) => {
-                    idle_ticks += 1;
-                    if idle_ticks >= 2 {
-                        return SessionEnd::Lost("no message from the gateway for 30 s".into());
+                _ = ticker.tick() => {
+                    if let Some(why) = heartbeat.expired(last_heard) {
+                        return SessionEnd::Lost(format!("the gateway went silent: {why}"));
                     }
-                    let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce: 0 }));
+                    nonce += 1;
+                    let health = self.health();
+                    let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce, health }));
                     continue;
                 }
-                Ok(Err(RecvError::Closed(r))) => return SessionEnd::Lost(format!("closed ({r})")),
-                Ok(Err(e)) => return SessionEnd::Lost(e.to_string()),
-                Ok(Ok(m)) => m,
+                r = transport::recv(stream, max) => r,
             };
-            idle_ticks = 0;
+            let msg = match received {
+                Err(RecvError::Closed(r)) => return SessionEnd::Lost(format!("closed ({r})")),
+                Err(e) => return SessionEnd::Lost(e.to_string()),
+                Ok(m) => m,
+            };
+            last_heard = std::time::Instant::now();
             match msg {
                 Message::Invoke {
                     id,
@@ -372,7 +432,7 @@ impl Worker {
                 Message::Cancel { id } => running.abort(id),
                 // The gateway's answer to our `Draining`: nothing more will be routed here.
                 Message::Draining {} => confirmed = true,
-                Message::Ping { nonce } => {
+                Message::Ping { nonce, .. } => {
                     let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));
                 }
                 Message::Result { .. }
