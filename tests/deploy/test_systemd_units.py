@@ -1,6 +1,7 @@
 """systemd/meshd-<role>.service: `systemd-analyze verify` clean (no warning at all) in a scratch root that has the
 distribution's units and a stand-in /usr/local/bin/meshd, `systemd-analyze security --offline=true` <= 2.0, and
-the settings the binary and cloud-init rely on."""
+the settings the binary and cloud-init rely on: the sd_notify contract (Type=notify, NotifyAccess=main, WatchdogSec=,
+TimeoutStartSec=), stop timeouts longer than the drain, and no reload that would re-read stale credentials."""
 import re
 import shutil
 import subprocess
@@ -40,7 +41,32 @@ HARDENING = {
     "DynamicUser": "yes",
     "Restart": "on-failure",
     "TimeoutStopSec": "30",
+    "Type": "notify",
+    "NotifyAccess": "main",
 }
+
+
+# The sd_notify contract with the binary (src/liveness.rs): READY=1 when really ready, WATCHDOG=1 every
+# $WATCHDOG_USEC/2. The watchdog runs from READY=1 on (systemd.service(5): "activated when the start-up is
+# completed"), so TimeoutStartSec= alone bounds everything before it: binding (gateway), waiting for the gateway
+# (workers), loading the model (infer; the file is on disk already, meshd-bootstrap fetches it before the start).
+NOTIFY = {
+    #          WatchdogSec  TimeoutStartSec (seconds)
+    "gateway": (30, 60),
+    "caller": (30, 5 * 60),
+    "infer": (60, 10 * 60),
+}
+# The binary's heartbeat period (liveness::Heartbeat) and engine stall limit (engine_stall_secs), both defaults.
+HEARTBEAT_SECS = 1
+ENGINE_STALL_SECS = 15
+
+
+def seconds(span: str) -> float:
+    """A systemd time span ("30", "30s", "5min", "1min 30s", "500ms") in seconds."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", span.strip())
+    assert parts and re.fullmatch(r"(\s*\d+(?:\.\d+)?\s*[a-z]*)+\s*", span), f"not a time span: {span!r}"
+    return sum(float(n) * units[u or "s"] for n, u in parts)
 
 
 def systemd_analyze():
@@ -86,8 +112,56 @@ def test_unit_settings(role):
         assert not re.match(r"MESHD_(ALLOW_PLAINTEXT|INSECURE_NO_AUTH|API_KEYS|WORKER_TOKEN)=", e), e
     assert "--allow-plaintext" not in svc["ExecStart"][0] and "--insecure-no-auth" not in svc["ExecStart"][0]
     # systemd waits longer than the binary drains.
-    assert int(one["TimeoutStopSec"]) > cfg["drain_timeout_secs"]
+    assert seconds(one["TimeoutStopSec"]) > cfg["drain_timeout_secs"]
     assert parse_unit(unit_path(role))["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_sd_notify_contract(role):
+    """Type=notify: the unit is active only once the binary sends READY=1 (a caller or infer that never joins the
+    mesh never counts as started); the watchdog restarts a process that stops sending WATCHDOG=1."""
+    svc = parse_unit(unit_path(role))["Service"]
+    one = {k: v[-1] for k, v in svc.items()}
+    for key in ("Type", "NotifyAccess", "WatchdogSec", "TimeoutStartSec", "Restart"):
+        assert len(svc.get(key, [])) == 1, f"{key}= must be set exactly once, got {svc.get(key)}"
+    assert one["Type"] == "notify"
+    # Only the main process may notify: nothing it spawns can fake READY=1 or feed the watchdog.
+    assert one["NotifyAccess"] == "main"
+    watchdog, start = NOTIFY[role]
+    assert seconds(one["WatchdogSec"]) == watchdog
+    assert seconds(one["TimeoutStartSec"]) == start
+    # The binary feeds every WatchdogSec/2 from a loop that beats every heartbeat: a few missed beats are not fatal.
+    assert seconds(one["WatchdogSec"]) >= 10 * HEARTBEAT_SECS
+    # A watchdog timeout (and a start timeout) is a failure that Restart=on-failure restarts; nothing turns that off.
+    assert one["Restart"] == "on-failure"
+    for key in ("WatchdogSignal", "RestartPreventExitStatus", "TimeoutStartFailureMode", "StartLimitAction"):
+        assert key not in svc, f"{key}= changes what a watchdog or start timeout does"
+    # The stop still waits for the drain; a start may wait longer than a stop (model load, the gateway's boot).
+    cfg = tomllib.loads((REPO / "roles" / f"{role}.toml").read_text())
+    assert seconds(one["TimeoutStopSec"]) > cfg["drain_timeout_secs"]
+    assert seconds(one["TimeoutStartSec"]) > seconds(one["TimeoutStopSec"])
+
+
+def test_infer_watchdog_outlasts_a_stall():
+    """infer feeds the watchdog only while its engine makes progress; a stall (engine_stall_secs without a decode
+    step while holding work) takes it out of routing at once, and WatchdogSec gives the engine time to recover
+    before systemd restarts the worker (which costs a model load)."""
+    svc = parse_unit(unit_path("infer"))["Service"]
+    cfg = tomllib.loads((REPO / "roles" / "infer.toml").read_text())
+    stall = cfg.get("engine_stall_secs", ENGINE_STALL_SECS)
+    assert seconds(svc["WatchdogSec"][-1]) >= 2 * stall
+    assert seconds(svc["TimeoutStartSec"][-1]) >= 5 * 60, "a model load on a small VM, plus the wait for the gateway"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_no_reload_of_stale_credentials(role):
+    """systemd copies LoadCredential= files into %d when the unit starts, never on a reload: a unit that hands
+    secrets over as credentials must not offer a reload (meshd would re-read the stale copies, so a revoked API key
+    or a replaced TLS key would stay in force). New secrets take effect by a restart (meshd-bootstrap)."""
+    svc = parse_unit(unit_path(role))["Service"]
+    assert svc.get("LoadCredential"), "every unit gets its secrets as credentials"
+    assert "ExecReload" not in svc, svc.get("ExecReload")
+    assert svc["Type"][-1] != "notify-reload", "Type=notify-reload is a reload too (SIGHUP)"
 
 
 def test_gateway_state_directory_is_its_data_dir():
@@ -123,7 +197,7 @@ def fake_root(tmp_path_factory):
     assert src, "no /usr/lib/systemd/system: install the systemd package"
     shutil.copytree(src, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    for path in ("usr/local/bin/meshd", "bin/kill"):  # ExecStart's and ExecReload's executables
+    for path in ("usr/local/bin/meshd",):  # ExecStart's executable
         exe = root / path
         exe.parent.mkdir(parents=True, exist_ok=True)
         exe.write_text("#!/bin/sh\nexit 0\n")
