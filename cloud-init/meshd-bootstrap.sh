@@ -15,7 +15,9 @@
 #  5. infer: /var/cache/meshd/models/model.gguf from MESHD_MODEL_URL, with retries, checked against
 #     MESHD_MODEL_SHA256; not downloaded again when the file on disk already matches.
 #  6. `meshd config check`, then enable and (re)start meshd-<role>.service (restart only if something changed:
-#     binary, a secret, the environment or the model; new API keys alone only reload the gateway: SIGHUP).
+#     binary, a secret, the environment or the model). A changed secret always means a restart, never a reload:
+#     systemd copies LoadCredential= files when the unit starts and only then, so a reloaded meshd would re-read
+#     the old copies (a revoked API key would keep working). meshd drains in-flight work on SIGTERM first.
 set -euo pipefail
 umask 077
 
@@ -36,7 +38,6 @@ ETC=$ROOT/etc/meshd
 CACHE=$ROOT/var/cache/meshd
 UNIT="meshd-$MESHD_ROLE.service"
 CHANGED=0
-RELOAD=0
 
 log() { echo "meshd-bootstrap[$MESHD_ROLE]: $*"; logger -t meshd-bootstrap -- "$*" 2>/dev/null || true; }
 die() { log "FATAL: $*"; exit 1; }
@@ -112,11 +113,11 @@ key_matches_cert() {
   [ -n "$from_key" ] && [ "$from_key" = "$from_cert" ]
 }
 
-# fetch_secret PARAMETER FILE FORMAT [reload]: the SecureString's value into FILE (root, 0600), replaced only when it
-#   differs. FORMAT raw: exactly the value (the worker token); lines: the value and a final newline (PEM, api-keys).
-#   reload: the running unit picks the new file up on SIGHUP (systemctl reload), so a change needs no restart.
+# fetch_secret PARAMETER FILE FORMAT: the SecureString's value into FILE (root, 0600), replaced only when it differs.
+#   FORMAT raw: exactly the value (the worker token); lines: the value and a final newline (PEM, api-keys).
+#   A replaced file restarts the unit: the service reads its credential copy of FILE, made at start only.
 fetch_secret() {
-  local param=$1 dest=$2 format=$3 on_change=${4:-restart} tmp value
+  local param=$1 dest=$2 format=$3 tmp value
   # The value only ever lives in this shell variable and the 0600 file (printf is a builtin: no argv exposure).
   value=$("$AWS" ssm get-parameter --name "$param" --with-decryption \
     --query Parameter.Value --output text) || return 1
@@ -141,7 +142,7 @@ fetch_secret() {
   fi
   mv -f "$tmp" "$dest"
   log "$dest updated from SSM parameter $param"
-  if [ "$on_change" = reload ]; then RELOAD=1; else CHANGED=1; fi
+  CHANGED=1
 }
 
 retry 8 fetch_secret "$MESHD_TOKEN_PARAMETER" "$ETC/worker-token" raw ||
@@ -151,7 +152,7 @@ if [ "$MESHD_ROLE" = "gateway" ]; then
   : "${MESHD_API_KEYS_PARAMETER:?}" "${MESHD_TLS_KEY_PARAMETER:?}"
   [ -s "$GATEWAY_CERT" ] || die "$GATEWAY_CERT is missing (cloud-init writes it from user data)"
   install -d -m 0755 -o root -g root "$TLS_DIR"
-  retry 8 fetch_secret "$MESHD_API_KEYS_PARAMETER" "$ETC/api-keys" lines reload ||
+  retry 8 fetch_secret "$MESHD_API_KEYS_PARAMETER" "$ETC/api-keys" lines ||
     die "could not read the API keys from SSM parameter $MESHD_API_KEYS_PARAMETER"
   retry 8 fetch_secret "$MESHD_TLS_KEY_PARAMETER" "$GATEWAY_KEY" lines ||
     die "could not read the gateway TLS key from SSM parameter $MESHD_TLS_KEY_PARAMETER"
@@ -219,12 +220,10 @@ systemctl daemon-reload
 systemctl enable "$UNIT"
 # --no-block: this runs inside cloud-final.service during boot; queue the job instead of waiting on it.
 if [ "$CHANGED" = 1 ]; then
+  # A restart, never a reload: systemd copies the credentials (worker token, API keys, TLS key) anew only when the
+  # unit starts. systemd sends SIGTERM, meshd drains in-flight work (drain_timeout_secs) and exits, then starts again.
   log "restarting $UNIT"
   systemctl --no-block restart "$UNIT"
-elif [ "$RELOAD" = 1 ]; then
-  # New API keys only: SIGHUP swaps them in without dropping a connection (or starts the unit if it is down).
-  log "reloading $UNIT"
-  systemctl --no-block reload-or-restart "$UNIT"
 else
   systemctl --no-block start "$UNIT"
 fi

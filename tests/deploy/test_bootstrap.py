@@ -1,15 +1,22 @@
 """cloud-init/meshd-bootstrap.sh run for real against a scratch root (MESHD_BOOTSTRAP_ROOT) with stub aws, curl
 and systemctl: sha256 checks, the secret files (worker token; on the gateway the API keys and the TLS key, checked
-against the certificate), the env file, the model cache, restart only on change."""
+against the certificate), the env file, the model cache, restart only on change.
+
+The systemctl stub keeps systemd's credential semantics for the repository's real unit file (installed in the scratch
+root where cloud-init puts it): LoadCredential= files are copied into the unit's credential directory (%d) when the
+unit starts and at no other time, and a reload is refused unless the unit has ExecReload=. So the tests see what the
+running meshd reads through its Environment=...=%d/<id> paths: a rotated secret must reach that copy."""
 import hashlib
 import os
 import stat
 import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from deploylib import BOOTSTRAP, REPO
+from deploylib import BOOTSTRAP, REPO, SYSTEMD_DIR, parse_unit
 
 TOKEN = "first-token-0123456789"
 API_KEYS = "sha256:" + "a1" * 32
@@ -42,8 +49,64 @@ case "$url" in
   *) cp "$STUB_BINARY" "$out" ;;
 esac
 """
-STUB_SYSTEMCTL = """#!/bin/bash
-echo "systemctl $*" >>"$STUB_LOG"
+# systemctl with systemd's credential semantics (systemd.exec(5), "Credentials"): LoadCredential=ID:PATH copies PATH
+# to $CREDENTIALS_DIRECTORY/ID (%d; /run/credentials/<unit>/) when the unit starts; the copy is dropped when it
+# stops. A reload (ExecReload=, SIGHUP) copies nothing, and a unit without ExecReload= cannot be reloaded:
+# `reload` fails, `reload-or-restart` restarts. The state of each unit lives in $MESHD_BOOTSTRAP_ROOT/run/stub-units.
+STUB_SYSTEMCTL = f"""#!{sys.executable}
+import json, os, shutil, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from deploylib import parse_unit
+
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(" ".join(["systemctl", *sys.argv[1:]]) + "\\n")
+root = os.environ["MESHD_BOOTSTRAP_ROOT"]
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+verb, units = args[0], args[1:]
+if verb in ("daemon-reload", "enable"):
+    sys.exit(0)
+for unit in units:
+    svc = parse_unit(Path(root, "etc/systemd/system", unit))["Service"]
+    state_file = os.path.join(root, "run/stub-units", unit + ".json")
+    os.makedirs(os.path.dirname(state_file), exist_ok=True)
+    state = json.load(open(state_file)) if os.path.exists(state_file) else {{"active": False, "starts": 0, "sighups": 0}}
+    creds = os.path.join(root, "run/credentials", unit)
+
+    def stop():
+        shutil.rmtree(creds, ignore_errors=True)
+        state["active"] = False
+
+    def start():
+        if state["active"]:
+            return
+        os.makedirs(creds)
+        for spec in svc.get("LoadCredential", []):
+            cid, path = spec.split(":", 1)
+            try:
+                shutil.copyfile(os.path.join(root, path.lstrip("/")), os.path.join(creds, cid))
+            except OSError as e:
+                stop()
+                sys.exit(f"{{unit}}: failed to set up credential {{cid}}: {{e}}")
+        state["active"] = True
+        state["starts"] += 1
+
+    if verb == "start":
+        start()
+    elif verb == "restart" or (verb == "try-restart" and state["active"]):
+        stop()
+        start()
+    elif verb in ("reload", "reload-or-restart"):
+        if "ExecReload" in svc and state["active"]:
+            state["sighups"] += 1  # meshd re-reads its files: the credential copies, unchanged
+        elif verb == "reload-or-restart":
+            stop()
+            start()
+        else:
+            sys.exit(f"Failed to reload {{unit}}: Job type reload is not applicable for unit {{unit}}.")
+    else:
+        sys.exit(f"systemctl stub: unexpected verb {{verb}}")
+    json.dump(state, open(state_file, "w"))
 """
 STUB_FAIL = """#!/bin/bash
 echo "$(basename "$0") must not be called: $*" >&2
@@ -89,6 +152,10 @@ class Box:
         self.model.write_bytes(b"GGUF" + os.urandom(4096))
         self.set_param("token", TOKEN)
         (self.root / "etc/meshd" / f"{role}.toml").write_bytes((REPO / "roles" / f"{role}.toml").read_bytes())
+        # The repository's unit, where cloud-init writes it: the systemctl stub starts it with its credentials.
+        self.unit = f"meshd-{role}.service"
+        self.path("/etc/systemd/system").mkdir(parents=True)
+        self.path(f"/etc/systemd/system/{self.unit}").write_bytes((SYSTEMD_DIR / self.unit).read_bytes())
         gateway = role == "gateway"
         if gateway:
             # What cloud-init writes from user data (the certificate) and Terraform puts into SSM (key, API keys).
@@ -140,6 +207,25 @@ class Box:
 
     def path(self, rel):
         return self.root / rel.lstrip("/")
+
+    def service_files(self):
+        """{VAR: text} for every Environment=VAR=%d/<id> of the unit: the files the running meshd reads its secrets
+        from, i.e. the credential copies systemd made when it last started the unit (None: not started)."""
+        svc = parse_unit(self.path(f"/etc/systemd/system/{self.unit}"))["Service"]
+        creds = self.path(f"/run/credentials/{self.unit}")
+        files = {}
+        for env in svc.get("Environment", []):
+            var, _, value = env.partition("=")
+            if value.startswith("%d/"):
+                f = creds / value[3:]
+                files[var] = f.read_text() if f.exists() else None
+        return files
+
+    def unit_state(self):
+        import json
+
+        f = self.path(f"/run/stub-units/{self.unit}.json")
+        return json.loads(f.read_text()) if f.exists() else {"active": False, "starts": 0, "sighups": 0}
 
 
 @pytest.fixture
@@ -279,15 +365,80 @@ def test_gateway_reboot_without_changes_only_starts(gateway):
     assert not any("restart" in c for c in gateway.calls)
 
 
-def test_api_key_rotation_rewrites_file_and_reloads_without_a_restart(gateway):
+def test_api_key_rotation_rewrites_file_and_restarts(gateway):
     assert gateway.run() == 0, gateway.out
     rotated = "sha256:" + "b2" * 32 + "\nsha256:" + "c3" * 32
     gateway.set_param("api_keys", rotated)
     assert gateway.run() == 0, gateway.out
     assert gateway.path("/etc/meshd/api-keys").read_text() == rotated + "\n"
-    assert "systemctl --no-block reload-or-restart meshd-gateway.service" in gateway.calls
-    assert not any(c.startswith("systemctl --no-block restart") for c in gateway.calls)
+    # A restart, not a reload: only a start makes systemd copy the credentials again.
+    assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
+    assert not any("reload-or" in c or c.endswith(" reload meshd-gateway.service") for c in gateway.calls)
     assert "api-keys updated from SSM parameter /meshd/api-keys" in gateway.out
+
+
+def test_revoked_api_key_is_gone_from_the_file_the_gateway_reads(gateway):
+    """Issue 10: the gateway reads MESHD_API_KEYS_FILE=%d/api-keys, systemd's copy of /etc/meshd/api-keys made at
+    start. After a revocation and the bootstrap run, that copy (not only /etc/meshd/api-keys) lacks the old key."""
+    old, kept, new = ("sha256:" + c * 64 for c in "abc")
+    gateway.set_param("api_keys", f"{old}\n{kept}")
+    assert gateway.run() == 0, gateway.out
+    assert gateway.service_files()["MESHD_API_KEYS_FILE"] == f"{old}\n{kept}\n"
+    gateway.set_param("api_keys", f"{kept}\n{new}")
+    assert gateway.run() == 0, gateway.out
+    serving = gateway.service_files()["MESHD_API_KEYS_FILE"]
+    assert serving == f"{kept}\n{new}\n", "the gateway still reads a stale copy of the API keys"
+    assert old not in serving
+    assert gateway.unit_state()["starts"] == 2
+
+
+ROTATIONS = {
+    # What the unit's LoadCredential= sources are and how a new value gets there: the SSM parameter meshd-bootstrap
+    # copies to it. A credential the bootstrap does not write has no entry, and the test below fails on it.
+    "/etc/meshd/worker-token": "token",
+    "/etc/meshd/api-keys": "api_keys",
+    "/etc/meshd/tls/gateway-key.pem": "tls_key",
+}
+
+
+@pytest.mark.parametrize("role", ["gateway", "caller", "infer"])
+def test_every_rotated_secret_reaches_the_running_service(tmp_path, role):
+    """For each LoadCredential= of the real unit: a new value in SSM, one bootstrap run, and the file meshd reads
+    through its Environment=...=%d/<id> path holds the new value (all of them at once, as after a terraform apply that
+    replaced every secret)."""
+    box = Box(tmp_path, role)
+    assert box.run() == 0, box.out
+    svc = parse_unit(SYSTEMD_DIR / box.unit)["Service"]
+    sources = dict(spec.split(":", 1) for spec in svc["LoadCredential"])
+    assert set(sources.values()) <= set(ROTATIONS), f"a credential meshd-bootstrap does not write: {sources}"
+    new = {}
+    for cid, path in sources.items():
+        which = ROTATIONS[path]
+        if which == "token":
+            value = f"rotated-token-for-{role}-0123456789"
+        elif which == "api_keys":
+            value = "sha256:" + "d4" * 32
+        else:
+            # A new key comes with its certificate (a replaced gateway VM gets the certificate from user data).
+            value, cert = key_and_cert(box.pki, "gateway-rotated")
+            box.path("/etc/meshd/tls/gateway.pem").write_text(cert)
+        box.set_param(which, value)
+        new[cid] = value
+    assert box.run() == 0, box.out
+    assert f"systemctl --no-block restart {box.unit}" in box.calls
+    # Every %d path of the unit points at a credential, and each holds the rotated value: what SSM has (plus the final
+    # newline for the line formats), byte for byte what meshd-bootstrap wrote to the source file.
+    reads = {env.split("=", 1)[1][3:] for env in svc["Environment"] if "=%d/" in env}
+    assert reads == set(sources), (reads, sources)
+    served = box.service_files()
+    for env in svc["Environment"]:
+        var, _, value = env.partition("=")
+        if not value.startswith("%d/"):
+            continue
+        cid = value[3:]
+        on_disk = box.path(sources[cid]).read_text()
+        assert served[var] == on_disk, f"{var} reads a stale copy of {sources[cid]}"
+        assert served[var].rstrip("\n") == new[cid].rstrip("\n"), var
 
 
 def test_tls_key_rotation_with_its_certificate_restarts(gateway):
