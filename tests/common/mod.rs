@@ -41,6 +41,11 @@ pub struct Proc {
 impl Proc {
     /// Starts `meshd ARGS`; for a listening role, waits for and parses its address line.
     pub fn start(args: &[&str], listens: bool) -> Proc {
+        Proc::start_env(args, listens, &[])
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub fn start_env(args: &[&str], listens: bool, env: &[(&str, &str)]) -> Proc {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("stderr.log");
         let mut cmd = Command::new(bin());
@@ -51,7 +56,8 @@ impl Proc {
             .env(
                 "RUST_LOG",
                 std::env::var("MESHD_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            )
+            .envs(env.iter().copied());
         // Die with the thread that started it (and so with the test), whatever happens to it.
         unsafe {
             cmd.pre_exec(|| {
@@ -192,6 +198,11 @@ pub fn infer(url: &str, name: &str) -> Proc {
 }
 
 pub fn infer_with(url: &str, name: &str, extra: &[&str]) -> Proc {
+    infer_env(url, name, extra, &[])
+}
+
+/// An infer worker with extra flags and environment variables.
+pub fn infer_env(url: &str, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let model = model();
     let mut args = vec![
         "infer",
@@ -208,7 +219,7 @@ pub fn infer_with(url: &str, name: &str, extra: &[&str]) -> Proc {
         args.extend_from_slice(&["--threads", "2"]);
     }
     args.extend_from_slice(extra);
-    Proc::start(&args, false)
+    Proc::start_env(&args, false, env)
 }
 
 pub fn up(data_dir: &Path, extra: &[&str]) -> Proc {
