@@ -182,14 +182,14 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+TERRAFORM_MIN_VERSION = (1, 9, 0)  # cross-variable validations (`var.allow_public_api` in allowed_api_cidrs' condition)
+
+
 def terraform_exe() -> str | None:
-    """$TERRAFORM (scripts/deploy-checks sets it), else terraform on PATH, else /usr/local/bin/terraform."""
+    """$TERRAFORM (scripts/deploy-checks sets it to the Terraform it pins), else terraform on PATH."""
     import shutil
 
-    exe = os.environ.get("TERRAFORM") or shutil.which("terraform")
-    if not exe and os.access("/usr/local/bin/terraform", os.X_OK):
-        exe = "/usr/local/bin/terraform"
-    return exe
+    return os.environ.get("TERRAFORM") or shutil.which("terraform")
 
 
 def terraform_version(exe: str) -> tuple[int, ...]:
@@ -199,6 +199,22 @@ def terraform_version(exe: str) -> tuple[int, ...]:
     m = re.search(r"Terraform v(\d+)\.(\d+)\.(\d+)", out)
     assert m, out
     return tuple(int(x) for x in m.groups())
+
+
+def require_terraform() -> str:
+    """The Terraform to run, failing (never skipping) the test when there is none or it is older than 1.9."""
+    import pytest
+
+    exe = terraform_exe()
+    if not exe:
+        pytest.fail("terraform is not installed: run scripts/deploy-checks (it installs a pinned Terraform >= 1.9) or "
+                    "set TERRAFORM", pytrace=False)
+    version = terraform_version(exe)
+    if version < TERRAFORM_MIN_VERSION:
+        need = ".".join(map(str, TERRAFORM_MIN_VERSION))
+        pytest.fail(f"{exe} is Terraform {'.'.join(map(str, version))}; these tests need >= {need} (cross-variable "
+                    "validations): run scripts/deploy-checks, which installs one, or set TERRAFORM", pytrace=False)
+    return exe
 
 
 def _tf_env() -> dict:

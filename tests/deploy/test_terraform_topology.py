@@ -413,19 +413,6 @@ VALIDATION_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tf_vars_dir(tmp_path_factory):
-    from deploylib import TF_DIR, terraform_exe, terraform_version
-
-    exe = terraform_exe()
-    assert exe, "terraform is not installed (scripts/deploy-checks provides one)"
-    if terraform_version(exe) < (1, 9, 0):
-        pytest.skip(f"terraform {terraform_version(exe)} cannot evaluate cross-variable validations (needs >= 1.9)")
-    d = tmp_path_factory.mktemp("tfvars")
-    (d / "variables.tf").write_text((TF_DIR / "variables.tf").read_text())
-    return exe, d
-
-
 @pytest.mark.parametrize("overrides,error", VALIDATION_CASES, ids=lambda x: json.dumps(x) if isinstance(x, dict) else str(x))
 def test_variable_validation(tf_vars_dir, overrides, error):
     from deploylib import terraform_console
@@ -438,7 +425,6 @@ def test_variable_validation(tf_vars_dir, overrides, error):
     else:
         assert err is not None, f"{overrides} was accepted"
         assert "Invalid value for variable" in err and error in err, err
-
 
 
 def test_api_keys_file_as_terraform_renders_it(tf, tf_vars_dir):
