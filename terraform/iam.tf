@@ -4,6 +4,15 @@
 #       gateway: the worker token, the api-keys file, the gateway's TLS private key
 #       workers: the worker token, nothing else (a worker can read neither the API keys nor the TLS key)
 #   - s3:GetObject on the one binary object (nothing when the binary comes from meshd_binary_url)
+#
+# AmazonSSMManagedInstanceCore itself allows ssm:GetParameter and ssm:GetParameters on every parameter ("*"), so an
+# Allow list alone does not keep a worker away from the gateway's TLS key. Two explicit denies do, whatever else is
+# attached to the role later:
+#   - DenyOtherParameters: every ssm:GetParameter* (GetParameter, GetParameters, GetParametersByPath,
+#     GetParameterHistory) on any parameter but the role's own;
+#   - DenyDecryptOfOtherParameters: kms:Decrypt through SSM unless the encryption context is one of the role's own
+#     parameters. Parameter Store encrypts every SecureString with the context PARAMETER_ARN = the parameter's ARN, so
+#     kms:EncryptionContext:PARAMETER_ARN names the parameter being decrypted; the Allow uses the same condition.
 
 locals {
   node_roles = {
@@ -58,23 +67,58 @@ resource "aws_iam_role_policy" "node" {
           Resource = each.value.parameters
         },
         {
-          Sid      = "DecryptViaSsmAndS3Only"
+          Sid         = "DenyOtherParameters"
+          Effect      = "Deny"
+          Action      = ["ssm:GetParameter*"]
+          NotResource = each.value.parameters
+        },
+        {
+          Sid      = "DecryptOwnParametersViaSsm"
           Effect   = "Allow"
           Action   = ["kms:Decrypt"]
           Resource = [aws_kms_key.meshd.arn]
           Condition = {
             StringEquals = {
-              "kms:ViaService" = ["ssm.${var.region}.amazonaws.com", "s3.${var.region}.amazonaws.com"]
+              "kms:ViaService"                      = ["ssm.${var.region}.amazonaws.com"]
+              "kms:EncryptionContext:PARAMETER_ARN" = each.value.parameters
             }
           }
         },
+        {
+          Sid      = "DenyDecryptOfOtherParameters"
+          Effect   = "Deny"
+          Action   = ["kms:Decrypt"]
+          Resource = [aws_kms_key.meshd.arn]
+          Condition = {
+            StringEquals    = { "kms:ViaService" = ["ssm.${var.region}.amazonaws.com"] }
+            StringNotEquals = { "kms:EncryptionContext:PARAMETER_ARN" = each.value.parameters }
+          }
+        },
       ],
+      # One conditional per statement: both arms of a conditional must have one type, and [] converts to a list of
+      # one statement but not to a tuple of two different ones.
       local.use_binary_url ? [] : [
         {
           Sid      = "ReadMeshdBinary"
           Effect   = "Allow"
           Action   = ["s3:GetObject"]
           Resource = local.binary_object_arns
+        },
+      ],
+      local.use_binary_url ? [] : [
+        {
+          # The bucket uses an S3 Bucket Key, so the encryption context is the bucket's ARN; an object written
+          # without one would carry the object's ARN. Either way: only the artifact bucket, only through S3.
+          Sid      = "DecryptMeshdBinaryViaS3"
+          Effect   = "Allow"
+          Action   = ["kms:Decrypt"]
+          Resource = [aws_kms_key.meshd.arn]
+          Condition = {
+            StringEquals = {
+              "kms:ViaService"                   = ["s3.${var.region}.amazonaws.com"]
+              "kms:EncryptionContext:aws:s3:arn" = concat([aws_s3_bucket.artifacts.arn], local.binary_object_arns)
+            }
+          }
         },
       ],
     )

@@ -1,5 +1,7 @@
-# One customer-managed key for the stack: SSM SecureString (worker token), artifact bucket, EBS root volumes and
-# the flow-log group. Rotated yearly by AWS.
+# One customer-managed key for the stack: the SSM SecureStrings (worker token, api-keys, gateway TLS key), the artifact
+# bucket, EBS root volumes and the flow-log group. Rotated yearly by AWS. The key policy delegates to IAM; the instance
+# roles (iam.tf) may decrypt only through SSM with the encryption context of their own parameters
+# (kms:EncryptionContext:PARAMETER_ARN) and through S3 for the artifact bucket.
 
 resource "aws_kms_key" "meshd" {
   description             = "${var.name}: worker token, artifacts, EBS volumes, flow logs"
