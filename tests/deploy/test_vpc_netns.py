@@ -8,13 +8,17 @@ meshd binary running its three roles in it.
                                        (router = VPC router + internet gateway; 10.20.1.10 stands in for the EIP;
                                         like AWS, nothing routes from the internet to the private subnet)
 
-nftables in each host namespace mirror terraform/security_groups.tf:
+The nftables rules of each host namespace are generated from terraform/security_groups.tf (parsed with python-hcl2):
+every aws_vpc_security_group_{ingress,egress}_rule of the groups the host's aws_instance is in, with allowed_api_cidrs
+= 198.51.100.0/24 and the other variables at their defaults; a referenced security group becomes the addresses of
+its instances here. Today that gives:
     gateway  in : tcp/3111 from allowed_api_cidrs (198.51.100.0/24); tcp/49134 from the workers only
             out : tcp/443
     workers  in : nothing
             out : tcp/49134 to the gateway; tcp/443
-Blocked traffic is dropped (like a security group), so a blocked connect times out; "refused" would mean the
-packet reached the host.
+so a rule opened or widened in terraform/ opens it here too, and the probes below fail. A rule this generator cannot
+mirror (IPv6, prefix lists, other protocols) fails the test instead of being left out. Blocked traffic is dropped
+(like a security group), so a blocked connect times out; "refused" would mean the packet reached the host.
 
 The three roles start from the shipped roles/*.toml, secured the way terraform/ and systemd/ deploy them: a
 throwaway CA and gateway certificate (IP SAN 10.20.1.10, P-256, made with openssl like tls.tf makes them), HTTPS on
@@ -28,6 +32,7 @@ and the model models/gemma3-270m-q4_k_m.gguf (scripts/fetch-model; env MESHD_TES
 creates carries a unique name and is removed at the end, whatever happens.
 """
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -40,7 +45,7 @@ from pathlib import Path
 
 import pytest
 
-from deploylib import REPO
+from deploylib import REPO, Terraform
 
 READY_TIMEOUT_S = 60
 PROBE_TIMEOUT_S = 1.5
@@ -124,46 +129,103 @@ def remove_stale_namespaces():
             kill_netns(ns)
 
 
-def nft_gateway_sg():
-    return f"""
-table inet meshd_sg {{
-  set api_cidrs {{ type ipv4_addr; flags interval; elements = {{ {API_CIDR} }} }}
-  set workers {{ type ipv4_addr; elements = {{ {CALLER_IP}, {INFER_IP} }} }}
-  chain input {{
-    type filter hook input priority 0; policy drop;
-    iif lo accept
-    ct state established,related accept
-    tcp dport {API_PORT} ip saddr @api_cidrs accept
-    tcp dport {MESH_PORT} ip saddr @workers accept
-  }}
-  chain output {{
-    type filter hook output priority 0; policy drop;
-    oif lo accept
-    ct state established,related accept
-    tcp dport 443 accept
-  }}
-}}
-"""
+# ---- nftables from terraform/security_groups.tf -----------------------------------------------------------------------
+
+# Where each aws_instance of terraform/ runs here: (namespace, address).
+HOSTS = {"gateway": ("public", GATEWAY_IP), "caller": ("private", CALLER_IP), "infer": ("private", INFER_IP)}
+# Values for the variables without a default that rules read (the others take their defaults: no SSH).
+SG_TEST_VARIABLES = {"allowed_api_cidrs": [API_CIDR]}
+PROTOCOLS = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp"}
 
 
-def nft_workers_sg():
-    return f"""
-table inet meshd_sg {{
-  set gateway {{ type ipv4_addr; elements = {{ {GATEWAY_IP} }} }}
-  chain input {{
-    type filter hook input priority 0; policy drop;
-    iif lo accept
-    ct state established,related accept
-  }}
-  chain output {{
-    type filter hook output priority 0; policy drop;
-    oif lo accept
-    ct state established,related accept
-    tcp dport {MESH_PORT} ip daddr @gateway accept
-    tcp dport 443 accept
-  }}
-}}
-"""
+def _ref(value, kind):
+    """'${aws_security_group.X.id}' -> X."""
+    m = re.fullmatch(r"\$\{" + kind + r"\.([A-Za-z0-9_-]+)\.id\}", str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a reference to a {kind}")
+    return m.group(1)
+
+
+def _variable(tf, name):
+    if name in SG_TEST_VARIABLES:
+        return SG_TEST_VARIABLES[name]
+    if "default" not in tf.variables[name]:
+        raise ValueError(f"var.{name} has no default: give it a test value in SG_TEST_VARIABLES")
+    return tf.variables[name]["default"]
+
+
+def security_groups_of_hosts(tf):
+    """{instance: [security group names]} from aws_instance.*.vpc_security_group_ids."""
+    return {name: [_ref(v, "aws_security_group") for v in tf.resources["aws_instance"][name]["vpc_security_group_ids"]]
+            for name in HOSTS}
+
+
+def _peers(tf, name, rule, members):
+    """The addresses a rule admits (ingress: sources, egress: destinations)."""
+    for unsupported in ("cidr_ipv6", "prefix_list_id"):
+        if unsupported in rule:
+            raise ValueError(f"{name}: {unsupported} is not mirrored by this test")
+    if "referenced_security_group_id" in rule:
+        if "for_each" in rule:
+            raise ValueError(f"{name}: for_each with a referenced security group is not mirrored by this test")
+        return members.get(_ref(rule["referenced_security_group_id"], "aws_security_group"), [])
+    cidr = rule.get("cidr_ipv4")
+    if cidr is None:
+        raise ValueError(f"{name}: neither cidr_ipv4 nor referenced_security_group_id")
+    if cidr == "${each.value}":
+        m = re.fullmatch(r"\$\{(?:toset\()?var\.([a-z_0-9]+)\)?\}", str(rule.get("for_each")))
+        if not m:
+            raise ValueError(f"{name}: for_each {rule.get('for_each')!r} is not toset(var.x)")
+        cidrs = _variable(tf, m.group(1))
+    elif "for_each" in rule or "${" in cidr:
+        raise ValueError(f"{name}: cidr_ipv4 {cidr!r} is not a literal or each.value")
+    else:
+        cidrs = [cidr]
+    return [str(ipaddress.ip_network(c, strict=False)) for c in cidrs]
+
+
+def _match(tf, name, rule):
+    """The protocol and port part of a rule."""
+    proto = str(rule["ip_protocol"])
+    if proto in ("-1", "all"):
+        return ""
+    if proto not in PROTOCOLS:
+        raise ValueError(f"{name}: ip_protocol {proto!r} is not mirrored by this test")
+    lo, hi = (int(tf.resolve(rule[k])) for k in ("from_port", "to_port"))
+    return f"{PROTOCOLS[proto]} dport {lo if lo == hi else f'{lo}-{hi}'} "
+
+
+def nft_security_groups(tf):
+    """{namespace: nftables ruleset} for the namespaces that hold instances: default drop both ways, replies allowed
+    (security groups are stateful), plus one accept per rule of the instances' security groups."""
+    groups_of = security_groups_of_hosts(tf)
+    members = {}
+    for host, groups in groups_of.items():
+        for g in groups:
+            members.setdefault(g, []).append(HOSTS[host][1])
+    lines = {}  # (security group, "input"|"output") -> [nft rule]
+    for rtype, chain, addr in (("aws_vpc_security_group_ingress_rule", "input", "saddr"),
+                               ("aws_vpc_security_group_egress_rule", "output", "daddr")):
+        for name, rule in tf.resources.get(rtype, {}).items():
+            group = _ref(rule["security_group_id"], "aws_security_group")
+            peers = _peers(tf, f"{rtype}.{name}", rule, members)
+            if peers:
+                lines.setdefault((group, chain), []).append(
+                    f"ip {addr} {{ {', '.join(peers)} }} {_match(tf, f'{rtype}.{name}', rule)}accept")
+    rulesets = {}
+    for ns in sorted({n for n, _ in HOSTS.values()}):
+        hosts = [h for h, (n, _) in HOSTS.items() if n == ns]
+        if len({tuple(groups_of[h]) for h in hosts}) != 1:
+            raise ValueError(f"{hosts} share the {ns} namespace here but not their security groups in terraform/")
+        groups = groups_of[hosts[0]]
+
+        def chain(name, hook, iface):
+            rules = [r for g in groups for r in lines.get((g, name), [])]
+            body = "\n".join(f"    {r}" for r in [f"{iface} lo accept", "ct state established,related accept", *rules])
+            return f"  chain {name} {{\n    type filter hook {hook} priority 0; policy drop;\n{body}\n  }}\n"
+
+        rulesets[ns] = "table inet meshd_sg {\n" + chain("input", "input", "iif") + chain("output", "output", "oif") + "}\n"
+    return rulesets
 
 
 def nft_router():
@@ -215,8 +277,9 @@ class Vpc:
         self._veth("private", [f"{CALLER_IP}/24", f"{INFER_IP}/24"], "10.20.2.1/24")
         self._veth("rogue", [f"{ROGUE_IP}/24"], "10.20.3.1/24")
         sh("nft", "-f", "-", ns=self.ns["router"], input=nft_router() % inet_if)
-        sh("nft", "-f", "-", ns=self.ns["public"], input=nft_gateway_sg())
-        sh("nft", "-f", "-", ns=self.ns["private"], input=nft_workers_sg())
+        for ns, ruleset in nft_security_groups(Terraform()).items():
+            (self.tmp / f"nft-{ns}.conf").write_text(ruleset)
+            sh("nft", "-f", "-", ns=self.ns[ns], input=ruleset)
 
     def destroy(self):
         for name, p in self.procs.items():
