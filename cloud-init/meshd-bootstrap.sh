@@ -7,7 +7,8 @@
 #     sha256 differs from MESHD_BINARY_SHA256; a download that does not match is refused.
 #  3. Secrets from SSM SecureStrings, each into a root-only 0600 file that the unit receives with LoadCredential=:
 #       every role: /etc/meshd/worker-token           (MESHD_TOKEN_PARAMETER)
-#       gateway:    /etc/meshd/api-keys               (MESHD_API_KEYS_PARAMETER: sha256:<hex> lines)
+#       gateway:    /etc/meshd/api-keys               (MESHD_API_KEYS_PARAMETER: sha256:<hex> lines; anything else
+#                                                     is refused and the keys in force stay)
 #                   /etc/meshd/tls/gateway-key.pem    (MESHD_TLS_KEY_PARAMETER), refused unless it is the key of
 #                                                     /etc/meshd/tls/gateway.pem (the certificate from user data)
 #     The workers need /etc/meshd/tls/mesh-ca.pem (from user data) to verify the gateway.
@@ -113,6 +114,15 @@ key_matches_cert() {
   [ -n "$from_key" ] && [ "$from_key" = "$from_cert" ]
 }
 
+# api_keys_valid FILE: one or more `sha256:<64 hex>` lines (comments after #, blank lines ignored) and nothing else,
+#   the format Terraform writes. A plain key would mean a secret in SSM, and a line meshd cannot parse would stop the
+#   gateway at the restart that applies the file: refuse both and keep the keys in force.
+api_keys_valid() {
+  local lines
+  lines=$(sed -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$1" | grep -v '^$') || return 1
+  ! grep -qvE '^sha256:[0-9a-fA-F]{64}$' <<<"$lines"
+}
+
 # fetch_secret PARAMETER FILE FORMAT: the SecureString's value into FILE (root, 0600), replaced only when it differs.
 #   FORMAT raw: exactly the value (the worker token); lines: the value and a final newline (PEM, api-keys).
 #   A replaced file restarts the unit: the service reads its credential copy of FILE, made at start only.
@@ -139,6 +149,11 @@ fetch_secret() {
     rm -f "$tmp"
     # Not retried: the key in SSM and the certificate in user data come from different applies. Keep the old key.
     die "the TLS key in SSM parameter $param is not the key of $GATEWAY_CERT; refusing it (terraform apply replaces the gateway VM when its certificate changes)"
+  fi
+  if [ "$dest" = "$ETC/api-keys" ] && ! api_keys_valid "$tmp"; then
+    rm -f "$tmp"
+    # Not retried: the parameter holds what Terraform (or someone by hand) put there. Keep the keys in force.
+    die "the API keys in SSM parameter $param are not sha256:<hex> lines; refusing them and keeping $dest"
   fi
   mv -f "$tmp" "$dest"
   log "$dest updated from SSM parameter $param"

@@ -392,6 +392,29 @@ def test_revoked_api_key_is_gone_from_the_file_the_gateway_reads(gateway):
     assert gateway.unit_state()["starts"] == 2
 
 
+@pytest.mark.parametrize("bad", [
+    "sha256:" + "a1" * 31,                           # 62 hex digits: meshd would refuse to start
+    "sha256:" + "zz" * 32,
+    "sha256:" + "b2" * 32 + "\nplain-api-key-in-ssm",  # a key, not a digest, in SSM
+    "# every key revoked by accident",               # no key at all
+], ids=["short-digest", "not-hex", "plain-key", "no-key"])
+def test_api_keys_meshd_cannot_use_are_refused_and_the_keys_in_force_stay(gateway, bad):
+    """A restart applies new keys, so keys the gateway would refuse at its start must never get there: the bootstrap
+    refuses them, keeps the file (and the running gateway's copy) and restarts nothing."""
+    assert gateway.run() == 0, gateway.out
+    gateway.set_param("api_keys", "# rotated 2026-12\n\nsha256:" + "c3" * 32 + "  # ci\n")
+    assert gateway.run() == 0, gateway.out  # comments and blank lines are fine
+    good = gateway.path("/etc/meshd/api-keys").read_text()
+    gateway.set_param("api_keys", bad)
+    assert gateway.run() != 0
+    assert "are not sha256:<hex> lines; refusing them" in gateway.out
+    assert gateway.path("/etc/meshd/api-keys").read_text() == good
+    assert gateway.service_files()["MESHD_API_KEYS_FILE"] == good
+    assert not any(c.startswith("systemctl") for c in gateway.calls)
+    assert sum(c.startswith(f"aws ssm get-parameter --name {PARAMS['api_keys']}") for c in gateway.calls) == 1, "not retried"
+    assert not [p.name for p in gateway.path("/etc/meshd").iterdir() if p.name.startswith(".")]
+
+
 ROTATIONS = {
     # What the unit's LoadCredential= sources are and how a new value gets there: the SSM parameter meshd-bootstrap
     # copies to it. A credential the bootstrap does not write has no entry, and the test below fails on it.
