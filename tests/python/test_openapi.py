@@ -144,11 +144,20 @@ def test_health_needs_no_key_and_unknown_paths_are_401_before_404(schema, base_u
 
 
 def test_idempotency_key_applies_once(schema, base_url):
-    def add(a, b, key):
-        return call(schema, base_url, "POST", "/math/add-two-numbers", body={"a": a, "b": b},
-                    headers={"Idempotency-Key": key})
+    def add(a, b, key=None):
+        headers = {"Idempotency-Key": key} if key is not None else None
+        return call(schema, base_url, "POST", "/math/add-two-numbers", body={"a": a, "b": b}, headers=headers)
+
+    def total():
+        """The running total now: 0 + 0, without a key, reads it without moving it."""
+        resp = add(0, 0)
+        assert resp.status_code == 200
+        return resp.json()["running_total"]
+
+    before = total()
     first = add(3, 4, "idem-1")
     assert first.status_code == 200
+    assert first.json()["running_total"] == before + 7
     replay = add(3, 4, "idem-1")
     assert replay.status_code == 200
     assert replay.json()["running_total"] == first.json()["running_total"]
@@ -158,6 +167,9 @@ def test_idempotency_key_applies_once(schema, base_url):
     bad = add(3, 4, "x" * 129)
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "Idempotency-Key"
+    # The replay answered the first body; it must not have applied the increment again behind it (nor may the
+    # conflicting or malformed requests have applied theirs).
+    assert total() == before + 7, "a replay (or a refused request) moved the running total"
 
 
 # ------------------------------------------------------------------------------- request bounds
