@@ -24,8 +24,10 @@ The three roles start from the shipped roles/*.toml, secured the way terraform/ 
 throwaway CA and gateway certificate (IP SAN 10.20.1.10, P-256, made with openssl like tls.tf makes them), HTTPS on
 :3111 with an api-keys file of `sha256:<hex>` lines (the format of the SSM parameter), wss:// on :49134, workers
 verifying the gateway with the CA. The key files reach the gateway through MESHD_* variables, as the unit passes its
-credentials. The internet host calls the API with `curl --cacert` and the bearer key; a key-less, a wrong-key and a
-plain-http request are refused, and workers with the wrong CA or plain ws:// never join.
+credentials; meshd runs without systemd here, so the units' sandbox settings are not exercised (they are checked
+statically only: test_systemd_units.py, systemd-analyze). The internet host calls the API with `curl --cacert` and
+the bearer key; a key-less, a wrong-key and a plain-http request are refused, and workers with the wrong CA or plain
+ws:// never join.
 
 Needs root, iproute2, nftables, curl and openssl, the release binary (env MESHD_BIN, default target/release/meshd)
 and the model models/gemma3-270m-q4_k_m.gguf (scripts/fetch-model; env MESHD_TEST_MODEL overrides). Everything it
