@@ -251,7 +251,7 @@ def test_bootstrap_env_single_quotes_every_value():
     m = re.search(r"- path: /etc/meshd/bootstrap\.env\n(?:\s+\w+: .*\n)*?\s+content: \|\n((?:      .*\n)+)", doc)
     assert m, "bootstrap.env is no longer a block scalar in the template"
     for line in m.group(1).splitlines():
-        assert re.fullmatch(r"      [A-Z][A-Z0-9_]*='\$\{[a-z_0-9]+\}'", line), f"not a single-quoted ${{value}}: {line!r}"
+        assert re.fullmatch(r"      [A-Z][A-Z0-9_]*='\$\{[a-z_0-9]+\}'", line), f"not '${{value}}': {line!r}"
 
 
 def user_data_variables_with(char, names=tuple(USER_DATA_VARIABLES)):

@@ -226,7 +226,8 @@ def nft_security_groups(tf):
             body = "\n".join(f"    {r}" for r in [f"{iface} lo accept", "ct state established,related accept", *rules])
             return f"  chain {name} {{\n    type filter hook {hook} priority 0; policy drop;\n{body}\n  }}\n"
 
-        rulesets[ns] = "table inet meshd_sg {\n" + chain("input", "input", "iif") + chain("output", "output", "oif") + "}\n"
+        chains = chain("input", "input", "iif") + chain("output", "output", "oif")
+        rulesets[ns] = "table inet meshd_sg {\n" + chains + "}\n"
     return rulesets
 
 
