@@ -37,6 +37,12 @@ const PATCHES: [(&str, &str); 3] = [
          \x20   return meshd_sgemm_level.load(std::memory_order_relaxed);\n\
          }\n\
          static inline bool meshd_sgemm_patched() { return meshd_level() > 0; }\n\
+         // meshd: calls each of meshd's paths took (per thread), so tests can prove they ran:\n\
+         // [1] a one-token product routed into the prefetching tiles, [2] the AVX-512 kernel.\n\
+         static std::atomic<unsigned long long> meshd_calls[3];\n\
+         extern \"C\" unsigned long long meshd_sgemm_calls(int path) {\n\
+         \x20   return path >= 0 && path < 3 ? meshd_calls[path].load(std::memory_order_relaxed) : 0;\n\
+         }\n\
          #if defined(MESHD_AVX512_KERNEL)\n\
          extern \"C\" int meshd_q0_gemm_avx512(int64_t m, int64_t n, int64_t k, const void *A,\n\
          \x20   int64_t lda, const void *B, int64_t ldb, float *C, int64_t ldc, int type, int ith,\n\
@@ -87,8 +93,15 @@ const PATCHES: [(&str, &str); 3] = [
          \x20   if (meshd_level() >= 2 && Ctype == GGML_TYPE_F32 && Btype == GGML_TYPE_Q8_0 &&\n\
          \x20       (Atype == GGML_TYPE_Q8_0 || Atype == GGML_TYPE_Q5_0) &&\n\
          \x20       meshd_q0_gemm_avx512(m, n, k, A, lda, B, ldb, (float *)C, ldc,\n\
-         \x20           Atype == GGML_TYPE_Q8_0 ? 0 : 1, params->ith, params->nth))\n\
+         \x20           Atype == GGML_TYPE_Q8_0 ? 0 : 1, params->ith, params->nth)) {\n\
+         \x20       meshd_calls[2].fetch_add(1, std::memory_order_relaxed);\n\
          \x20       return true;\n\
+         \x20   }\n\
+         #endif\n\
+         #if !defined(__MMA__)\n\
+         \x20   // (ggml asks first with the activations in F32, which tinyBLAS declines here.)\n\
+         \x20   if (n < 2 && Btype == GGML_TYPE_Q8_0)\n\
+         \x20       meshd_calls[1].fetch_add(1, std::memory_order_relaxed);\n\
          #endif\n",
     ),
 ];

@@ -94,7 +94,8 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let errors = rt.block_on(async {
+        let mut errors = 0;
         let up = Arc::new(Up::start(&["--slots", "1"]));
         up.ready().await;
         let hello = hello_server().await;
@@ -122,7 +123,14 @@ fn main() {
                     p.errors,
                     100.0 * p.rps / h.rps
                 );
+                errors += p.errors;
             }
         }
+        errors
     });
+    // A figure measured over failed requests means nothing: say so, and fail.
+    if errors > 0 {
+        eprintln!("load_math: {errors} requests failed; the figures above are not valid");
+        std::process::exit(1);
+    }
 }

@@ -13,6 +13,11 @@
 //! products and llama.cpp's, relative to the largest value of llama.cpp's column. `THREADS`
 //! sets the compute threads (default: every core).
 //!
+//! `GATE=0.9` turns the run into a check of the claim that justifies patching llama.cpp: on every
+//! decode shape, each of meshd's kernels must run at least 0.9× as fast as llama.cpp's own
+//! (a ratio measured in this one run, the kernels alternating, not a time), or the run fails.
+//! `SHAPES=decode` runs only the decode shapes. CI runs `ROUNDS=5 SHAPES=decode GATE=0.9`.
+//!
 //! `cargo bench --bench matmul`
 
 mod ggml;
@@ -44,11 +49,17 @@ fn main() {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let gate: Option<f64> = std::env::var("GATE").ok().map(|g| {
+        g.parse()
+            .unwrap_or_else(|_| panic!("GATE={g}: a ratio such as 0.9"))
+    });
+    let decode_only = std::env::var("SHAPES").is_ok_and(|s| s == "decode");
     let shapes = [
         ("output Q8_0", sys::GGML_TYPE_Q8_0, 262_144, DECODE),
         ("ffn Q5_0", sys::GGML_TYPE_Q5_0, 18 * 2 * 2048, DECODE),
         ("layer Q5_0", sys::GGML_TYPE_Q5_0, 2048, PROMPT),
     ];
+    let mut below_gate = Vec::new();
     // llama.cpp's own first; each of meshd's is compared with it.
     let kernels = available_matmul_kernels();
     println!(
@@ -60,6 +71,9 @@ fn main() {
     }
     println!("  max diff");
     for (name, ty, rows, columns) in shapes {
+        if decode_only && columns != DECODE {
+            continue;
+        }
         let shape = MulMat::new(ty, rows, K, columns);
         for &n in columns {
             let mut times = vec![Vec::new(); kernels.len()];
@@ -81,11 +95,29 @@ fn main() {
             for t in &ms {
                 print!(" {:>13.2} ({:>5.2}x)", t, ms[0] / t);
             }
+            if let Some(gate) = gate.filter(|_| columns == DECODE) {
+                for (k, t) in ms.iter().enumerate().skip(1) {
+                    let ratio = ms[0] / t;
+                    if ratio < gate {
+                        below_gate.push(format!("{name} n={n} {}: {ratio:.2}x", kernels[k].1));
+                    }
+                }
+            }
             let worst = outputs[1..]
                 .iter()
                 .map(|o| largest_difference(&outputs[0], o, rows as usize).0)
                 .fold(0f32, f32::max);
             println!("  {worst:.1e}");
         }
+    }
+    if let Some(gate) = gate {
+        if !below_gate.is_empty() {
+            eprintln!(
+                "matmul: meshd's kernels ran below {gate}x llama.cpp's on decode shapes: {}",
+                below_gate.join("; ")
+            );
+            std::process::exit(1);
+        }
+        println!("matmul: every meshd kernel ran at least {gate}x llama.cpp's on every decode shape");
     }
 }

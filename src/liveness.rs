@@ -112,6 +112,10 @@ pub struct Beacon {
     /// Milliseconds after `born` of the last beat.
     last: AtomicU64,
     stalled: AtomicBool,
+    /// `READY=1` has been sent: systemd arms the watchdog at the first `WATCHDOG=1`, even before
+    /// it, so feeding waits for readiness (a worker still waiting for its gateway is covered by
+    /// `TimeoutStartSec=` instead).
+    ready: AtomicBool,
 }
 
 impl Default for Beacon {
@@ -120,6 +124,7 @@ impl Default for Beacon {
             born: Instant::now(),
             last: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
         }
     }
 }
@@ -139,10 +144,15 @@ impl Beacon {
         self.stalled.load(Ordering::Relaxed)
     }
 
-    /// Beat within `within`, and not stalled: the watchdog may be fed.
+    /// `READY=1` was sent.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Ready, beat within `within`, and not stalled: the watchdog may be fed.
     pub fn healthy(&self, within: Duration) -> bool {
         let since = self.born.elapsed().as_millis() as u64 - self.last.load(Ordering::Relaxed);
-        since <= within.as_millis() as u64 && !self.stalled()
+        self.ready.load(Ordering::Relaxed) && since <= within.as_millis() as u64 && !self.stalled()
     }
 }
 
@@ -265,6 +275,8 @@ mod tests {
     fn the_beacon_is_healthy_only_when_fresh_and_not_stalled() {
         let b = Beacon::default();
         b.beat();
+        assert!(!b.healthy(Duration::from_secs(1)), "not before READY=1");
+        b.set_ready();
         assert!(b.healthy(Duration::from_secs(1)));
         b.set_stalled(true);
         assert!(!b.healthy(Duration::from_secs(1)));

@@ -239,8 +239,8 @@ variable "meshd_binary_url" {
   default     = ""
 
   validation {
-    condition     = var.meshd_binary_url == "" || can(regex("^https://[^\\s'\"]+$", var.meshd_binary_url))
-    error_message = "meshd_binary_url must be empty or an https:// URL without spaces or quotes."
+    condition     = var.meshd_binary_url == "" || can(regex("^https://[!#-&(-~]+$", var.meshd_binary_url))
+    error_message = "meshd_binary_url must be empty or an https:// URL of printable ASCII without spaces or quotes."
   }
 }
 
@@ -266,8 +266,8 @@ variable "model_url" {
   default     = "https://huggingface.co/ggml-org/gemma-3-270m-it-GGUF/resolve/e7647be17ae1108f2f605ed061ca0608b171afff/gemma-3-270m-it-Q8_0.gguf"
 
   validation {
-    condition     = can(regex("^https://[^\\s'\"]+$", var.model_url))
-    error_message = "model_url must be an https:// URL without spaces or quotes."
+    condition     = can(regex("^https://[!#-&(-~]+$", var.model_url))
+    error_message = "model_url must be an https:// URL of printable ASCII without spaces or quotes."
   }
 }
 

@@ -143,15 +143,27 @@ async fn eight_concurrent_completions_never_mix() {
     const WORDS: [&str; 8] = [
         "zebra", "apple", "river", "candle", "pepper", "guitar", "tunnel", "violet",
     ];
+    /// Batched output need not equal solo output bit for bit (llama.cpp is not batch-invariant on
+    /// CPU: outputs drift after ~10 tokens), but a sequence that read another's KV cache or
+    /// logits derails at once: each must agree with its own solo run on its first words.
+    const AGREE_WORDS: usize = 3;
     let a = addr().await;
     let prompt = |w: &str| [w; 6].join(" ");
     let body =
         |w: &str| json!({"prompt": prompt(w), "max_tokens": 16, "temperature": 0}).to_string();
-    let solo = {
-        let r = request(a, "POST", "/v1/completions", &body(WORDS[0])).await;
+    let text_of = |r: &Resp| {
         assert_eq!(r.status, 200, "{}", r.text());
-        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+        r.json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
     };
+    let mut solos = Vec::new();
+    for w in WORDS {
+        solos.push(text_of(
+            &request(a, "POST", "/v1/completions", &body(w)).await,
+        ));
+    }
     let tasks: Vec<_> = WORDS
         .iter()
         .map(|w| {
@@ -159,14 +171,8 @@ async fn eight_concurrent_completions_never_mix() {
             tokio::spawn(async move { request(a, "POST", "/v1/completions", &b).await })
         })
         .collect();
-    let mut outputs = Vec::new();
-    for (w, t) in WORDS.iter().zip(tasks) {
-        let r = t.await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        let text = r.json()["choices"][0]["text"]
-            .as_str()
-            .unwrap()
-            .to_lowercase();
+    for ((w, t), solo) in WORDS.iter().zip(tasks).zip(&solos) {
+        let text = text_of(&t.await.unwrap());
         assert!(text.contains(w), "{w}: {text:?}");
         for other in WORDS.iter().filter(|o| *o != w) {
             assert!(
@@ -174,18 +180,14 @@ async fn eight_concurrent_completions_never_mix() {
                 "{w}'s output holds {other}: {text:?}"
             );
         }
-        outputs.push(text);
+        let agree = leading_agreement(solo.split_whitespace(), text.split_whitespace());
+        let solo_words = solo.split_whitespace().count();
+        assert!(
+            agree >= AGREE_WORDS.min(solo_words),
+            "{w}: batched output agrees with its solo run on {agree} leading words: {text:?} vs {solo:?}"
+        );
+        println!("{w}: batched vs solo agree on {agree} leading words");
     }
-    // Batched output need not equal solo output bit for bit (llama.cpp is not batch-invariant on
-    // CPU); report how much of it agrees.
-    let agree = leading_agreement(
-        solo.to_lowercase().split_whitespace(),
-        outputs[0].split_whitespace(),
-    );
-    println!(
-        "batched vs solo: {agree} leading words agree ({solo:?} vs {:?})",
-        outputs[0]
-    );
 }
 
 /// meshd's matrix multiply kernels (build.rs) are built on x86-64 Linux, the best one this CPU
@@ -395,10 +397,17 @@ async fn models_are_listed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_frees_its_slot() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let a = addr().await;
+    // Its own server with one slot: a slot that is not freed would hold the next request back
+    // behind a 1,500-token generation.
+    let dir = tempfile::tempdir().unwrap();
+    let p = up(
+        dir.path(),
+        &["--slots", "1", "--ctx-per-slot", "2048", "--threads", "2"],
+    );
+    let a = p.http();
+    ready(a).await;
     let stats = || async move { request(a, "GET", "/v1/engine/stats", "").await.json() };
-    let cancelled_before = stats().await["cancelled"].as_u64().unwrap();
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.8, "stream": true}).to_string();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "stream": true}).to_string();
     let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
     let req = format!(
         "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -412,24 +421,41 @@ async fn a_client_that_disconnects_frees_its_slot() {
         assert!(n > 0, "closed early: {seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    common::eventually(
-        Duration::from_secs(10),
-        "a sequence is generating",
-        || async move { stats().await["active_sequences"].as_u64().unwrap() >= 1 },
-    )
-    .await;
+    let v = stats().await;
+    assert_eq!(v["active_sequences"], 1, "{v}");
+    assert_eq!(v["cancelled"], 0, "{v}");
     drop(s);
     common::eventually(
         Duration::from_secs(10),
         "the slot is freed",
         || async move {
             let v = stats().await;
-            v["cancelled"].as_u64().unwrap() > cancelled_before
+            v["active_sequences"] == 0 && v["queued_sequences"] == 0 && v["cancelled"] == 1
         },
     )
     .await;
+    let generated = stats().await["completion_tokens_total"].as_u64().unwrap();
+    assert!(
+        (1..1500).contains(&generated),
+        "the generation stopped part way: {generated} tokens"
+    );
+    // The one slot takes the next request at once: it generates, and the cancelled one does not
+    // come back (its tokens stop growing but for the new request's).
+    let r = request(
+        a,
+        "POST",
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let v = stats().await;
-    assert!(v["completion_tokens_total"].as_u64().unwrap() > 0);
+    assert_eq!(v["completed"], 1, "{v}");
+    assert_eq!(
+        v["completion_tokens_total"].as_u64().unwrap(),
+        generated + r.json()["usage"]["completion_tokens"].as_u64().unwrap(),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,14 +515,16 @@ async fn a_deadline_is_a_504_that_frees_the_slot_and_a_full_queue_is_a_429() {
         statuses.iter().all(|s| *s == 429 || *s == 504),
         "{statuses:?}"
     );
+    // Every request that timed out was cancelled in the engine (the generating one and the one
+    // queued behind it, or only the first when the second lost the race for the queue): exactly
+    // as many cancellations as 504s.
+    let timed_out = statuses.iter().filter(|s| **s == 504).count() as u64;
     common::eventually(
         Duration::from_secs(10),
         "slots freed after the deadline",
         || async move {
             let v = request(a, "GET", "/v1/engine/stats", "").await.json();
-            v["active_sequences"] == 0
-                && v["queued_sequences"] == 0
-                && v["cancelled"].as_u64().unwrap() >= 1
+            v["active_sequences"] == 0 && v["queued_sequences"] == 0 && v["cancelled"] == timed_out
         },
     )
     .await;

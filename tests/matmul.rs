@@ -12,7 +12,16 @@ mod ggml;
 use common::best_matmul_kernel;
 use ggml::{largest_difference, MulMat};
 use llama_cpp_sys_2 as sys;
-use meshd::engine::{select_matmul_kernel, MatmulKernel};
+use meshd::engine::{matmul_kernel_calls, select_matmul_kernel, KernelCalls, MatmulKernel};
+
+/// Which of meshd's paths must have run for a product (and which must not): the AVX-512 kernel
+/// takes Q8_0 weights from two columns and Q5_0 from one, on rows of an even number of blocks;
+/// a one-token product it leaves goes to the prefetching tiles.
+fn expected_paths(runs: &str, q8: bool, blocks: i64, n: i64) -> (bool, bool) {
+    let avx512 = runs == "meshd-avx512" && blocks % 2 == 0 && (n >= if q8 { 2 } else { 1 });
+    let one_token = runs != "llama.cpp" && n == 1 && !avx512;
+    (one_token, avx512)
+}
 
 #[test]
 fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
@@ -26,6 +35,7 @@ fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
         best_matmul_kernel()
     );
     let mut worst = 0f32;
+    let mut avx512_products = 0u64;
     for (ty, name) in [(sys::GGML_TYPE_Q8_0, "Q8_0"), (sys::GGML_TYPE_Q5_0, "Q5_0")] {
         // The model's two row lengths (the embedding width and the feed-forward width), and a
         // row of an odd number of blocks (21), which the AVX-512 kernel leaves to tinyBLAS.
@@ -34,11 +44,29 @@ fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
             for &n in &columns {
                 for threads in [1, 2, 3] {
                     select_matmul_kernel(MatmulKernel::Llama);
+                    let before = matmul_kernel_calls();
                     mm.run(n, threads);
+                    assert_eq!(
+                        matmul_kernel_calls(),
+                        before,
+                        "{name} k={k} n={n}: a meshd path ran under llama.cpp's own kernels"
+                    );
                     let want = mm.output(n);
                     for kernel in ours {
                         let runs = select_matmul_kernel(kernel);
+                        let before = matmul_kernel_calls();
                         mm.run(n, threads);
+                        let after = matmul_kernel_calls();
+                        let ran = |f: fn(&KernelCalls) -> u64| f(&after) > f(&before);
+                        let (one_token, avx512) =
+                            expected_paths(runs, name == "Q8_0", k / 32, n);
+                        assert_eq!(
+                            (ran(|c| c.avx2_one_token), ran(|c| c.avx512)),
+                            (one_token, avx512),
+                            "{name} k={k} n={n} threads={threads} {runs}: \
+                             (prefetching one-token path, AVX-512 kernel) ran / should have run"
+                        );
+                        avx512_products += u64::from(avx512);
                         let got = mm.output(n);
                         let (err, row, col) = largest_difference(&want, &got, ROWS as usize);
                         worst = worst.max(err);
@@ -56,5 +84,14 @@ fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
         }
     }
     eprintln!("largest difference, relative to the column's largest value: {worst:e}");
+    if best_matmul_kernel() == "meshd-avx512" {
+        assert!(avx512_products > 0);
+        eprintln!("the AVX-512 VNNI kernel computed {avx512_products} of these products");
+    } else {
+        eprintln!(
+            "NOTE: this CPU has no AVX-512 VNNI: the AVX-512 kernel was NOT tested here (only that \
+             it never runs); the prefetching AVX2 tiles were"
+        );
+    }
     select_matmul_kernel(MatmulKernel::Meshd);
 }

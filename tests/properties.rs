@@ -147,3 +147,100 @@ proptest! {
         }
     }
 }
+
+/// A valid chat body with one field changed (or removed) to a value that may or may not be
+/// valid for it: unlike random JSON, this reaches the accepting branch and every refusal rule.
+fn mutated_chat_body() -> impl Strategy<Value = Value> {
+    let fields = prop::sample::select(vec![
+        "messages",
+        "model",
+        "stream",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "n",
+        "seed",
+        "stream_options",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+        "tools",
+    ]);
+    let value = prop_oneof![
+        Just(None),
+        Just(Some(Value::Null)),
+        any::<bool>().prop_map(|b| Some(Value::Bool(b))),
+        (-5i64..5000).prop_map(|n| Some(Value::from(n))),
+        (-3.0f64..3.0).prop_map(|f| Some(Value::from(f))),
+        prop::sample::select(vec!["gemma-3-270m", "gpt-9", "", "END"])
+            .prop_map(|s| Some(Value::String(s.into()))),
+        prop::collection::vec("[a-z]{0,3}", 0..6)
+            .prop_map(|v| Some(Value::Array(v.into_iter().map(Value::String).collect()))),
+        prop::sample::select(vec![
+            serde_json::json!([{"role": "user", "content": "hi"}]),
+            serde_json::json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]),
+            serde_json::json!([]),
+            serde_json::json!([{"role": "wizard", "content": "hi"}]),
+            serde_json::json!([{"role": "user"}]),
+            serde_json::json!({"include_usage": true}),
+            serde_json::json!({"include_usage": "yes"}),
+        ])
+        .prop_map(Some),
+    ];
+    (fields, value).prop_map(|(field, value)| {
+        let mut body = serde_json::json!({
+            "model": "gemma-3-270m",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 16,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "stop": ["\n\n"],
+            "seed": 7,
+        });
+        let obj = body.as_object_mut().unwrap();
+        match value {
+            None => {
+                obj.remove(field);
+            }
+            Some(v) => {
+                obj.insert(field.to_string(), v);
+            }
+        }
+        body
+    })
+}
+
+#[test]
+fn a_valid_body_with_one_field_changed_is_accepted_or_refused_with_a_400_naming_it() {
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new(Config {
+        cases: 3000,
+        ..Config::default()
+    });
+    let (accepted, refused) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    runner
+        .run(&mutated_chat_body(), |body| {
+            match validate(Kind::Chat, body.to_string().as_bytes(), 1) {
+                Ok(v) => {
+                    accepted.set(accepted.get() + 1);
+                    prop_assert!(v.generate.max_tokens.is_none_or(|n| n >= 1));
+                    prop_assert!(v.generate.stop.len() <= 4);
+                }
+                Err(e) => {
+                    refused.set(refused.get() + 1);
+                    prop_assert_eq!(e.http_status(), 400);
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    let (a, r) = (accepted.get(), refused.get());
+    let share = f64::from(a) / f64::from(a + r);
+    println!("{a} accepted, {r} refused ({:.0}% accepted)", share * 100.0);
+    // Both branches must run often, or the property says little about one of them.
+    assert!(share >= 0.2, "only {a} of {} accepted", a + r);
+    assert!(share <= 0.8, "only {r} of {} refused", a + r);
+}

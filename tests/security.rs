@@ -177,9 +177,9 @@ async fn tls_protects_the_api_and_the_mesh() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["c"], 300);
 
-    // Plain HTTP to the TLS port gets no HTTP answer.
+    // Plain HTTP to the TLS port gets no HTTP answer at all (a TLS alert at most).
     let answer = common::raw_exchange(addr, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
-    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("HTTP/"), "{answer}");
     // A client that trusts another CA refuses the gateway.
     assert!(
         Client::connect_tls(addr, &pki.dir.path().join("other-ca.pem"))

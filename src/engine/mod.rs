@@ -398,6 +398,34 @@ pub fn select_matmul_kernel(wanted: MatmulKernel) -> &'static str {
     "llama.cpp"
 }
 
+/// How often each of meshd's matmul paths ran since the process started (counted by the C side
+/// per thread and call): the proof that a kernel ran, not only that it was selected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelCalls {
+    /// One-token Q8_0/Q5_0/Q4_0 products the patch routed into the prefetching AVX2 tiles.
+    pub avx2_one_token: u64,
+    /// Products the AVX-512 VNNI kernel computed.
+    pub avx512: u64,
+}
+
+pub fn matmul_kernel_calls() -> KernelCalls {
+    #[cfg(meshd_sgemm)]
+    {
+        extern "C" {
+            fn meshd_sgemm_calls(path: std::os::raw::c_int) -> std::os::raw::c_ulonglong;
+        }
+        // SAFETY: a C function of build.rs's patched sgemm.cpp that reads one atomic counter.
+        unsafe {
+            KernelCalls {
+                avx2_one_token: meshd_sgemm_calls(1),
+                avx512: meshd_sgemm_calls(2),
+            }
+        }
+    }
+    #[cfg(not(meshd_sgemm))]
+    KernelCalls::default()
+}
+
 /// The distinct CPU matrix multiplies this build and CPU run, llama.cpp's own first, each as the
 /// `matmul_kernel` value that selects it and the name `select_matmul_kernel` gives it: for runs
 /// that compare them. It finds them by switching, and leaves llama.cpp's own selected.

@@ -299,6 +299,7 @@ impl Worker {
             self.opts.name,
             self.functions.len()
         ));
+        self.beacon.set_ready();
         let running = Running::default();
         let end = self.serve(&mut stream, &outbox, &running, stop).await;
         self.mesh.disconnected();

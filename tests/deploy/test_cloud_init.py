@@ -209,9 +209,8 @@ BREAKING = {"single quote": "'", "newline": "\n", "CR": "\r", "form feed": "\f",
 # Harmless inside single quotes, but no URL, region, name, digest or CIDR holds them: refused all the same.
 ALSO_REFUSED = {"double quote": '"', "space": " ", "tab": "\t"}
 # These break the cloud-config too (YAML refuses C0 controls and DEL; YAML 1.1 reads NEL, LS and PS as line breaks:
-# the cloud-config no longer parses), but the URL validations ([^\s'"] in RE2, whose \s is only [\t\n\f\r ]) let
-# them through. Strict xfail: once variables.tf refuses them (e.g. ^https://[!#-&(-~]+$), these pass and must be
-# made plain cases.
+# the cloud-config no longer parses). A URL validation of [^\s'"] let them through (RE2's \s is only [\t\n\f\r ]);
+# the URLs are now printable ASCII without quotes (^https://[!#-&(-~]+$).
 ACCEPTED_BUT_BREAKING = {"vertical tab": "\v", "ESC": "\x1b", "DEL": "\x7f", "NEL": "\x85", "LS": "\u2028",
                          "PS": "\u2029"}
 # Accepted and harmless inside single quotes: a value holding them reaches the bootstrap unchanged.
@@ -296,9 +295,7 @@ def test_user_data_variables_accept_their_valid_values(tf_vars_dir):
 
 @pytest.mark.parametrize("char", [
     *(pytest.param(c, id=name) for name, c in {**BREAKING, **ALSO_REFUSED}.items()),
-    *(pytest.param(c, id=f"{name} (accepted today)", marks=pytest.mark.xfail(
-        strict=True, reason="the URL validations let control and Unicode line-break characters through"))
-      for name, c in ACCEPTED_BUT_BREAKING.items()),
+    *(pytest.param(c, id=name) for name, c in ACCEPTED_BUT_BREAKING.items()),
 ])
 def test_user_data_variables_refuse_breaking_characters(tf, tf_vars_dir, char):
     accepted = set()

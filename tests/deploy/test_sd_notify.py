@@ -292,14 +292,7 @@ def test_watchdog_fed_once_ready(run, role):
     assert fed - u.ready < u.setting("WatchdogSec"), (fed, u.ready)
 
 
-EARLY_FEED = pytest.mark.xfail(strict=True, reason=(
-    "the worker's watchdog feeder starts before READY=1 (src/main.rs run_worker); systemd arms the watchdog at the "
-    "first WATCHDOG=1, even during the start, so a worker waiting for the gateway is killed if its connect loop "
-    "stalls for WatchdogSec. Feed only after READY=1, then drop this mark."))
-
-
-@pytest.mark.parametrize("role", ["gateway", pytest.param("caller", marks=EARLY_FEED),
-                                  pytest.param("infer", marks=EARLY_FEED)])
+@pytest.mark.parametrize("role", ROLES)
 def test_no_watchdog_before_ready(run, role):
     """systemd arms the watchdog at READY=1, or at the first WATCHDOG=1 if that comes earlier: feeding before READY=1
     would make the start subject to WatchdogSec instead of TimeoutStartSec (a model load, a wait for the gateway)."""

@@ -1,5 +1,6 @@
 """The official `openai` Python client against `meshd up` (real processes, real model)."""
 
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -60,9 +61,14 @@ def test_unknown_model_is_not_found(client):
 def test_metrics_pass_promtool(client):
     client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     text = urllib.request.urlopen(f"http://{client.meshd_http}/metrics", timeout=10).read().decode()
+    # A sample line of each (a `# HELP` line alone, with no sample, does not count).
     for name in ["meshd_http_requests_total", "meshd_tokens_generated_total", "meshd_time_to_first_token_seconds_bucket",
-                 "meshd_active_sequences", "meshd_function_inflight", "meshd_function_workers", "meshd_workers_refused_total"]:
-        assert name in text, name
+                 "meshd_active_sequences", "meshd_function_inflight", "meshd_function_workers",
+                 "meshd_workers_connected"]:
+        assert re.search(rf"^{name}(\{{[^}}]*\}})? [0-9.e+-]+$", text, re.M), f"no sample of {name}"
+    # Counters of events that have not happened here are declared with no sample yet.
+    for name in ["meshd_workers_refused_total", "meshd_workers_lost_total"]:
+        assert re.search(rf"^# TYPE {name} counter$", text, re.M), f"{name} is not declared"
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing (Debian package prometheus; scripts/test installs it)"
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
