@@ -45,6 +45,9 @@ pub async fn run(
     let stop_workers = CancellationToken::new();
     let caller = roles::caller(worker_options(&settings, "caller", &url, &token));
     let infer = roles::infer(worker_options(&settings, "infer", &url, &token), engine);
+    // Ready only once every route of both workers is registered: the infer worker's own trigger
+    // alone must not make it look ready before the caller has registered the API's routes.
+    opts.expected_triggers = [caller.triggers(), infer.triggers()].concat();
     let workers = [
         tokio::spawn(caller.run(stop_workers.clone().cancelled_owned())),
         tokio::spawn(infer.run(stop_workers.clone().cancelled_owned())),

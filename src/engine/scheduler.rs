@@ -243,13 +243,16 @@ pub(super) fn run(
                     };
                     send(seq, tail);
                 }
-                let _ = seq.events.try_send(Event::Done {
+                let done = Event::Done {
                     finish_reason: reason,
                     prompt_tokens: seq.prompt.len() as u32,
                     completion_tokens: seq.generated,
-                });
+                };
+                // Count and free first: a client that has its answer reads settled statistics.
+                let events = seq.events.clone();
                 stats.completed.fetch_add(1, Ordering::Relaxed);
                 free(&mut ctx, &mut slots[i], &stats);
+                let _ = events.try_send(done);
             }
         }
         order.retain(|&i| slots[i].is_some());

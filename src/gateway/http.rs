@@ -367,8 +367,14 @@ fn wants_deep(req: &Request<Incoming>) -> bool {
 fn readyz(shared: &Shared) -> Response<Body> {
     let (missing, triggers, workers, stalled) = {
         let reg = shared.registry();
+        let mut missing = reg.unserved_triggers();
+        for (method, path) in &shared.opts.expected_triggers {
+            if reg.trigger(method, path).is_err() {
+                missing.push(format!("{method} {path} (not registered yet)"));
+            }
+        }
         (
-            reg.unserved_triggers(),
+            missing,
             reg.trigger_count(),
             reg.worker_count(),
             reg.stalled_workers(),

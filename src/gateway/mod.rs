@@ -40,6 +40,9 @@ pub struct GatewayOptions {
     pub drain_timeout: Duration,
     /// How often the gateway pings each worker, and how long a silent one is given.
     pub heartbeat: crate::liveness::Heartbeat,
+    /// Triggers (method, path) that must be registered before `/readyz` says ready: `meshd up`
+    /// knows its workers' routes; a lone gateway cannot know what will come and expects none.
+    pub expected_triggers: Vec<(String, String)>,
     /// Where the API keys and certificates were read from: `SIGHUP` reads them again.
     pub settings: Option<Settings>,
 }
@@ -96,6 +99,7 @@ impl GatewayOptions {
             max_connections: s.max_connections,
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
             heartbeat: s.heartbeat(),
+            expected_triggers: Vec::new(),
             settings: Some(s.clone()),
         })
     }

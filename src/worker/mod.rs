@@ -209,6 +209,14 @@ impl Worker {
         self
     }
 
+    /// The (method, path) of every trigger it registers.
+    pub fn triggers(&self) -> Vec<(String, String)> {
+        self.triggers
+            .iter()
+            .map(|t| (t.method.clone(), t.path.clone()))
+            .collect()
+    }
+
     /// A handle for calls made outside any invocation.
     pub fn mesh(&self) -> Mesh {
         self.mesh.clone()

@@ -298,19 +298,29 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> 
 /// Writes raw bytes on a fresh connection and reads what comes back until the server closes or
 /// 2 s pass (for requests a well-behaved client cannot send).
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    raw_exchange_closed(addr, bytes).await.0
+}
+
+/// [`raw_exchange`], and whether the server closed the connection (rather than falling silent).
+pub async fn raw_exchange_closed(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-        if n == 0 {
-            break;
+    let mut closed = false;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
         }
-        out.extend_from_slice(&buf[..n]);
     }
-    String::from_utf8_lossy(&out).into_owned()
+    (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
 /// Polls `check` every 50 ms until it holds or `limit` passes (then panics with `what`).
