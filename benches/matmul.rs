@@ -118,6 +118,8 @@ fn main() {
             );
             std::process::exit(1);
         }
-        println!("matmul: every meshd kernel ran at least {gate}x llama.cpp's on every decode shape");
+        println!(
+            "matmul: every meshd kernel ran at least {gate}x llama.cpp's on every decode shape"
+        );
     }
 }

@@ -542,7 +542,11 @@ async fn a_draining_infer_worker_finishes_its_work_and_gets_no_more() {
     // ...and from then on routes nothing to it: with no other worker, a clear 503 at once.
     let r = request(addr, "POST", "/v1/completions", &body).await;
     assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.text().contains("inference::run_inference"), "{}", r.text());
+    assert!(
+        r.text().contains("inference::run_inference"),
+        "{}",
+        r.text()
+    );
     assert_eq!(
         draining().await,
         Some(served),
