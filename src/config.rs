@@ -389,6 +389,11 @@ impl Settings {
             if self.batch_size < 32 {
                 return bad("batch_size", "must be at least 32");
             }
+            if self.slots > self.batch_size {
+                // Every generating slot puts one token in each decode step: more slots than the
+                // batch holds would overflow it.
+                return bad("slots", "must not exceed batch_size");
+            }
         }
         Ok(())
     }
@@ -634,6 +639,20 @@ mod tests {
         s.engine_stall_secs = 0;
         let err = s.validate(Role::Up).unwrap_err().to_string();
         assert!(err.contains("engine_stall_secs"), "{err}");
+    }
+
+    #[test]
+    fn more_slots_than_a_batch_holds_are_refused() {
+        let mut s = Settings::defaults(Role::Infer);
+        s.slots = 64;
+        s.batch_size = 32;
+        let err = s.validate(Role::Infer).unwrap_err().to_string();
+        assert!(
+            err.contains("`slots`") && err.contains("batch_size"),
+            "{err}"
+        );
+        s.batch_size = 64;
+        s.validate(Role::Infer).unwrap();
     }
 
     #[test]

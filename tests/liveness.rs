@@ -539,3 +539,67 @@ async fn deep_readiness_runs_the_whole_chain_behind_the_api_key() {
     );
     assert!(t.elapsed() < Duration::from_secs(11), "{:?}", t.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_takes_its_worker_out_and_the_next_request_goes_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let url = gw.mesh_url();
+    let _caller = caller(&url, "caller");
+    let flags = ["--slots", "2", "--threads", "1"];
+    let mut a = infer_env(
+        &url,
+        "infer-a",
+        &flags,
+        &[("MESHD_FAULT_STALL_FILE", fault.to_str().unwrap())],
+    );
+    let _b = infer_with(&url, "infer-b", &flags);
+    let addr = gw.http();
+    wait_for_workers(addr, "inference::run_inference", &["infer-a", "infer-b"]).await;
+    ready(addr).await;
+
+    // infer-a's engine thread dies at its next step; two generations go one to each worker.
+    std::fs::write(&fault, b"die").unwrap();
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(
+                async move { request(addr, "POST", "/v1/completions", &completion(8)).await },
+            )
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for g in both {
+        let r = g.await.unwrap();
+        statuses.push((r.status, r.text()));
+    }
+    statuses.sort();
+    assert_eq!(statuses[0].0, 200, "{statuses:?}");
+    assert!(statuses[1].0 >= 500, "{statuses:?}");
+
+    // The worker does not stay registered answering errors: it exits non-zero for systemd.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = a.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "infer-a is still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        a.logs().contains("inference engine thread has stopped"),
+        "{}",
+        a.logs()
+    );
+    for _ in 0..3 {
+        let r = request(addr, "POST", "/v1/completions", &completion(4)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let names: Vec<String> = workers(addr, "inference::run_inference")
+        .await
+        .into_iter()
+        .map(|w| w.0)
+        .collect();
+    assert_eq!(names, ["infer-b"]);
+}

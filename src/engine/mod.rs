@@ -320,6 +320,12 @@ impl Engine {
         }
     }
 
+    /// The engine thread has ended (a panic inside llama.cpp's bindings, say): nothing submitted
+    /// will ever run.
+    pub fn stopped(&self) -> bool {
+        self.jobs.is_closed()
+    }
+
     pub fn stall_limit(&self) -> std::time::Duration {
         self.config.stall_limit
     }
@@ -345,7 +351,8 @@ impl Engine {
 
 /// A fault hook for tests of stall detection: while the file named by `MESHD_FAULT_STALL_FILE`
 /// exists, the engine thread blocks before its next decode step (as a hung GPU call or a
-/// deadlock would). Read once; unset (always, outside tests), it costs nothing.
+/// deadlock would); if the file says `die`, the thread panics instead (as a bug in a binding
+/// would). Read once; unset (always, outside tests), it costs nothing.
 fn stall_for_fault_injection() {
     static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
     let Some(path) =
@@ -353,6 +360,9 @@ fn stall_for_fault_injection() {
     else {
         return;
     };
+    if std::fs::read(path).is_ok_and(|b| b.starts_with(b"die")) {
+        panic!("fault injection: the engine thread dies");
+    }
     if path.exists() {
         tracing::warn!(file = %path.display(), "fault injection: the engine thread is blocked");
         while path.exists() {
