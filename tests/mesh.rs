@@ -419,19 +419,10 @@ async fn no_live_worker_is_a_503_naming_the_function() {
 
 /// Workers of `function` with their in-flight counts, from `/status`.
 async fn inflight(addr: std::net::SocketAddr, function: &str) -> Vec<(String, u64)> {
-    let s = request(addr, "GET", "/status", "").await.json();
-    s["functions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["function"] == function)
-        .flat_map(|f| f["workers"].as_array().unwrap().clone())
-        .map(|w| {
-            (
-                w["name"].as_str().unwrap().to_string(),
-                w["inflight"].as_u64().unwrap(),
-            )
-        })
+    status_workers(addr, function)
+        .await
+        .into_iter()
+        .map(|w| (w.name, w.inflight))
         .collect()
 }
 
@@ -524,15 +515,11 @@ async fn a_draining_infer_worker_finishes_its_work_and_gets_no_more() {
     a.signal(libc::SIGTERM);
     // The gateway marks it draining (while its generation still runs)...
     let draining = || async move {
-        let s = request(addr, "GET", "/status", "").await.json();
-        s["functions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|f| f["function"] == "inference::run_inference")
-            .flat_map(|f| f["workers"].as_array().unwrap().clone())
-            .find(|w| w["name"] == "infer-a" && w["draining"] == true)
-            .map(|w| w["served"].as_u64().unwrap())
+        status_workers(addr, "inference::run_inference")
+            .await
+            .into_iter()
+            .find(|w| w.name == "infer-a" && w.draining)
+            .map(|w| w.served)
     };
     common::eventually(Duration::from_secs(10), "infer-a draining", || async move {
         draining().await.is_some()

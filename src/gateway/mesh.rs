@@ -193,12 +193,13 @@ where
     let mut last_heard = std::time::Instant::now();
     let mut nonce = 0u64;
     loop {
+        let silent_until = tokio::time::Instant::from_std(last_heard + heartbeat.timeout);
         let received = tokio::select! {
             r = transport::recv(stream, max) => r,
+            _ = tokio::time::sleep_until(silent_until) => {
+                return heartbeat.expired(last_heard).unwrap_or_else(|| "no heartbeat".into());
+            }
             _ = ticker.tick() => {
-                if let Some(why) = heartbeat.expired(last_heard) {
-                    return why;
-                }
                 nonce += 1;
                 let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce, health: None }));
                 continue;

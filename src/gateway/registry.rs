@@ -583,6 +583,18 @@ mod tests {
         Sink::Local(mpsc::channel(8).0)
     }
 
+    /// The invoke the registry would queue for `function` under `id`.
+    fn invoke_of(function: &'static str) -> impl Fn(InvocationId) -> Message + Copy {
+        move |id| Message::Invoke {
+            id,
+            function: function.into(),
+            payload: serde_bytes::ByteBuf::from(vec![1]),
+            timeout_ms: 1000,
+            trace_id: "t".into(),
+            http: None,
+        }
+    }
+
     #[test]
     fn routes_to_the_least_loaded_worker_and_spreads_ties() {
         let mut r = Registry::default();
@@ -658,14 +670,7 @@ mod tests {
         let mut inbox = HashMap::from([(1, rx_a), (2, rx_b)]);
         r.register_function(1, "gen", true);
         r.register_function(2, "gen", true);
-        let invoke = |id| Message::Invoke {
-            id,
-            function: "gen".into(),
-            payload: serde_bytes::ByteBuf::from(vec![1]),
-            timeout_ms: 1000,
-            trace_id: "t".into(),
-            http: None,
-        };
+        let invoke = invoke_of("gen");
         let first = r.route("gen", local(), None, 9).unwrap();
         r.remember(first.id, &invoke(first.id));
         let second = r.route("gen", local(), None, 9).unwrap();
@@ -699,14 +704,7 @@ mod tests {
         r.add_worker(1, "a".into(), tx_a);
         r.add_worker(2, "b".into(), tx_b);
         r.register_function(1, "gen", true);
-        let invoke = |id| Message::Invoke {
-            id,
-            function: "gen".into(),
-            payload: serde_bytes::ByteBuf::from(vec![1]),
-            timeout_ms: 1000,
-            trace_id: "t".into(),
-            http: None,
-        };
+        let invoke = invoke_of("gen");
         let started = r.dispatch("gen", None, local(), None, 9, invoke).unwrap();
         let queued = r.dispatch("gen", None, local(), None, 9, invoke).unwrap();
         r.started(started, 1);
@@ -760,14 +758,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1);
         r.add_worker(1, "a".into(), tx);
         r.register_function(1, "f", false);
-        let invoke = |id| Message::Invoke {
-            id,
-            function: "f".into(),
-            payload: serde_bytes::ByteBuf::from(vec![]),
-            timeout_ms: 1000,
-            trace_id: "t".into(),
-            http: None,
-        };
+        let invoke = invoke_of("f");
         let id = r.dispatch("f", None, local(), None, 9, invoke).unwrap();
         // Already on the connection: a confirmation queued after this call comes after it.
         let Ok(Outgoing::Msg(Message::Invoke { id: sent, .. })) = rx.try_recv() else {

@@ -402,10 +402,11 @@ impl Worker {
                 }
                 _ = running.idle(), if confirmed => continue,
                 _ = tokio::time::sleep_until(deadline), if draining.is_some() => continue,
+                _ = tokio::time::sleep_until(Instant::from_std(last_heard + heartbeat.timeout)) => {
+                    let why = heartbeat.expired(last_heard).unwrap_or_else(|| "no heartbeat".into());
+                    return SessionEnd::Lost(format!("the gateway went silent: {why}"));
+                }
                 _ = ticker.tick() => {
-                    if let Some(why) = heartbeat.expired(last_heard) {
-                        return SessionEnd::Lost(format!("the gateway went silent: {why}"));
-                    }
                     nonce += 1;
                     let health = self.health();
                     let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce, health }));

@@ -163,6 +163,17 @@ pub fn gateway(data_dir: &Path, http: &str, mesh: &str) -> Proc {
 }
 
 pub fn gateway_with(data_dir: &Path, http: &str, mesh: &str, extra: &[&str]) -> Proc {
+    gateway_env(data_dir, http, mesh, extra, &[])
+}
+
+/// A gateway with extra flags and environment variables.
+pub fn gateway_env(
+    data_dir: &Path,
+    http: &str,
+    mesh: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut args = vec![
         "gateway",
         "--http-addr",
@@ -175,7 +186,7 @@ pub fn gateway_with(data_dir: &Path, http: &str, mesh: &str, extra: &[&str]) -> 
         TOKEN,
     ];
     args.extend_from_slice(extra);
-    Proc::start(&args, true)
+    Proc::start_env(&args, true, env)
 }
 
 pub fn caller(url: &str, name: &str) -> Proc {
@@ -321,6 +332,35 @@ pub async fn raw_exchange_closed(addr: SocketAddr, bytes: &[u8]) -> (String, boo
         }
     }
     (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// One worker of a function in the gateway's `/status`.
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    pub name: String,
+    pub inflight: u64,
+    pub served: u64,
+    pub draining: bool,
+    pub stalled: bool,
+}
+
+/// The workers of `function` in `/status`.
+pub async fn status_workers(addr: SocketAddr, function: &str) -> Vec<WorkerRow> {
+    let s = request(addr, "GET", "/status", "").await.json();
+    s["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["function"] == function)
+        .flat_map(|f| f["workers"].as_array().unwrap().clone())
+        .map(|w| WorkerRow {
+            name: w["name"].as_str().unwrap().to_string(),
+            inflight: w["inflight"].as_u64().unwrap(),
+            served: w["served"].as_u64().unwrap(),
+            draining: w["draining"] == true,
+            stalled: w["stalled"] == true,
+        })
+        .collect()
 }
 
 /// Polls `check` every 50 ms until it holds or `limit` passes (then panics with `what`).
