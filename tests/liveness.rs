@@ -461,36 +461,20 @@ async fn deep_readiness_runs_the_whole_chain_behind_the_api_key() {
     assert_eq!(request(addr, "GET", "/readyz", "").await.status, 200);
     assert_eq!(request(addr, "GET", "/readyz?deep=1", "").await.status, 401);
     assert_eq!(deep("wrong").await.status, 401);
-    let total_before = {
+    let add = |body: &'static [u8]| async move {
         let mut c = Client::connect(addr).await.unwrap();
-        let r = c
-            .send(
-                "POST",
-                "/math/add-two-numbers",
-                br#"{"a":5,"b":6}"#,
-                &[("authorization", "Bearer health-key")],
-            )
-            .await
-            .unwrap();
-        r.json()["running_total"].as_i64().unwrap()
+        let auth = [("authorization", "Bearer health-key")];
+        let r = c.send("POST", "/math/add-two-numbers", body, &auth).await;
+        r.unwrap().json()["running_total"].as_i64().unwrap()
     };
+    let total_before = add(br#"{"a":5,"b":6}"#).await;
     let r = deep("health-key").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let body = r.json();
     assert_eq!(body["checks"]["math"]["ok"], true, "{body}");
     assert_eq!(body["checks"]["generate"]["ok"], true, "{body}");
     // The check adds zero: the running total is what it was.
-    let mut c = Client::connect(addr).await.unwrap();
-    let r = c
-        .send(
-            "POST",
-            "/math/add-two-numbers",
-            br#"{"a":0,"b":0}"#,
-            &[("authorization", "Bearer health-key")],
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.json()["running_total"].as_i64().unwrap(), total_before);
+    assert_eq!(add(br#"{"a":0,"b":0}"#).await, total_before);
 
     // Without the infer worker, the chain is broken: 503, naming what failed, within the deadline.
     infer.kill9();

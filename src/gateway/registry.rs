@@ -486,12 +486,7 @@ impl Registry {
         let Some(outbox) = self.outbox(worker) else {
             return Departure::default();
         };
-        let ran_here: Vec<InvocationId> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.worker == worker)
-            .map(|(id, _)| *id)
-            .collect();
+        let ran_here = self.running_on(worker);
         let mut departure = self.take_work(worker);
         departure
             .abandoned
@@ -502,17 +497,19 @@ impl Registry {
         departure
     }
 
+    fn running_on(&self, worker: WorkerId) -> Vec<InvocationId> {
+        self.pending
+            .iter()
+            .filter(|(_, p)| p.worker == worker)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Ends every invocation running on `worker` (no longer routable): an unstarted resumable one
     /// moves to another live worker, any other is orphaned.
     fn take_work(&mut self, worker: WorkerId) -> Departure {
         let mut departure = Departure::default();
-        let ids: Vec<InvocationId> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.worker == worker)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
+        for id in self.running_on(worker) {
             let p = self.finish(id).expect("present");
             if matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
                 continue;
