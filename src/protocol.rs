@@ -180,10 +180,12 @@ pub enum ErrorCode {
     DeadlineExceeded,
     Cancelled,
     Internal,
+    /// A worker's answer the gateway cannot pass on (say, an HTTP status that is not one).
+    BadWorkerAnswer,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         Self::BadRequest,
         Self::NotFound,
         Self::Unauthorized,
@@ -195,6 +197,7 @@ impl ErrorCode {
         Self::DeadlineExceeded,
         Self::Cancelled,
         Self::Internal,
+        Self::BadWorkerAnswer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -210,6 +213,7 @@ impl ErrorCode {
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Cancelled => "cancelled",
             Self::Internal => "internal_error",
+            Self::BadWorkerAnswer => "bad_worker_answer",
         }
     }
 
@@ -228,7 +232,7 @@ impl ErrorCode {
             Self::Overloaded => 429,
             Self::Cancelled => 499,
             Self::Internal => 500,
-            Self::WorkerLost => 502,
+            Self::WorkerLost | Self::BadWorkerAnswer => 502,
             Self::NoWorker => 503,
             Self::DeadlineExceeded => 504,
         }
@@ -263,9 +267,11 @@ impl ErrorBody {
         self
     }
 
-    /// The HTTP status for this error: the function's own choice, else the code's, else 500.
+    /// The HTTP status for this error: the function's own choice if it is an error status
+    /// (400–599: a peer's `status` is never trusted further), else the code's, else 500.
     pub fn http_status(&self) -> u16 {
         self.status
+            .filter(|s| (400..=599).contains(s))
             .or_else(|| ErrorCode::parse(&self.code).map(ErrorCode::http_status))
             .unwrap_or(500)
     }
@@ -491,6 +497,11 @@ mod tests {
         }
         let chosen = ErrorBody::new(ErrorCode::Internal, "x").with_status(418);
         assert_eq!(chosen.http_status(), 418);
+        // A status a peer made up (not an error, or not HTTP at all) falls back to the code's.
+        for bogus in [0, 99, 200, 302, 600, 1000, u16::MAX] {
+            let e = ErrorBody::new(ErrorCode::BadRequest, "x").with_status(bogus);
+            assert_eq!(e.http_status(), 400, "{bogus}");
+        }
         let foreign = ErrorBody {
             code: "martian".into(),
             message: "?".into(),

@@ -249,6 +249,9 @@ async fn invoke(
                 status: 200,
                 headers: vec![],
             });
+            if let Err(e) = valid_head(&head, function) {
+                return error(&e);
+            }
             with_head(&head, full(payload.into_vec()))
         }
         Ok(Some(Reply::Done(Outcome::Error(e)))) | Ok(Some(Reply::End(Some(e)))) => error(&e),
@@ -257,6 +260,9 @@ async fn invoke(
                 status: 200,
                 headers: vec![],
             });
+            if let Err(e) = valid_head(&head, function) {
+                return error(&e);
+            }
             let sse = head.headers.iter().any(|(k, v)| {
                 k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream")
             });
@@ -452,6 +458,20 @@ pub fn error(e: &ErrorBody) -> Response<Body> {
     resp
 }
 
+/// A worker's answer is a final HTTP status (200–599), or the client gets a clear 502 instead.
+fn valid_head(head: &HttpResponseHead, function: &str) -> Result<(), ErrorBody> {
+    if (200..=599).contains(&head.status) {
+        return Ok(());
+    }
+    Err(ErrorBody::new(
+        ErrorCode::BadWorkerAnswer,
+        format!(
+            "the worker serving `{function}` answered with HTTP status {}, which is not a final status",
+            head.status
+        ),
+    ))
+}
+
 fn with_head(head: &HttpResponseHead, body: Body) -> Response<Body> {
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::OK);
@@ -464,4 +484,31 @@ fn with_head(head: &HttpResponseHead, body: Body) -> Response<Body> {
         }
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_a_worker_makes_up_never_panic_and_never_pass_through() {
+        for bogus in [0, 1, 99, 101, 199, 600, 1000, u16::MAX] {
+            let e = ErrorBody::new(ErrorCode::Internal, "x").with_status(bogus);
+            assert_eq!(error(&e).status(), 500, "{bogus}");
+            let head = HttpResponseHead {
+                status: bogus,
+                headers: vec![],
+            };
+            let err = valid_head(&head, "f").unwrap_err();
+            assert_eq!(err.http_status(), 502);
+            assert_eq!(err.code, "bad_worker_answer");
+        }
+        for fine in [200, 204, 404, 599] {
+            let head = HttpResponseHead {
+                status: fine,
+                headers: vec![],
+            };
+            assert!(valid_head(&head, "f").is_ok());
+        }
+    }
 }

@@ -60,19 +60,33 @@ impl Drop for CallGuard {
 pub struct CallStream {
     guard: CallGuard,
     pub http: Option<HttpResponseHead>,
+    /// Starts seen after the first (the call moved to another worker before it began).
+    restarts: u32,
 }
+
+/// More starts than this in one stream is a peer misbehaving, not a call moving between workers.
+const MAX_RESTARTS: u32 = 8;
 
 impl CallStream {
     /// The next chunk; `None` at the end; an `Err` ends the stream.
     pub async fn next(&mut self) -> Option<Result<Bytes, ErrorBody>> {
-        match self.guard.answers.recv().await {
-            Some(Answer::Chunk(b)) => Some(Ok(b)),
-            Some(Answer::End(None)) => None,
-            Some(Answer::End(Some(e))) | Some(Answer::Done(Outcome::Error(e))) => Some(Err(e)),
-            // A second start: the gateway moved the call to another worker before it began.
-            Some(Answer::Start(_)) => Box::pin(self.next()).await,
-            Some(other) => Some(Err(unexpected(&other))),
-            None => Some(Err(lost())),
+        loop {
+            return match self.guard.answers.recv().await {
+                Some(Answer::Chunk(b)) => Some(Ok(b)),
+                Some(Answer::End(None)) => None,
+                Some(Answer::End(Some(e))) | Some(Answer::Done(Outcome::Error(e))) => Some(Err(e)),
+                // Another start: the gateway moved the call to another worker before it began.
+                Some(Answer::Start(_)) if self.restarts < MAX_RESTARTS => {
+                    self.restarts += 1;
+                    continue;
+                }
+                Some(Answer::Start(_)) => Some(Err(ErrorBody::new(
+                    ErrorCode::WorkerLost,
+                    format!("the stream started more than {} times", MAX_RESTARTS + 1),
+                ))),
+                Some(other) => Some(Err(unexpected(&other))),
+                None => Some(Err(lost())),
+            };
         }
     }
 }
@@ -232,8 +246,54 @@ impl Mesh {
             .first_answer(function, payload, trace_id, deadline, "start")
             .await?;
         match answer {
-            Answer::Start(http) => Ok(CallStream { guard, http }),
+            Answer::Start(http) => Ok(CallStream {
+                guard,
+                http,
+                restarts: 0,
+            }),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(answers: mpsc::Receiver<Answer>) -> CallStream {
+        CallStream {
+            guard: CallGuard {
+                id: 1,
+                mesh: Mesh::default(),
+                answers,
+            },
+            http: None,
+            restarts: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_moved_call_restarts_but_endless_starts_end_the_stream_without_recursion() {
+        let (tx, rx) = mpsc::channel(64);
+        let mut s = stream(rx);
+        for answer in [
+            Answer::Start(None),
+            Answer::Start(None),
+            Answer::Chunk(Bytes::from_static(b"x")),
+            Answer::End(None),
+        ] {
+            tx.send(answer).await.unwrap();
+        }
+        assert_eq!(s.next().await.unwrap().unwrap(), Bytes::from_static(b"x"));
+        assert!(s.next().await.is_none());
+
+        let (tx, rx) = mpsc::channel(64);
+        let mut s = stream(rx);
+        for _ in 0..50 {
+            tx.send(Answer::Start(None)).await.unwrap();
+        }
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code, "worker_lost");
+        assert!(err.message.contains("started more than 9 times"), "{err}");
     }
 }
