@@ -14,6 +14,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame either side accepts unless configured otherwise (payload plus envelope).
 pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
 
+/// Largest first frame (the `Hello`) the gateway reads before the worker's token is checked: a
+/// peer that has not authenticated costs a few KiB, whatever it sends.
+pub const MAX_HELLO_FRAME: usize = 4 * 1024;
+
 /// One message on the mesh.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -318,6 +322,32 @@ pub enum CodecError {
     Encode(#[from] rmp_serde::encode::Error),
 }
 
+/// The first frame as the gateway reads it, into a struct of its own: only these fields are
+/// kept, anything else is skipped without being buffered (an internally tagged [`Message`] would
+/// buffer every field before it knew the variant).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct HelloFrame {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub protocol: u32,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub token: String,
+}
+
+/// Decodes the first frame of a connection, refusing one larger than [`MAX_HELLO_FRAME`].
+pub fn decode_hello(frame: &[u8]) -> Result<HelloFrame, CodecError> {
+    if frame.len() > MAX_HELLO_FRAME {
+        return Err(CodecError::TooLarge {
+            size: frame.len(),
+            limit: MAX_HELLO_FRAME,
+        });
+    }
+    Ok(rmp_serde::from_slice(frame)?)
+}
+
 /// Encodes one message as a frame body.
 pub fn encode(msg: &Message) -> Result<Vec<u8>, CodecError> {
     Ok(rmp_serde::to_vec_named(msg)?)
@@ -474,6 +504,50 @@ mod tests {
         })
         .unwrap();
         assert_eq!(decode(&bytes, DEFAULT_MAX_FRAME).unwrap(), Message::Unknown);
+    }
+
+    #[test]
+    fn the_hello_decodes_on_its_own_and_nothing_big_is_read_before_it() {
+        let hello = encode(&Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            name: "infer-1".into(),
+            token: "secret".into(),
+        })
+        .unwrap();
+        let h = decode_hello(&hello).unwrap();
+        assert_eq!(
+            (
+                h.kind.as_str(),
+                h.protocol,
+                h.name.as_str(),
+                h.token.as_str()
+            ),
+            ("hello", PROTOCOL_VERSION, "infer-1", "secret")
+        );
+        // Another message type still decodes: the gateway refuses it by its `kind`.
+        let cancel = encode(&Message::Cancel { id: 1 }).unwrap();
+        assert_eq!(decode_hello(&cancel).unwrap().kind, "cancel");
+        // A Hello padded with an extra field past the limit is refused by its size alone.
+        #[derive(Serialize)]
+        struct Padded {
+            r#type: &'static str,
+            token: &'static str,
+            pad: Vec<u64>,
+        }
+        let padded = rmp_serde::to_vec_named(&Padded {
+            r#type: "hello",
+            token: "x",
+            pad: vec![u64::MAX; 1024],
+        })
+        .unwrap();
+        assert!(matches!(
+            decode_hello(&padded),
+            Err(CodecError::TooLarge {
+                limit: MAX_HELLO_FRAME,
+                ..
+            })
+        ));
+        assert!(decode_hello(&[0xc1]).is_err());
     }
 
     #[test]

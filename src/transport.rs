@@ -99,11 +99,30 @@ pub async fn recv<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    next_frame(stream, |b| protocol::decode(b, max_frame)).await
+}
+
+/// Reads the first frame of a connection as a [`protocol::HelloFrame`].
+pub async fn recv_hello<S>(ws: &mut WebSocketStream<S>) -> Result<protocol::HelloFrame, RecvError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    next_frame(ws, protocol::decode_hello).await
+}
+
+async fn next_frame<T, St>(
+    stream: &mut St,
+    decode: impl Fn(&[u8]) -> Result<T, CodecError>,
+) -> Result<T, RecvError>
+where
+    St: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
+        + Unpin,
+{
     loop {
         match stream.next().await {
             None => return Err(RecvError::Closed("end of stream".into())),
             Some(Err(e)) => return Err(e.into()),
-            Some(Ok(WsMessage::Binary(b))) => return Ok(protocol::decode(&b, max_frame)?),
+            Some(Ok(WsMessage::Binary(b))) => return Ok(decode(&b)?),
             Some(Ok(WsMessage::Close(frame))) => {
                 let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
                 return Err(RecvError::Closed(reason));

@@ -332,3 +332,90 @@ fn config_check_accepts_every_shipped_role_file_and_names_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("slots"));
 }
+
+/// The gateway's peak resident memory so far (`VmHWM`, so a spike freed at once still counts).
+fn peak_rss_kib(p: &Proc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_cannot_make_the_gateway_buffer_big_frames() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let url = gw.mesh_url();
+    // A Hello with a wrong token and an (almost) 8 MiB field, within the post-auth frame limit:
+    // before the token is checked, the gateway
+    // reads at most 4 KiB of it.
+    #[derive(serde::Serialize)]
+    struct Padded {
+        r#type: &'static str,
+        protocol: u32,
+        name: &'static str,
+        token: &'static str,
+        /// 8 Mi small integers: an array, which a decoder that buffers fields before it knows
+        /// the message type blows up to hundreds of MiB.
+        pad: Vec<u8>,
+    }
+    let frame = rmp_serde::to_vec_named(&Padded {
+        r#type: "hello",
+        protocol: 1,
+        name: "attacker",
+        token: "wrong",
+        pad: vec![7; (8 << 20) - 4096],
+    })
+    .unwrap();
+    let before = peak_rss_kib(&gw);
+    let attacks: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, frame) = (url.clone(), frame.clone());
+            tokio::spawn(async move {
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(16 << 20))
+                    .max_frame_size(Some(16 << 20));
+                let tcp = tokio::net::TcpStream::connect(url.trim_start_matches("ws://"))
+                    .await
+                    .unwrap();
+                let (mut ws, _) =
+                    tokio_tungstenite::client_async_with_config(url.as_str(), tcp, Some(config))
+                        .await
+                        .unwrap();
+                // The gateway may close mid-frame: that is the point.
+                let _ = ws.send(WsMessage::Binary(frame.into())).await;
+                ws
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for a in attacks {
+        held.push(a.await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown_mib = peak_rss_kib(&gw).saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "the gateway's peak memory grew by {grown_mib} MiB for four unauthenticated frames"
+    );
+    // Each was refused (and counted) as a bad handshake, and a real worker still joins.
+    let addr = gw.http();
+    eventually(
+        Duration::from_secs(10),
+        "four refusals counted",
+        || async move {
+            let m = request(addr, "GET", "/metrics", "").await.text();
+            m.contains("meshd_workers_refused_total{reason=\"handshake\"} 4")
+        },
+    )
+    .await;
+    let _caller = caller(&url, "caller");
+    let _infer = infer(&url, "infer");
+    ready(addr).await;
+    drop(held);
+}

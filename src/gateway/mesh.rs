@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::builtins;
 use super::registry::{Reply, Sink, WorkerId};
 use super::Shared;
-use crate::protocol::{ErrorBody, Message, Outcome, PROTOCOL_VERSION};
+use crate::protocol::{ErrorBody, HelloFrame, Message, Outcome, MAX_HELLO_FRAME, PROTOCOL_VERSION};
 use crate::transport::{self, Outbox, Outgoing, RecvError};
 
 /// A worker must say `Hello` within this time.
@@ -52,77 +52,43 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Shared>) {
-    let config = transport::ws_config(shared.opts.max_frame_bytes);
-    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
-        Ok(ws) => ws,
-        Err(e) => {
+    // Before the token is checked: the upgrade and the Hello share one deadline, and no frame
+    // may exceed MAX_HELLO_FRAME.
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let small = transport::ws_config(MAX_HELLO_FRAME);
+    let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(small));
+    let mut ws = match tokio::time::timeout_at(deadline, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "not a websocket handshake");
             return;
         }
+        Err(_) => {
+            tracing::warn!(%peer, "no websocket upgrade within the handshake deadline");
+            shared.metrics.worker_refused("handshake");
+            return;
+        }
     };
+    let hello = tokio::time::timeout_at(deadline, transport::recv_hello(&mut ws)).await;
+    let name = match check_hello(hello, &shared) {
+        Ok(name) => name,
+        Err((kind, reason)) => {
+            tracing::warn!(%peer, %reason, "worker refused");
+            shared.metrics.worker_refused(kind);
+            refuse(&mut ws, reason).await;
+            return;
+        }
+    };
+    // Authenticated: the same connection now takes frames up to the configured limit.
+    let max = shared.opts.max_frame_bytes;
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        ws.into_inner(),
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        Some(transport::ws_config(max)),
+    )
+    .await;
     let (sink, mut stream) = ws.split();
     let (outbox, writer) = transport::spawn_writer(sink);
-    let max = shared.opts.max_frame_bytes;
-
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, transport::recv(&mut stream, max)).await;
-    let name = match hello {
-        Ok(Ok(Message::Hello {
-            protocol,
-            name,
-            token,
-        })) => {
-            if protocol != PROTOCOL_VERSION {
-                let reason = format!(
-                    "protocol version {protocol} is not supported (this gateway speaks {PROTOCOL_VERSION})"
-                );
-                refuse(&shared, &outbox, &peer, "protocol", reason).await;
-                return;
-            }
-            if !token_matches(&token, &shared.opts.token) {
-                let reason = if token.is_empty() {
-                    "no worker token presented"
-                } else {
-                    "wrong worker token"
-                };
-                refuse(&shared, &outbox, &peer, "token", reason.into()).await;
-                return;
-            }
-            name
-        }
-        Ok(Ok(_)) => {
-            refuse(
-                &shared,
-                &outbox,
-                &peer,
-                "handshake",
-                "first message must be hello".into(),
-            )
-            .await;
-            return;
-        }
-        Ok(Err(e)) => {
-            refuse(
-                &shared,
-                &outbox,
-                &peer,
-                "handshake",
-                format!("bad handshake: {e}"),
-            )
-            .await;
-            return;
-        }
-        Err(_) => {
-            refuse(
-                &shared,
-                &outbox,
-                &peer,
-                "handshake",
-                "no hello within 10 s".into(),
-            )
-            .await;
-            return;
-        }
-    };
 
     let id = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
     shared
@@ -160,15 +126,66 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
     }
 }
 
-async fn refuse(shared: &Shared, outbox: &Outbox, peer: &str, kind: &'static str, reason: String) {
-    tracing::warn!(%peer, %reason, "worker refused");
-    shared.metrics.worker_refused(kind);
-    let _ = outbox
-        .send(Outgoing::Msg(Message::Refused {
-            reason: reason.clone(),
+/// The worker's name if its first frame is an acceptable `Hello`; else the refusal's metric label
+/// and reason.
+fn check_hello(
+    hello: Result<Result<HelloFrame, RecvError>, tokio::time::error::Elapsed>,
+    shared: &Shared,
+) -> Result<String, (&'static str, String)> {
+    let hello = match hello {
+        Err(_) => {
+            return Err((
+                "handshake",
+                format!("no hello within {} s", HELLO_TIMEOUT.as_secs()),
+            ))
+        }
+        Ok(Err(e)) => return Err(("handshake", format!("bad handshake: {e}"))),
+        Ok(Ok(h)) => h,
+    };
+    if hello.kind != "hello" {
+        return Err(("handshake", "first message must be hello".into()));
+    }
+    if hello.protocol != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version {} is not supported (this gateway speaks {PROTOCOL_VERSION})",
+            hello.protocol
+        );
+        return Err(("protocol", reason));
+    }
+    if !token_matches(&hello.token, &shared.opts.token) {
+        let reason = if hello.token.is_empty() {
+            "no worker token presented"
+        } else {
+            "wrong worker token"
+        };
+        return Err(("token", reason.into()));
+    }
+    Ok(hello.name)
+}
+
+/// Tells a refused peer why, and closes; never waits long on a peer that does not read.
+async fn refuse<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, reason: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let refused = Message::Refused {
+        reason: reason.clone(),
+    };
+    let say = async {
+        if let Ok(bytes) = crate::protocol::encode(&refused) {
+            ws.send(WsMessage::Binary(bytes.into())).await?;
+        }
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Policy,
+            reason: reason.into(),
         }))
-        .await;
-    let _ = outbox.send(Outgoing::Close(reason)).await;
+        .await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), say).await;
 }
 
 /// Constant-time comparison; an empty configured token refuses everyone.
