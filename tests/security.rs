@@ -352,8 +352,7 @@ async fn unauthenticated_peers_cannot_make_the_gateway_buffer_big_frames() {
     let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     let url = gw.mesh_url();
     // A Hello with a wrong token and an (almost) 8 MiB field, within the post-auth frame limit:
-    // before the token is checked, the gateway
-    // reads at most 4 KiB of it.
+    // before the token is checked, the gateway reads at most 4 KiB of it.
     #[derive(serde::Serialize)]
     struct Padded {
         r#type: &'static str,
