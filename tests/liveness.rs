@@ -104,17 +104,24 @@ async fn a_stopped_infer_worker_is_declared_dead_within_seconds_and_rejoins_afte
     let generations: Vec<_> = (0..4)
         .map(|_| {
             tokio::spawn(async move {
-                let r = request(addr, "POST", "/v1/completions", &completion(48)).await;
+                let r = request(addr, "POST", "/v1/completions", &completion(96)).await;
                 (r.status, r.text(), Instant::now())
             })
         })
         .collect();
+    // Generating, not only routed: an invocation the engine has not started yet would (rightly)
+    // move to the other worker instead of failing.
     eventually(
-        Duration::from_secs(20),
-        "generations on both workers",
+        Duration::from_secs(30),
+        "generating on both workers",
         || async move {
-            let w = status_workers(addr, "inference::run_inference").await;
-            w.len() == 2 && w.iter().all(|w| w.inflight >= 1)
+            let m = request(addr, "GET", "/metrics", "").await.text();
+            ["infer-a", "infer-b"].iter().all(|w| {
+                let prefix = format!("meshd_active_sequences{{worker=\"{w}\"}} ");
+                m.lines()
+                    .filter_map(|l| l.strip_prefix(&prefix))
+                    .any(|n| n.parse::<u64>().is_ok_and(|n| n >= 1))
+            })
         },
     )
     .await;
