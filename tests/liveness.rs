@@ -252,16 +252,17 @@ async fn a_stalled_engine_takes_its_worker_out_of_routing_while_the_process_stay
     let stall_env = [("MESHD_FAULT_STALL_FILE", stall_file.to_str().unwrap())];
     let stall_flags = ["--slots", "2", "--threads", "1", "--engine-stall-secs", "2"];
     let mut a = infer_env(&url, "infer-a", &stall_flags, &stall_env);
-    let _b = infer_with(&url, "infer-b", &["--slots", "2", "--threads", "1"]);
     let addr = gw.http();
-    wait_for_workers(addr, "inference::run_inference", &["infer-a", "infer-b"]).await;
+    wait_for_workers(addr, "inference::run_inference", &["infer-a"]).await;
     ready(addr).await;
 
-    // infer-a's engine blocks before its next step; two generations go one to each worker.
+    // infer-a, the only worker, takes a generation and its engine blocks before the next step;
+    // infer-b joins meanwhile.
     std::fs::write(&stall_file, b"").unwrap();
-    let results = completions_at_once(addr, 2, 16).await;
-    assert_eq!(results[0].0, 200, "{}", results[0].1);
-    let (status, text, after) = &results[1];
+    let stuck = tokio::spawn(completions_at_once(addr, 1, 16));
+    let _b = infer_with(&url, "infer-b", &["--slots", "2", "--threads", "1"]);
+    let results = stuck.await.unwrap();
+    let (status, text, after) = &results[0];
     assert_eq!(*status, 502, "{text}");
     assert!(
         text.contains("infer-a") && text.contains("stalled"),
@@ -275,6 +276,7 @@ async fn a_stalled_engine_takes_its_worker_out_of_routing_while_the_process_stay
 
     let r = request(addr, "GET", "/readyz", "").await.json();
     assert_eq!(r["stalled_workers"], json!(["infer-a"]), "{r}");
+    wait_for_workers(addr, "inference::run_inference", &["infer-a", "infer-b"]).await;
     let served_before = status_workers(addr, "inference::run_inference").await;
     let a_before = served_before.iter().find(|w| w.name == "infer-a").unwrap();
     assert!(a_before.stalled, "/status shows infer-a stalled");
@@ -515,16 +517,17 @@ async fn a_dead_engine_takes_its_worker_out_and_the_next_request_goes_elsewhere(
         &flags,
         &[("MESHD_FAULT_STALL_FILE", fault.to_str().unwrap())],
     );
-    let _b = infer_with(&url, "infer-b", &flags);
     let addr = gw.http();
-    wait_for_workers(addr, "inference::run_inference", &["infer-a", "infer-b"]).await;
+    wait_for_workers(addr, "inference::run_inference", &["infer-a"]).await;
     ready(addr).await;
 
-    // infer-a's engine thread dies at its next step; two generations go one to each worker.
+    // infer-a, the only worker, takes a generation and its engine thread dies at the next step;
+    // infer-b joins meanwhile.
     std::fs::write(&fault, b"die").unwrap();
-    let statuses = completions_at_once(addr, 2, 8).await;
-    assert_eq!(statuses[0].0, 200, "{statuses:?}");
-    assert!(statuses[1].0 >= 500, "{statuses:?}");
+    let dying = tokio::spawn(completions_at_once(addr, 1, 8));
+    let _b = infer_with(&url, "infer-b", &flags);
+    let statuses = dying.await.unwrap();
+    assert!(statuses[0].0 >= 500, "{statuses:?}");
 
     // The worker does not stay registered answering errors: it exits non-zero for systemd.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -541,6 +544,7 @@ async fn a_dead_engine_takes_its_worker_out_and_the_next_request_goes_elsewhere(
         "{}",
         a.logs()
     );
+    wait_for_workers(addr, "inference::run_inference", &["infer-b"]).await;
     for _ in 0..3 {
         let r = request(addr, "POST", "/v1/completions", &completion(4)).await;
         assert_eq!(r.status, 200, "{}", r.text());
