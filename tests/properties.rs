@@ -1,9 +1,13 @@
-//! Property tests for the two parsers that face untrusted input: the mesh decoder (any bytes a
-//! peer may send) and the OpenAI request validator (any body a client may send). Neither may
-//! panic; the decoder round-trips what the encoder writes; every refusal is a 400 naming a cause.
+//! Property tests for the parsers that face untrusted input: the mesh decoder before
+//! authentication (the first frame, any bytes) and after it (any bytes a worker may send), and
+//! the OpenAI request validator (any body a client may send). None may panic; the decoder
+//! round-trips what the encoder writes; every refusal is a 400 naming a cause.
 
 use meshd::openai::{validate, Kind};
-use meshd::protocol::{decode, encode, ErrorBody, HttpRequestHead, Message, Outcome};
+use meshd::protocol::{
+    decode, decode_hello, encode, ErrorBody, HttpRequestHead, Message, Outcome, MAX_HELLO_FRAME,
+    PROTOCOL_VERSION,
+};
 use proptest::prelude::*;
 use serde_bytes::ByteBuf;
 use serde_json::Value;
@@ -104,6 +108,30 @@ proptest! {
     #[test]
     fn the_decoder_never_panics_on_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = decode(&bytes, 1024);
+    }
+
+    /// Before authentication: the first frame of a connection, any bytes at all.
+    #[test]
+    fn the_hello_decoder_never_panics_on_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..6000)) {
+        if decode_hello(&bytes).is_ok() {
+            prop_assert!(bytes.len() <= MAX_HELLO_FRAME);
+        }
+    }
+
+    /// A real Hello, cut short or with a byte flipped: an error or a Hello, never a panic, and an
+    /// intact one reads back exactly.
+    #[test]
+    fn a_damaged_hello_is_an_error_or_a_hello(name in ".{0,40}", token in ".{0,80}", cut in 0usize..200, flip in any::<u8>()) {
+        let hello = Message::Hello { protocol: PROTOCOL_VERSION, name: name.clone(), token: token.clone() };
+        let mut bytes = encode(&hello).unwrap();
+        let intact = decode_hello(&bytes).unwrap();
+        prop_assert_eq!((intact.kind.as_str(), intact.name, intact.token), ("hello", name, token));
+        let at = cut % (bytes.len() + 1);
+        bytes.truncate(at);
+        if let Some(b) = bytes.last_mut() {
+            *b ^= flip;
+        }
+        let _ = decode_hello(&bytes);
     }
 
     #[test]
