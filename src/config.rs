@@ -83,7 +83,7 @@ impl Role {
             "heartbeat_interval_ms",
             "heartbeat_timeout_ms",
         ];
-        const GATEWAY: [&str; 16] = [
+        const GATEWAY: [&str; 19] = [
             "tls_cert",
             "tls_key",
             "mesh_tls_cert",
@@ -100,6 +100,9 @@ impl Role {
             "request_timeout_secs",
             "queue_depth",
             "max_connections",
+            "max_connections_per_ip",
+            "max_mesh_connections",
+            "max_mesh_connections_per_ip",
         ];
         const WORKER: [&str; 6] = [
             "gateway_ca",
@@ -199,8 +202,15 @@ pub struct Settings {
     pub request_timeout_secs: u64,
     /// Invocations of one function in flight at once; beyond it, 429.
     pub queue_depth: usize,
-    /// Open HTTP plus mesh connections at once; beyond it new ones are closed.
+    /// Open HTTP connections at once; beyond it new ones are closed.
     pub max_connections: usize,
+    /// Open HTTP connections one peer address may hold; 0: no cap.
+    pub max_connections_per_ip: usize,
+    /// Open mesh connections at once (a budget of its own: a flood of one listener never takes
+    /// the other's slots); beyond it new ones are closed.
+    pub max_mesh_connections: usize,
+    /// Open mesh connections one peer address may hold; 0: no cap.
+    pub max_mesh_connections_per_ip: usize,
     /// Invocations a worker runs at once; beyond it, the worker answers `overloaded`.
     pub max_concurrency: usize,
     /// The GGUF file the infer role serves.
@@ -268,6 +278,9 @@ impl Settings {
             request_timeout_secs: 300,
             queue_depth: 1024,
             max_connections: 4096,
+            max_connections_per_ip: 1024,
+            max_mesh_connections: 1024,
+            max_mesh_connections_per_ip: 64,
             max_concurrency: 1024,
             model: "models/gemma3-270m-q4_k_m.gguf".into(),
             model_id: "gemma-3-270m".into(),
@@ -376,7 +389,11 @@ impl Settings {
         if matches!(role, Role::Infer | Role::Up) && self.engine_stall_secs == 0 {
             return bad("engine_stall_secs", "must be at least 1");
         }
-        if self.queue_depth == 0 || self.max_concurrency == 0 || self.max_connections == 0 {
+        if self.queue_depth == 0
+            || self.max_concurrency == 0
+            || self.max_connections == 0
+            || self.max_mesh_connections == 0
+        {
             return bad("queue_depth", "limits must be positive");
         }
         if matches!(role, Role::Infer | Role::Up) {

@@ -418,3 +418,54 @@ async fn unauthenticated_peers_cannot_make_the_gateway_buffer_big_frames() {
     ready(addr).await;
     drop(held);
 }
+
+/// `GET /healthz` on a fresh connection from `from` (another loopback address than the flood's).
+async fn healthz_from(from: &str, addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_on_both_listeners_cannot_starve_health_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let (http, mesh) = (gw.http(), gw.mesh.unwrap());
+    // 4,200 connections that send nothing, half to each listener, all from 127.0.0.1.
+    let mut idle = Vec::new();
+    for i in 0..4200 {
+        let to = if i % 2 == 0 { http } else { mesh };
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(to)).await
+        {
+            idle.push(s);
+        }
+    }
+    assert!(idle.len() >= 4000, "only {} connections opened", idle.len());
+    // Each listener has its own budget and a cap per address: another address is still served,
+    // at once.
+    let t = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(2), healthz_from("127.0.0.2", http))
+        .await
+        .expect("/healthz unanswered for 2 s while 4,200 idle sockets were open");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    println!(
+        "/healthz answered in {:?} beside 4,200 idle sockets",
+        t.elapsed()
+    );
+    // The flood's own address holds no more than its share of each listener.
+    let logs = gw.logs();
+    assert!(
+        logs.contains("this address already holds 1024 connections")
+            && logs.contains("this address already holds 64 connections"),
+        "the per-address caps did not act"
+    );
+    drop(idle);
+}

@@ -49,9 +49,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 }
             },
         };
-        let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing HTTP connection");
-            continue;
+        let permit = match shared.http_budget.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                tracing::warn!(%peer, reason = %full, "closing HTTP connection");
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let svc_shared = Arc::clone(&shared);

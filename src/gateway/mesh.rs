@@ -31,9 +31,13 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing mesh connection");
-            continue;
+        let permit = match shared.mesh_budget.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                tracing::warn!(%peer, reason = %full, "closing mesh connection");
+                shared.metrics.worker_refused("connection_limit");
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);

@@ -4,6 +4,7 @@
 //! sleep. The parts: [`registry`] (who serves what), [`mesh`] (worker connections), [`http`]
 //! (the HTTP front), [`builtins`] (`state::*`), [`crate::metrics`].
 
+pub mod budget;
 pub mod builtins;
 pub mod http;
 pub mod mesh;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -36,7 +37,12 @@ pub struct GatewayOptions {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub queue_depth: usize,
+    /// The HTTP listener's connection budget: in total, and per peer address (0: no cap).
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// The mesh listener's, apart from the HTTP one's.
+    pub max_mesh_connections: usize,
+    pub max_mesh_connections_per_ip: usize,
     pub drain_timeout: Duration,
     /// How often the gateway pings each worker, and how long a silent one is given.
     pub heartbeat: crate::liveness::Heartbeat,
@@ -97,6 +103,9 @@ impl GatewayOptions {
             request_timeout: Duration::from_secs(s.request_timeout_secs),
             queue_depth: s.queue_depth,
             max_connections: s.max_connections,
+            max_connections_per_ip: s.max_connections_per_ip,
+            max_mesh_connections: s.max_mesh_connections,
+            max_mesh_connections_per_ip: s.max_mesh_connections_per_ip,
             drain_timeout: Duration::from_secs(s.drain_timeout_secs),
             heartbeat: s.heartbeat(),
             expected_triggers: Vec::new(),
@@ -112,7 +121,9 @@ pub struct Shared {
     pub state: StateStore,
     pub metrics: Metrics,
     registry: Mutex<Registry>,
-    pub connections: Arc<Semaphore>,
+    /// Connection budgets of the HTTP and the mesh listener.
+    pub http_budget: Arc<budget::Budget>,
+    pub mesh_budget: Arc<budget::Budget>,
     /// Cancelled when the gateway starts shutting down.
     pub closing: CancellationToken,
 }
@@ -420,7 +431,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
-        connections: Arc::new(Semaphore::new(opts.max_connections)),
+        http_budget: budget::Budget::new(opts.max_connections, opts.max_connections_per_ip),
+        mesh_budget: budget::Budget::new(
+            opts.max_mesh_connections,
+            opts.max_mesh_connections_per_ip,
+        ),
         secrets: RwLock::new(opts.secrets.clone()),
         opts,
         state,
