@@ -40,16 +40,18 @@ impl Heartbeat {
         t
     }
 
-    /// Why a peer last heard at `last_heard` is dead, if it is.
-    pub fn expired(&self, last_heard: Instant) -> Option<String> {
-        let silent = last_heard.elapsed();
-        (silent >= self.timeout).then(|| {
-            format!(
-                "no heartbeat for {:.1} s (limit {:.1} s)",
-                silent.as_secs_f64(),
-                self.timeout.as_secs_f64()
-            )
-        })
+    /// When a peer last heard at `last_heard` is dead, unless it speaks again.
+    pub fn deadline(&self, last_heard: Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(last_heard + self.timeout)
+    }
+
+    /// Why a peer last heard at `last_heard` is dead (once its deadline has passed).
+    pub fn silence(&self, last_heard: Instant) -> String {
+        format!(
+            "no heartbeat for {:.1} s (limit {:.1} s)",
+            last_heard.elapsed().as_secs_f64(),
+            self.timeout.as_secs_f64()
+        )
     }
 }
 
@@ -266,8 +268,12 @@ mod tests {
     #[test]
     fn heartbeat_expiry_names_the_silence() {
         let hb = Heartbeat::default();
-        assert!(hb.expired(Instant::now()).is_none());
-        let why = hb.expired(Instant::now() - Duration::from_secs(5)).unwrap();
+        let heard = Instant::now() - Duration::from_secs(5);
+        assert_eq!(
+            hb.deadline(heard),
+            tokio::time::Instant::from_std(heard + hb.timeout)
+        );
+        let why = hb.silence(heard);
         assert!(why.starts_with("no heartbeat for 5."), "{why}");
     }
 

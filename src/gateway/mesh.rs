@@ -106,9 +106,12 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
     let span = tracing::info_span!("worker", worker = %name, id, %peer);
     async {
         tracing::info!("worker connected");
-        let why = read_loop(id, &mut stream, &outbox, &shared).await;
+        let (why, silent) = match read_loop(id, &mut stream, &outbox, &shared).await {
+            Left::Silent(why) => (why, true),
+            Left::Closed(why) => (why, false),
+        };
         let departure = shared.registry().remove_worker(id);
-        if why.starts_with("no heartbeat") {
+        if silent {
             tracing::warn!(reason = %why, orphaned = departure.orphaned.len(), "worker declared dead");
             shared.metrics.worker_lost("heartbeat");
         } else {
@@ -197,6 +200,14 @@ fn token_matches(given: &str, expected: &str) -> bool {
     !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
+/// Why a worker's read loop ended.
+enum Left {
+    /// It fell silent for a heartbeat timeout: declared dead.
+    Silent(String),
+    /// Its connection closed or broke.
+    Closed(String),
+}
+
 /// Reads a worker's messages until it leaves; answers why. Sends a heartbeat every interval and
 /// declares the worker dead after a heartbeat timeout of silence.
 async fn read_loop<S>(
@@ -204,7 +215,7 @@ async fn read_loop<S>(
     stream: &mut futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<S>>,
     outbox: &Outbox,
     shared: &Arc<Shared>,
-) -> String
+) -> Left
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -214,11 +225,10 @@ where
     let mut last_heard = std::time::Instant::now();
     let mut nonce = 0u64;
     loop {
-        let silent_until = tokio::time::Instant::from_std(last_heard + heartbeat.timeout);
         let received = tokio::select! {
             r = transport::recv(stream, max) => r,
-            _ = tokio::time::sleep_until(silent_until) => {
-                return heartbeat.expired(last_heard).unwrap_or_else(|| "no heartbeat".into());
+            _ = tokio::time::sleep_until(heartbeat.deadline(last_heard)) => {
+                return Left::Silent(heartbeat.silence(last_heard));
             }
             _ = ticker.tick() => {
                 nonce += 1;
@@ -227,11 +237,11 @@ where
             }
         };
         let msg = match received {
-            Err(RecvError::Closed(reason)) => return format!("closed ({reason})"),
+            Err(RecvError::Closed(reason)) => return Left::Closed(format!("closed ({reason})")),
             Err(e) => {
                 let reason = e.to_string();
                 let _ = outbox.try_send(Outgoing::Close(reason.clone()));
-                return reason;
+                return Left::Closed(reason);
             }
             Ok(msg) => msg,
         };

@@ -402,8 +402,8 @@ impl Worker {
                 }
                 _ = running.idle(), if confirmed => continue,
                 _ = tokio::time::sleep_until(deadline), if draining.is_some() => continue,
-                _ = tokio::time::sleep_until(Instant::from_std(last_heard + heartbeat.timeout)) => {
-                    let why = heartbeat.expired(last_heard).unwrap_or_else(|| "no heartbeat".into());
+                _ = tokio::time::sleep_until(heartbeat.deadline(last_heard)) => {
+                    let why = heartbeat.silence(last_heard);
                     return SessionEnd::Lost(format!("the gateway went silent: {why}"));
                 }
                 _ = ticker.tick() => {
