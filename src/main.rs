@@ -378,7 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let worker = run_worker(roles::infer(opts, engine.clone()));
                 tokio::select! {
                     _ = worker => Ok(()),
-                    _ = engine_death(&engine) => {
+                    _ = engine.stopped() => {
                         // Registered but unable to generate, it would fail every request it is
                         // sent: leave, so the gateway routes elsewhere at once and systemd
                         // restarts the process with a fresh engine.
@@ -409,13 +409,6 @@ async fn run_worker(worker: meshd::worker::Worker) {
     worker.run(shutdown_signal()).await;
     watchdog.abort();
     liveness::notify("STOPPING=1");
-}
-
-/// Completes when the engine thread has ended.
-async fn engine_death(engine: &Engine) {
-    while !engine.stopped() {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Prints the bound addresses on stdout (tests and scripts read them back when binding port 0).

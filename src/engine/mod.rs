@@ -320,10 +320,10 @@ impl Engine {
         }
     }
 
-    /// The engine thread has ended (a panic inside llama.cpp's bindings, say): nothing submitted
-    /// will ever run.
-    pub fn stopped(&self) -> bool {
-        self.jobs.is_closed()
+    /// Completes when the engine thread has ended (a panic inside llama.cpp's bindings, say):
+    /// nothing submitted will ever run.
+    pub async fn stopped(&self) {
+        self.jobs.closed().await
     }
 
     pub fn stall_limit(&self) -> std::time::Duration {

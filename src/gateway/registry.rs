@@ -466,7 +466,7 @@ impl Registry {
         for list in self.functions.values_mut() {
             list.retain(|w| *w != worker);
         }
-        let mut departure = self.take_work(worker);
+        let mut departure = self.take_work(worker, None);
         let ids: Vec<InvocationId> = self.pending.keys().copied().collect();
         for id in ids {
             let called_from_here =
@@ -483,33 +483,30 @@ impl Registry {
     /// Takes every invocation away from a worker that stays connected but cannot do its work (a
     /// stalled engine): like a departure, and each one is also cancelled on that worker.
     pub fn evict(&mut self, worker: WorkerId) -> Departure {
-        let Some(outbox) = self.outbox(worker) else {
-            return Departure::default();
-        };
-        let ran_here = self.running_on(worker);
-        let mut departure = self.take_work(worker);
-        departure
-            .abandoned
-            .extend(ran_here.into_iter().map(|id| CancelTarget {
-                id,
-                outbox: outbox.clone(),
-            }));
-        departure
-    }
-
-    fn running_on(&self, worker: WorkerId) -> Vec<InvocationId> {
-        self.pending
-            .iter()
-            .filter(|(_, p)| p.worker == worker)
-            .map(|(id, _)| *id)
-            .collect()
+        match self.outbox(worker) {
+            Some(outbox) => self.take_work(worker, Some(&outbox)),
+            None => Departure::default(),
+        }
     }
 
     /// Ends every invocation running on `worker` (no longer routable): an unstarted resumable one
-    /// moves to another live worker, any other is orphaned.
-    fn take_work(&mut self, worker: WorkerId) -> Departure {
+    /// moves to another live worker, any other is orphaned. Each is also cancelled on the worker
+    /// through `still_connected`, when it is.
+    fn take_work(&mut self, worker: WorkerId, still_connected: Option<&Outbox>) -> Departure {
         let mut departure = Departure::default();
-        for id in self.running_on(worker) {
+        let running: Vec<InvocationId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.worker == worker)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in running {
+            if let Some(outbox) = still_connected {
+                departure.abandoned.push(CancelTarget {
+                    id,
+                    outbox: outbox.clone(),
+                });
+            }
             let p = self.finish(id).expect("present");
             if matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
                 continue;
