@@ -249,10 +249,10 @@ pub(super) fn run(
                     completion_tokens: seq.generated,
                 };
                 // Count and free first: a client that has its answer reads settled statistics.
-                let events = seq.events.clone();
                 stats.completed.fetch_add(1, Ordering::Relaxed);
-                free(&mut ctx, &mut slots[i], &stats);
-                let _ = events.try_send(done);
+                if let Some(seq) = free(&mut ctx, &mut slots[i], &stats) {
+                    let _ = seq.events.try_send(done);
+                }
             }
         }
         order.retain(|&i| slots[i].is_some());
@@ -271,11 +271,17 @@ fn send(seq: &mut Seq, text: String) {
     }
 }
 
-fn free(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, slot: &mut Option<Seq>, stats: &Stats) {
-    if let Some(seq) = slot.take() {
-        let _ = ctx.clear_kv_cache_seq(Some(seq.id as u32), None, None);
-        stats.active.fetch_sub(1, Ordering::Relaxed);
-    }
+/// Frees a slot's KV cache and counts it inactive; hands back its sequence, whose receiver may
+/// still need the last event.
+fn free(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    slot: &mut Option<Seq>,
+    stats: &Stats,
+) -> Option<Seq> {
+    let seq = slot.take()?;
+    let _ = ctx.clear_kv_cache_seq(Some(seq.id as u32), None, None);
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    Some(seq)
 }
 
 /// The highest logit's token (the first on ties, as llama.cpp's greedy sampler picks).
