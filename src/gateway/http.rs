@@ -247,25 +247,16 @@ async fn invoke(
             ErrorCode::Internal,
             "the invocation was dropped",
         )),
-        Ok(Some(Reply::Done(Outcome::Ok { payload, http }))) => {
-            let head = http.unwrap_or(HttpResponseHead {
-                status: 200,
-                headers: vec![],
-            });
-            if let Err(e) = valid_head(&head, function) {
-                return error(&e);
-            }
-            with_head(&head, full(payload.into_vec()))
-        }
+        Ok(Some(Reply::Done(Outcome::Ok { payload, http }))) => match valid_head(http, function) {
+            Ok(head) => with_head(&head, full(payload.into_vec())),
+            Err(e) => error(&e),
+        },
         Ok(Some(Reply::Done(Outcome::Error(e)))) | Ok(Some(Reply::End(Some(e)))) => error(&e),
         Ok(Some(Reply::Start(head))) => {
-            let head = head.unwrap_or(HttpResponseHead {
-                status: 200,
-                headers: vec![],
-            });
-            if let Err(e) = valid_head(&head, function) {
-                return error(&e);
-            }
+            let head = match valid_head(head, function) {
+                Ok(head) => head,
+                Err(e) => return error(&e),
+            };
             let sse = head.headers.iter().any(|(k, v)| {
                 k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream")
             });
@@ -461,10 +452,18 @@ pub fn error(e: &ErrorBody) -> Response<Body> {
     resp
 }
 
-/// A worker's answer is a final HTTP status (200–599), or the client gets a clear 502 instead.
-fn valid_head(head: &HttpResponseHead, function: &str) -> Result<(), ErrorBody> {
+/// The head a worker's answer goes out with: its own (200 and no headers when it chose none), if
+/// its status is a final HTTP status (200–599); else a clear 502 for the client instead.
+fn valid_head(
+    head: Option<HttpResponseHead>,
+    function: &str,
+) -> Result<HttpResponseHead, ErrorBody> {
+    let head = head.unwrap_or(HttpResponseHead {
+        status: 200,
+        headers: vec![],
+    });
     if (200..=599).contains(&head.status) {
-        return Ok(());
+        return Ok(head);
     }
     Err(ErrorBody::new(
         ErrorCode::BadWorkerAnswer,
@@ -502,7 +501,7 @@ mod tests {
                 status: bogus,
                 headers: vec![],
             };
-            let err = valid_head(&head, "f").unwrap_err();
+            let err = valid_head(Some(head), "f").unwrap_err();
             assert_eq!(err.http_status(), 502);
             assert_eq!(err.code, "bad_worker_answer");
         }
@@ -511,7 +510,8 @@ mod tests {
                 status: fine,
                 headers: vec![],
             };
-            assert!(valid_head(&head, "f").is_ok());
+            assert_eq!(valid_head(Some(head), "f").unwrap().status, fine);
         }
+        assert_eq!(valid_head(None, "f").unwrap().status, 200);
     }
 }
