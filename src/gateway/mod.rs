@@ -285,29 +285,29 @@ impl Shared {
     /// A worker's heartbeat carried its engine's health: a stall takes it out of routing and
     /// takes its work away; progress puts it back.
     pub fn worker_health(&self, worker: registry::WorkerId, health: crate::protocol::Health) {
-        let (changed, name, departure) = {
+        // Every heartbeat comes here; only a change of state costs more than the lock.
+        let (stalled, name, departure) = {
             let mut registry = self.registry();
-            let changed = registry.set_health(worker, health);
-            let departure = match changed {
-                Some(true) => registry.evict(worker),
-                _ => registry::Departure::default(),
+            let Some(stalled) = registry.set_health(worker, health) else {
+                return;
             };
-            (changed, registry.worker_name(worker), departure)
+            let departure = if stalled {
+                registry.evict(worker)
+            } else {
+                registry::Departure::default()
+            };
+            (stalled, registry.worker_name(worker), departure)
         };
         let name = name.unwrap_or_default();
-        match changed {
-            Some(true) => {
-                tracing::error!(worker = %name, steps = health.steps, failed = departure.orphaned.len(), moved = departure.resent, "engine stalled: worker taken out of routing");
-                self.metrics.worker_lost("stalled");
-                let message = format!(
-                    "worker `{name}` stopped making progress (its engine stalled) while handling this request"
-                );
-                self.fail_departure(departure, &name, &message);
-            }
-            Some(false) => {
-                tracing::info!(worker = %name, steps = health.steps, "engine progressing again: worker back in routing")
-            }
-            None => {}
+        if stalled {
+            tracing::error!(worker = %name, steps = health.steps, failed = departure.orphaned.len(), moved = departure.resent, "engine stalled: worker taken out of routing");
+            self.metrics.worker_lost("stalled");
+            let message = format!(
+                "worker `{name}` stopped making progress (its engine stalled) while handling this request"
+            );
+            self.fail_departure(departure, &name, &message);
+        } else {
+            tracing::info!(worker = %name, steps = health.steps, "engine progressing again: worker back in routing")
         }
     }
 }
@@ -395,32 +395,24 @@ async fn tell_systemd(shared: Arc<Shared>) {
     if !crate::liveness::notify(&format!("READY=1\n{}", status(&shared))) {
         return;
     }
-    let watchdog = {
-        let shared = Arc::clone(&shared);
-        tokio::spawn(crate::liveness::feed_watchdog(move |_| {
-            // Takes the registry's lock: a gateway stuck on it is not healthy.
-            let _ = shared.registry().worker_count();
-            true
-        }))
-    };
-    let _abort_on_drop = AbortOnDrop(watchdog);
-    let mut last = String::new();
-    loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let now = status(&shared);
-        if now != last {
-            crate::liveness::notify(&now);
-            last = now;
+    let watchdog = crate::liveness::feed_watchdog(|_| {
+        // Takes the registry's lock: a gateway stuck on it is not healthy.
+        let _ = shared.registry().worker_count();
+        true
+    });
+    let status_lines = async {
+        let mut last = String::new();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let now = status(&shared);
+            if now != last {
+                crate::liveness::notify(&now);
+                last = now;
+            }
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    };
+    // One task: aborting it (at shutdown) stops both.
+    tokio::join!(watchdog, status_lines);
 }
 
 /// Runs the gateway until `shutdown` completes, then drains and flushes.
