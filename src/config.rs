@@ -659,6 +659,19 @@ mod tests {
     }
 
     #[test]
+    fn connection_budgets_must_be_positive_and_per_address_caps_may_be_off() {
+        let mut s = Settings::defaults(Role::Up);
+        s.max_connections_per_ip = 0;
+        s.max_mesh_connections_per_ip = 0;
+        s.validate(Role::Up).unwrap();
+        s.max_mesh_connections = 0;
+        assert!(s.validate(Role::Up).is_err());
+        s.max_mesh_connections = 1;
+        s.max_connections = 0;
+        assert!(s.validate(Role::Up).is_err());
+    }
+
+    #[test]
     fn more_slots_than_a_batch_holds_are_refused() {
         let mut s = Settings::defaults(Role::Infer);
         s.slots = 64;
