@@ -1,7 +1,9 @@
-//! Payload types the roles exchange over the mesh (MessagePack, named fields). Roles never import
-//! each other: the caller and the infer worker agree only on what is here.
+//! The contract: every payload that crosses the mesh (MessagePack, named fields), and the one
+//! module both sides import. Roles never import each other or the gateway: the caller, the infer
+//! worker and the gateway's `state::*` built-ins agree only on what is here.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Sampling settings of one request, already validated.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -130,5 +132,115 @@ pub struct StatsSnapshot {
     pub decode_steps: u64,
     /// Seconds from submission to the first generated token.
     #[serde(default)]
-    pub ttft: crate::metrics::Histogram,
+    pub ttft: Histogram,
+}
+
+/// Upper bounds (seconds) of meshd's latency buckets.
+pub const LATENCY_BOUNDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+
+/// A histogram as it travels: its bucket bounds and the cumulative count at each, so a reader
+/// needs no constant shared with the writer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Upper bounds, ascending.
+    pub le: Vec<f64>,
+    /// Observations at or below each bound.
+    pub buckets: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::latency()
+    }
+}
+
+impl Histogram {
+    /// An empty histogram with meshd's latency buckets.
+    pub fn latency() -> Histogram {
+        Histogram {
+            le: LATENCY_BOUNDS.to_vec(),
+            buckets: vec![0; LATENCY_BOUNDS.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    pub fn observe(&mut self, value: f64) {
+        for (bound, n) in self.le.iter().zip(self.buckets.iter_mut()) {
+            if value <= *bound {
+                *n += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+}
+
+// ---- the gateway's `state::*` built-ins
+
+/// `state::get` and `state::delete`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyRequest {
+    pub scope: String,
+    pub key: String,
+}
+
+/// `state::set`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SetRequest {
+    pub scope: String,
+    pub key: String,
+    pub value: Value,
+}
+
+/// `state::list`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListRequest {
+    pub scope: String,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// `state::incr`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IncrRequest {
+    pub scope: String,
+    pub key: String,
+    pub by: i64,
+    /// Applies the increment at most once per key (replays answer the first value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ValueReply {
+    pub value: Option<Value>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct IncrReply {
+    pub value: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeleteReply {
+    pub existed: bool,
+}
+
+/// One key of `state::list`'s answer.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Item {
+    pub key: String,
+    pub value: Value,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ListReply {
+    pub items: Vec<Item>,
 }

@@ -4,6 +4,7 @@
 //! Every role reads the same [`Settings`] type, but each role accepts only the keys that mean
 //! something to it: a `model` key in a gateway file is an error, not silently ignored.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
@@ -83,7 +84,7 @@ impl Role {
             "heartbeat_interval_ms",
             "heartbeat_timeout_ms",
         ];
-        const GATEWAY: [&str; 19] = [
+        const GATEWAY: [&str; 25] = [
             "tls_cert",
             "tls_key",
             "mesh_tls_cert",
@@ -96,6 +97,12 @@ impl Role {
             "data_dir",
             "worker_token",
             "worker_token_file",
+            "worker_tokens",
+            "worker_token_files",
+            "grants",
+            "trigger_grace_secs",
+            "http_header_timeout_secs",
+            "http_body_timeout_secs",
             "max_body_bytes",
             "request_timeout_secs",
             "queue_depth",
@@ -178,9 +185,30 @@ pub struct Settings {
     /// The shared mesh secret, inline (prefer `worker_token_file`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_token: Option<String>,
-    /// A file holding the shared mesh secret (first line, trimmed).
+    /// A file holding the shared mesh secret (first line, trimmed). On a gateway this single
+    /// token grants every role (the dev mode of `meshd up` and of tests); a deployment gives each
+    /// role its own with `worker_token_files`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_token_file: Option<PathBuf>,
+    /// The gateway's token per role, inline (prefer `worker_token_files`): `{ caller = "…" }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub worker_tokens: BTreeMap<String, String>,
+    /// The gateway's token per role, each from a file (first line, trimmed):
+    /// `{ caller = "/etc/meshd/tokens/caller", infer = "/etc/meshd/tokens/infer" }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub worker_token_files: BTreeMap<String, PathBuf>,
+    /// What each role's token may do (`[grants.<role>]`: functions, triggers, state, resumable).
+    /// `caller` and `infer` have built-in grants; a table here replaces the built-in one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub grants: BTreeMap<String, crate::gateway::grants::Grant>,
+    /// A trigger whose function has had no worker for this long is removed (until then nobody
+    /// may re-bind its route to another function).
+    pub trigger_grace_secs: u64,
+    /// An HTTP connection must send a complete request head within this many seconds of
+    /// connecting or of its previous response (keep-alive included), or it is closed.
+    pub http_header_timeout_secs: u64,
+    /// An HTTP request body must arrive within this many seconds of its head.
+    pub http_body_timeout_secs: u64,
     pub log_format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `meshd=debug,info`.
     pub log_level: String,
@@ -266,6 +294,12 @@ impl Settings {
             name: role.name().into(),
             worker_token: None,
             worker_token_file: None,
+            worker_tokens: BTreeMap::new(),
+            worker_token_files: BTreeMap::new(),
+            grants: BTreeMap::new(),
+            trigger_grace_secs: 300,
+            http_header_timeout_secs: 10,
+            http_body_timeout_secs: 30,
             log_format: LogFormat::Human,
             log_level: "info".into(),
             drain_timeout_secs: 20,
@@ -386,6 +420,21 @@ impl Settings {
                 "must be at least twice heartbeat_interval_ms, and at most 600000",
             );
         }
+        if matches!(role, Role::Gateway | Role::Up) {
+            for (name, grant) in &self.grants {
+                grant.check(name).map_err(ConfigError::Invalid)?;
+            }
+            let deadlines = [
+                ("trigger_grace_secs", self.trigger_grace_secs),
+                ("http_header_timeout_secs", self.http_header_timeout_secs),
+                ("http_body_timeout_secs", self.http_body_timeout_secs),
+            ];
+            for (key, secs) in deadlines {
+                if secs == 0 || secs > 86_400 {
+                    return bad(key, "must be between 1 and 86400");
+                }
+            }
+        }
         if matches!(role, Role::Infer | Role::Up) && self.engine_stall_secs == 0 {
             return bad("engine_stall_secs", "must be at least 1");
         }
@@ -428,24 +477,54 @@ impl Settings {
         if let Some(t) = &self.worker_token {
             return Ok(Some(t.clone()));
         }
-        let Some(path) = &self.worker_token_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::Invalid(format!(
-                "cannot read worker_token_file {}: {e}",
-                path.display()
-            ))
-        })?;
-        let token = text.lines().next().unwrap_or("").trim().to_string();
-        if token.is_empty() {
-            return Err(ConfigError::Invalid(format!(
-                "worker_token_file {} is empty",
-                path.display()
-            )));
-        }
-        Ok(Some(token))
+        self.worker_token_file
+            .as_deref()
+            .map(|path| read_token("worker_token_file", path))
+            .transpose()
     }
+
+    /// The gateway's token of each role, from `worker_tokens` and `worker_token_files`.
+    pub fn role_tokens(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        let mut tokens = self.worker_tokens.clone();
+        for (role, path) in &self.worker_token_files {
+            if tokens.contains_key(role) {
+                return Err(ConfigError::Invalid(format!(
+                    "role `{role}` has a token in both worker_tokens and worker_token_files"
+                )));
+            }
+            let key = format!("worker_token_files.{role}");
+            tokens.insert(role.clone(), read_token(&key, path)?);
+        }
+        Ok(tokens)
+    }
+
+    /// The grants in force: the built-in ones, each replaced by a `[grants.<role>]` of the same
+    /// name, plus any new roles.
+    pub fn grants(&self) -> BTreeMap<String, crate::gateway::grants::Grant> {
+        let mut grants = crate::gateway::grants::Grant::builtin();
+        grants.extend(self.grants.clone());
+        grants
+    }
+
+    /// Every worker token the gateway accepts, each with its role's grant.
+    pub fn identities(&self) -> Result<crate::gateway::grants::Identities, ConfigError> {
+        crate::gateway::grants::Identities::new(self.token()?, &self.role_tokens()?, &self.grants())
+            .map_err(ConfigError::Invalid)
+    }
+}
+
+/// The first line of a token file, trimmed; an empty one is an error.
+fn read_token(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Invalid(format!("cannot read {key} {}: {e}", path.display())))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "{key} {} is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
 }
 
 impl Settings {

@@ -153,6 +153,44 @@ struct ListenFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     request_timeout_secs: Option<u64>,
+    /// Seconds an HTTP connection has to send a complete request head (keep-alive included).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_header_timeout_secs: Option<u64>,
+    /// Seconds a request body has to arrive after its head.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_body_timeout_secs: Option<u64>,
+    /// Seconds a trigger outlives the last worker of its function before it is removed.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trigger_grace_secs: Option<u64>,
+}
+
+/// The gateway's per-role worker tokens.
+#[derive(Args, Serialize)]
+struct RoleTokenFlags {
+    /// A role's worker token from a file, as ROLE=PATH (repeat per role: caller=…, infer=…).
+    #[arg(long = "worker-token-file-for", value_name = "ROLE=PATH", value_parser = role_path)]
+    #[serde(
+        rename = "worker_token_files",
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "as_map"
+    )]
+    worker_token_files: Vec<(String, PathBuf)>,
+}
+
+fn role_path(arg: &str) -> Result<(String, PathBuf), String> {
+    match arg.split_once('=') {
+        Some((role, path)) if !role.is_empty() && !path.is_empty() => {
+            Ok((role.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("`{arg}` is not ROLE=PATH")),
+    }
+}
+
+fn as_map<S: serde::Serializer>(pairs: &[(String, PathBuf)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
 #[derive(Args, Serialize)]
@@ -231,6 +269,9 @@ struct GatewayFlags {
     #[command(flatten)]
     #[serde(flatten)]
     token: TokenFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    roles: RoleTokenFlags,
 }
 
 #[derive(Args, Serialize)]
@@ -350,10 +391,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway(args) => {
             let settings = load(Role::Gateway, &args)?;
-            let token = settings.token()?.context(
-                "the gateway needs a worker token: set worker_token_file (or --worker-token-file)",
-            )?;
-            let opts = GatewayOptions::from_settings(&settings, token)?;
+            let identities = settings.identities()?;
+            if identities.is_empty() {
+                anyhow::bail!(
+                    "the gateway needs worker tokens: set worker_token_files (one per role, or \
+                     --worker-token-file-for ROLE=PATH), or worker_token_file for one dev token \
+                     that grants every role"
+                );
+            }
+            let opts = GatewayOptions::from_settings(&settings, identities)?;
             runtime()?.block_on(async {
                 let listeners = up::bind(&settings).await?;
                 announce(&listeners)?;

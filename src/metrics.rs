@@ -8,29 +8,7 @@ use std::time::Duration;
 
 use crate::gateway::registry::FunctionStatus;
 
-const BOUNDS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
-];
-
-/// A latency histogram with meshd's fixed buckets (seconds); cumulative counts per bound.
-#[derive(Default, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Histogram {
-    pub buckets: [u64; BOUNDS.len()],
-    pub sum: f64,
-    pub count: u64,
-}
-
-impl Histogram {
-    pub fn observe(&mut self, secs: f64) {
-        for (i, b) in BOUNDS.iter().enumerate() {
-            if secs <= *b {
-                self.buckets[i] += 1;
-            }
-        }
-        self.sum += secs;
-        self.count += 1;
-    }
-}
+use crate::api::Histogram;
 
 #[derive(Default)]
 struct Inner {
@@ -96,7 +74,7 @@ impl Metrics {
         out.push_str("# TYPE meshd_http_request_duration_seconds histogram\n");
         for (route, h) in &m.latency {
             let route = escape(route);
-            for (b, n) in BOUNDS.iter().zip(h.buckets) {
+            for (b, n) in h.le.iter().zip(&h.buckets) {
                 let _ = writeln!(
                     out,
                     "meshd_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {n}"
@@ -216,7 +194,7 @@ fn render_engines(out: &mut String, engines: &[(String, crate::api::StatsSnapsho
     for (worker, s) in engines {
         let w = escape(worker);
         let h = &s.ttft;
-        for (b, n) in BOUNDS.iter().zip(h.buckets) {
+        for (b, n) in h.le.iter().zip(&h.buckets) {
             let _ = writeln!(out, "{name}_bucket{{worker=\"{w}\",le=\"{b}\"}} {n}");
         }
         let _ = writeln!(

@@ -170,76 +170,105 @@ pub struct HttpResponseHead {
     pub headers: Vec<(String, String)>,
 }
 
-/// Errors the mesh itself raises; functions may use any code, these are the ones meshd maps.
+/// Every error meshd raises. [`ErrorCode::row`] is the one table from an error to its wire code,
+/// HTTP status and OpenAI error `type`: no call site picks a status of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BadRequest,
-    NotFound,
+    /// The prompt plus `max_tokens` does not fit the model's context.
+    ContextLengthExceeded,
+    InvalidApiKey,
     Unauthorized,
+    /// An authenticated peer asked for something outside its grant.
+    Forbidden,
+    NotFound,
+    ModelNotFound,
+    /// The path exists, with other methods.
+    MethodNotAllowed,
+    /// The request body did not arrive within `http_body_timeout_secs`.
+    RequestTimeout,
     Conflict,
     PayloadTooLarge,
     Overloaded,
-    NoWorker,
-    WorkerLost,
-    DeadlineExceeded,
     Cancelled,
     Internal,
+    WorkerLost,
     /// A worker's answer the gateway cannot pass on (say, an HTTP status that is not one).
     BadWorkerAnswer,
+    NoWorker,
+    DeadlineExceeded,
 }
 
+/// One row of the error table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorRow {
+    /// The `code` on the mesh, in the OpenAI error body and in metric labels.
+    pub code: &'static str,
+    pub status: u16,
+    /// The OpenAI error `type`.
+    pub kind: &'static str,
+}
+
+const INVALID: &str = "invalid_request_error";
+const SERVER: &str = "server_error";
+
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::BadRequest,
-        Self::NotFound,
+        Self::ContextLengthExceeded,
+        Self::InvalidApiKey,
         Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::ModelNotFound,
+        Self::MethodNotAllowed,
+        Self::RequestTimeout,
         Self::Conflict,
         Self::PayloadTooLarge,
         Self::Overloaded,
-        Self::NoWorker,
-        Self::WorkerLost,
-        Self::DeadlineExceeded,
         Self::Cancelled,
         Self::Internal,
+        Self::WorkerLost,
         Self::BadWorkerAnswer,
+        Self::NoWorker,
+        Self::DeadlineExceeded,
     ];
 
+    /// The table.
+    pub const fn row(self) -> ErrorRow {
+        let (code, status, kind) = match self {
+            Self::BadRequest => ("bad_request", 400, INVALID),
+            Self::ContextLengthExceeded => ("context_length_exceeded", 400, INVALID),
+            Self::InvalidApiKey => ("invalid_api_key", 401, "authentication_error"),
+            Self::Unauthorized => ("unauthorized", 401, "authentication_error"),
+            Self::Forbidden => ("forbidden", 403, "permission_error"),
+            Self::NotFound => ("not_found", 404, INVALID),
+            Self::ModelNotFound => ("model_not_found", 404, INVALID),
+            Self::MethodNotAllowed => ("method_not_allowed", 405, INVALID),
+            Self::RequestTimeout => ("request_timeout", 408, INVALID),
+            Self::Conflict => ("conflict", 409, INVALID),
+            Self::PayloadTooLarge => ("payload_too_large", 413, INVALID),
+            Self::Overloaded => ("overloaded", 429, "rate_limit_error"),
+            Self::Cancelled => ("cancelled", 499, INVALID),
+            Self::Internal => ("internal_error", 500, SERVER),
+            Self::WorkerLost => ("worker_lost", 502, SERVER),
+            Self::BadWorkerAnswer => ("bad_worker_answer", 502, SERVER),
+            Self::NoWorker => ("no_worker", 503, SERVER),
+            Self::DeadlineExceeded => ("deadline_exceeded", 504, SERVER),
+        };
+        ErrorRow { code, status, kind }
+    }
+
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::BadRequest => "bad_request",
-            Self::NotFound => "not_found",
-            Self::Unauthorized => "unauthorized",
-            Self::Conflict => "conflict",
-            Self::PayloadTooLarge => "payload_too_large",
-            Self::Overloaded => "overloaded",
-            Self::NoWorker => "no_worker",
-            Self::WorkerLost => "worker_lost",
-            Self::DeadlineExceeded => "deadline_exceeded",
-            Self::Cancelled => "cancelled",
-            Self::Internal => "internal_error",
-            Self::BadWorkerAnswer => "bad_worker_answer",
-        }
+        self.row().code
     }
 
     pub fn parse(code: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.as_str() == code)
     }
 
-    /// The one table from error to HTTP status.
     pub fn http_status(self) -> u16 {
-        match self {
-            Self::BadRequest => 400,
-            Self::Unauthorized => 401,
-            Self::NotFound => 404,
-            Self::Conflict => 409,
-            Self::PayloadTooLarge => 413,
-            Self::Overloaded => 429,
-            Self::Cancelled => 499,
-            Self::Internal => 500,
-            Self::WorkerLost | Self::BadWorkerAnswer => 502,
-            Self::NoWorker => 503,
-            Self::DeadlineExceeded => 504,
-        }
+        self.row().status
     }
 }
 
@@ -258,39 +287,33 @@ impl ErrorBody {
         self
     }
 
-    /// Replaces the code with a more specific one (e.g. `context_length_exceeded`), keeping the
-    /// status the original code maps to.
-    pub fn with_code(mut self, code: &str) -> Self {
-        self.status = Some(self.http_status());
-        self.code = code.to_string();
-        self
-    }
-
-    pub fn with_status(mut self, status: u16) -> Self {
-        self.status = Some(status);
-        self
-    }
-
-    /// The HTTP status for this error: the function's own choice if it is an error status
-    /// (400–599: a peer's `status` is never trusted further), else the code's, else 500.
-    pub fn http_status(&self) -> u16 {
-        self.status
+    /// This error's row of the table. A code the table does not know (a newer peer's, or a
+    /// custom worker's) takes the status its sender chose if that is an error status (400–599: a
+    /// peer's `status` is never trusted further), else 500.
+    pub fn row(&self) -> ErrorRow {
+        if let Some(known) = ErrorCode::parse(&self.code) {
+            return known.row();
+        }
+        let status = self
+            .status
             .filter(|s| (400..=599).contains(s))
-            .or_else(|| ErrorCode::parse(&self.code).map(ErrorCode::http_status))
-            .unwrap_or(500)
-    }
-}
-
-impl ErrorBody {
-    /// The OpenAI error `type` for this error's status.
-    pub fn openai_type(&self) -> &'static str {
-        match self.http_status() {
+            .unwrap_or(500);
+        let kind = match status {
             401 => "authentication_error",
             403 => "permission_error",
             429 => "rate_limit_error",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
+            400..=499 => INVALID,
+            _ => SERVER,
+        };
+        ErrorRow {
+            code: "",
+            status,
+            kind,
         }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        self.row().status
     }
 
     /// `{"error":{"message","type","param","code"}}`: the body of every HTTP error meshd sends.
@@ -298,7 +321,7 @@ impl ErrorBody {
         serde_json::json!({
             "error": {
                 "message": self.message,
-                "type": self.openai_type(),
+                "type": self.row().kind,
                 "param": self.param,
                 "code": self.code,
             }
@@ -432,9 +455,7 @@ mod tests {
             Message::Result {
                 id: 8,
                 outcome: Outcome::Error(
-                    ErrorBody::new(ErrorCode::BadRequest, "no")
-                        .with_param("a")
-                        .with_code("context_length_exceeded"),
+                    ErrorBody::new(ErrorCode::ContextLengthExceeded, "no").with_param("a"),
                 ),
             },
             Message::StreamStart { id: 9, http: None },
@@ -564,24 +585,37 @@ mod tests {
     }
 
     #[test]
-    fn every_error_code_maps_to_a_status_and_back() {
+    fn every_error_code_has_one_row_and_parses_back() {
+        let mut codes = std::collections::HashSet::new();
         for code in ErrorCode::ALL {
-            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
-            assert!((400..600).contains(&code.http_status()));
+            let row = code.row();
+            assert_eq!(ErrorCode::parse(row.code), Some(code));
+            assert!(codes.insert(row.code), "{} twice", row.code);
+            assert!((400..600).contains(&row.status));
+            let body = ErrorBody::new(code, "m").openai_json();
+            assert_eq!(body["error"]["type"], row.kind);
+            assert_eq!(body["error"]["code"], row.code);
         }
-        let chosen = ErrorBody::new(ErrorCode::Internal, "x").with_status(418);
-        assert_eq!(chosen.http_status(), 418);
-        // A status a peer made up (not an error, or not HTTP at all) falls back to the code's.
-        for bogus in [0, 99, 200, 302, 600, 1000, u16::MAX] {
-            let e = ErrorBody::new(ErrorCode::BadRequest, "x").with_status(bogus);
-            assert_eq!(e.http_status(), 400, "{bogus}");
-        }
-        let foreign = ErrorBody {
-            code: "martian".into(),
+    }
+
+    #[test]
+    fn a_known_code_ignores_the_status_a_peer_sends_and_an_unknown_one_is_clamped() {
+        let sent = |code: &str, status| ErrorBody {
+            code: code.into(),
             message: "?".into(),
             param: None,
-            status: None,
+            status,
         };
-        assert_eq!(foreign.http_status(), 500);
+        assert_eq!(sent("bad_request", Some(503)).http_status(), 400);
+        assert_eq!(sent("martian", Some(418)).http_status(), 418);
+        assert_eq!(
+            sent("martian", Some(418)).row().kind,
+            "invalid_request_error"
+        );
+        // A status a peer made up (not an error, or not HTTP at all) is not used.
+        for bogus in [0, 99, 200, 302, 600, 1000, u16::MAX] {
+            assert_eq!(sent("martian", Some(bogus)).http_status(), 500, "{bogus}");
+        }
+        assert_eq!(sent("martian", None).http_status(), 500);
     }
 }

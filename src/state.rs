@@ -52,10 +52,12 @@ pub struct StateStore {
     flush_tx: mpsc::Sender<FlushWaiter>,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Item {
-    pub key: String,
-    pub value: Value,
+pub use crate::api::Item;
+
+fn trigger_key(method: &str, path: &str) -> Vec<u8> {
+    let mut k = TRIGGER_PREFIX.to_vec();
+    k.extend_from_slice(format!("{} {path}", method.to_ascii_uppercase()).as_bytes());
+    k
 }
 
 impl StateStore {
@@ -199,10 +201,17 @@ impl StateStore {
         function: &str,
         requires: &[String],
     ) -> Result<(), StateError> {
-        let mut k = TRIGGER_PREFIX.to_vec();
-        k.extend_from_slice(format!("{method} {path}").as_bytes());
         let v = serde_json::json!({"function": function, "requires": requires});
-        self.db.insert(k, serde_json::to_vec(&v).expect("json"))?;
+        self.db.insert(
+            trigger_key(method, path),
+            serde_json::to_vec(&v).expect("json"),
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a trigger that expired (its function had no worker for the grace period).
+    pub fn forget_trigger(&self, method: &str, path: &str) -> Result<(), StateError> {
+        self.db.remove(trigger_key(method, path))?;
         Ok(())
     }
 
@@ -437,12 +446,18 @@ mod tests {
     async fn triggers_are_remembered() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::open(dir.path()).unwrap();
-        s.save_trigger("POST", "/a b", "f", &["g".into()]).unwrap();
+        s.save_trigger("post", "/a b", "f", &["g".into()]).unwrap();
+        s.save_trigger("GET", "/c", "h", &[]).unwrap();
         assert_eq!(
             s.triggers(),
-            vec![("POST".into(), "/a b".into(), "f".into(), vec!["g".into()])]
+            vec![
+                ("GET".into(), "/c".into(), "h".into(), vec![]),
+                ("POST".into(), "/a b".into(), "f".into(), vec!["g".into()])
+            ]
         );
         assert!(s.list("POST", "", 10).unwrap().is_empty());
+        s.forget_trigger("GET", "/c").unwrap();
+        assert_eq!(s.triggers().len(), 1);
     }
 
     #[tokio::test]

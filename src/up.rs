@@ -1,5 +1,6 @@
 //! `meshd up`: the gateway, a caller and an infer worker in one process, wired over real loopback
-//! sockets — the same code paths as three machines, with a mesh token that never leaves the process.
+//! sockets — the same code paths as three machines, with one mesh token per role (the same grants as
+//! a deployment) that never leaves the process.
 
 use std::future::Future;
 use std::time::Duration;
@@ -34,17 +35,27 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let token = format!("{:032x}", rand::random::<u128>());
+    let token = || format!("{:032x}", rand::random::<u128>());
+    let (caller_token, infer_token) = (token(), token());
+    let roles = std::collections::BTreeMap::from([
+        ("caller".to_string(), caller_token.clone()),
+        ("infer".to_string(), infer_token.clone()),
+    ]);
+    let identities = crate::gateway::grants::Identities::new(None, &roles, &settings.grants())
+        .map_err(anyhow::Error::msg)?;
     let url = format!("ws://{}", listeners.mesh.local_addr()?);
     let state = StateStore::open(&settings.data_dir)?;
-    let mut opts = GatewayOptions::from_settings(&settings, token.clone())?;
+    let mut opts = GatewayOptions::from_settings(&settings, identities)?;
     // The mesh of `up` never leaves the process's loopback listener: no TLS there.
     opts.secrets.mesh_tls = None;
 
     let engine = Engine::start(EngineConfig::from_settings(&settings)).await?;
     let stop_workers = CancellationToken::new();
-    let caller = roles::caller(worker_options(&settings, "caller", &url, &token));
-    let infer = roles::infer(worker_options(&settings, "infer", &url, &token), engine);
+    let caller = roles::caller(worker_options(&settings, "caller", &url, &caller_token));
+    let infer = roles::infer(
+        worker_options(&settings, "infer", &url, &infer_token),
+        engine,
+    );
     // Ready only once every route of both workers is registered: the infer worker's own trigger
     // alone must not make it look ready before the caller has registered the API's routes.
     opts.expected_triggers = [caller.triggers(), infer.triggers()].concat();

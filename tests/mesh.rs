@@ -90,6 +90,7 @@ async fn the_seed_contract_holds_across_three_processes_and_a_restart() {
     assert_eq!(r.json()["error"]["code"], "not_found");
     let r = request(addr, "GET", "/math/add-two-numbers", "").await;
     assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
 
     // A graceful restart of the gateway keeps the total; the workers come back by themselves.
     let http = addr.to_string();

@@ -469,3 +469,102 @@ async fn idle_sockets_on_both_listeners_cannot_starve_health_checks() {
     );
     drop(idle);
 }
+
+/// How long until the server closes `s` (reading and dropping what it sends), at most `limit`.
+async fn closed_within<R>(s: &mut R, limit: Duration) -> Option<Duration>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_idle_keep_alives_and_slow_bodies_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway_with(
+        dir.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[
+            "--http-header-timeout-secs",
+            "1",
+            "--http-body-timeout-secs",
+            "1",
+        ],
+    );
+    let addr = gw.http();
+    let _caller = caller(&gw.mesh_url(), "caller");
+    eventually(Duration::from_secs(20), "the caller's routes", || async {
+        !status_workers(addr, "math::add_two_numbers")
+            .await
+            .is_empty()
+    })
+    .await;
+
+    // Slowloris: a header line every 200 ms never completes the head; the deadline counts from
+    // the connection's start, whatever arrives.
+    let (mut reader, mut writer) = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap()
+        .into_split();
+    writer
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let drip = async move {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let line = format!("x-drip-{i}: y\r\n");
+            if writer.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    };
+    let (_, closed) = tokio::join!(drip, closed_within(&mut reader, Duration::from_secs(5)));
+    let closed = closed.expect("a head sent for 5 s was never cut off");
+    assert!(closed < Duration::from_secs(3), "cut off after {closed:?}");
+
+    // Keep-alive: one complete request, then silence; the deadline starts again after the
+    // response.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = idle.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    let closed = closed_within(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("an idle keep-alive connection was kept for 5 s");
+    assert!(closed < Duration::from_secs(3), "cut off after {closed:?}");
+
+    // A body that stops arriving: 408, and the connection is closed.
+    let mut body = tokio::net::TcpStream::connect(addr).await.unwrap();
+    body.write_all(
+        b"POST /math/add-two-numbers HTTP/1.1\r\nhost: x\r\ncontent-length: 40\r\n\r\n{\"a\": 1,",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), body.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "a stalled body kept its connection: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // Meanwhile the gateway answers everyone else.
+    assert_eq!(request(addr, "GET", "/healthz", "").await.status, 200);
+}

@@ -125,7 +125,7 @@ pub struct Stats {
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub decode_steps: AtomicU64,
-    pub ttft: std::sync::Mutex<crate::metrics::Histogram>,
+    pub ttft: std::sync::Mutex<crate::api::Histogram>,
 }
 
 /// A handle to the engine; cheap to clone.

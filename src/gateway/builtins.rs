@@ -1,71 +1,26 @@
-//! The gateway's own functions, callable by any worker: `state::get / set / delete / list / incr`.
-//! Their payloads are the one place the gateway decodes what it receives.
+//! The gateway's own functions: `state::get / set / delete / list / incr`, each allowed to a
+//! worker only on the scopes its role's grant names. Their payloads (in [`crate::api`]) are the one
+//! place the gateway decodes what it receives.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
+use super::grants::Identity;
+use crate::api::{
+    DeleteReply, IncrReply, IncrRequest, KeyRequest, ListReply, ListRequest, SetRequest, ValueReply,
+};
 use crate::protocol::{self, ErrorBody, ErrorCode, Outcome};
-use crate::state::{Item, StateError, StateStore};
+use crate::state::{StateError, StateStore};
 
 pub fn is_builtin(function: &str) -> bool {
     function.starts_with("state::")
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct KeyRequest {
-    pub scope: String,
-    pub key: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SetRequest {
-    pub scope: String,
-    pub key: String,
-    pub value: Value,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ListRequest {
-    pub scope: String,
-    #[serde(default)]
-    pub prefix: String,
-    #[serde(default)]
-    pub limit: Option<usize>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct IncrRequest {
-    pub scope: String,
-    pub key: String,
-    pub by: i64,
-    /// Applies the increment at most once per key (replays answer the first value).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ValueReply {
-    pub value: Option<Value>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct IncrReply {
-    pub value: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct DeleteReply {
-    pub existed: bool,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ListReply {
-    pub items: Vec<Item>,
-}
-
-/// Runs a built-in and shapes its outcome.
-pub async fn call(state: &StateStore, function: &str, payload: &[u8]) -> Outcome {
-    match dispatch(state, function, payload).await {
+/// Runs a built-in for a worker of `identity` and shapes its outcome.
+pub async fn call(
+    state: &StateStore,
+    identity: &Identity,
+    function: &str,
+    payload: &[u8],
+) -> Outcome {
+    match dispatch(state, identity, function, payload).await {
         Ok(bytes) => Outcome::Ok {
             payload: serde_bytes::ByteBuf::from(bytes),
             http: None,
@@ -76,18 +31,35 @@ pub async fn call(state: &StateStore, function: &str, payload: &[u8]) -> Outcome
 
 async fn dispatch(
     state: &StateStore,
+    identity: &Identity,
     function: &str,
     payload: &[u8],
 ) -> Result<Vec<u8>, ErrorBody> {
+    let allowed = |scope: &str| {
+        let operation = function.strip_prefix("state::").unwrap_or(function);
+        if identity.grant.may_use_state(operation, scope) {
+            Ok(())
+        } else {
+            Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "`{function}` on scope `{scope}` is outside the grant of role `{}`",
+                    identity.role
+                ),
+            ))
+        }
+    };
     let reply = match function {
         "state::get" => {
             let r: KeyRequest = protocol::from_payload(payload)?;
+            allowed(&r.scope)?;
             protocol::to_payload(&ValueReply {
                 value: state.get(&r.scope, &r.key).map_err(state_error)?,
             })
         }
         "state::set" => {
             let r: SetRequest = protocol::from_payload(payload)?;
+            allowed(&r.scope)?;
             state
                 .set(&r.scope, &r.key, &r.value)
                 .await
@@ -96,11 +68,13 @@ async fn dispatch(
         }
         "state::delete" => {
             let r: KeyRequest = protocol::from_payload(payload)?;
+            allowed(&r.scope)?;
             let existed = state.delete(&r.scope, &r.key).await.map_err(state_error)?;
             protocol::to_payload(&DeleteReply { existed })
         }
         "state::list" => {
             let r: ListRequest = protocol::from_payload(payload)?;
+            allowed(&r.scope)?;
             let limit = r.limit.unwrap_or(crate::state::MAX_LIST);
             let items = state
                 .list(&r.scope, &r.prefix, limit)
@@ -109,6 +83,7 @@ async fn dispatch(
         }
         "state::incr" => {
             let r: IncrRequest = protocol::from_payload(payload)?;
+            allowed(&r.scope)?;
             let value = match r.idempotency_key.as_deref() {
                 Some(k) => state.incr_once(&r.scope, &r.key, r.by, k).await,
                 None => state.incr(&r.scope, &r.key, r.by).await,

@@ -60,6 +60,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let svc_shared = Arc::clone(&shared);
         let acceptor = crate::tls::acceptor(&shared.secrets().http_tls);
         let watcher = graceful.watcher();
+        let header_timeout = shared.opts.http_header_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             let io = match crate::tls::accept(acceptor.as_ref(), stream).await {
@@ -72,7 +73,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let svc = service_fn(move |req| handle(req, Arc::clone(&svc_shared)));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                // From the connection's start and after every response (keep-alive included):
+                // a client that has not sent a whole request head by then is closed.
+                .header_read_timeout(header_timeout)
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(io), svc);
             let _ = watcher.watch(conn).await;
@@ -158,20 +161,17 @@ async fn route(
     let function = match shared.registry().trigger(req.method().as_str(), &path) {
         Ok(f) => f,
         Err(other_method) => {
-            let (code, msg, status) = if other_method {
-                (
-                    ErrorCode::BadRequest,
+            let err = if other_method {
+                ErrorBody::new(
+                    ErrorCode::MethodNotAllowed,
                     format!("{} is not allowed on {path}", req.method()),
-                    405,
                 )
             } else {
-                (
+                ErrorBody::new(
                     ErrorCode::NotFound,
                     format!("no route for {} {path}", req.method()),
-                    404,
                 )
             };
-            let err = ErrorBody::new(code, msg).with_status(status);
             return ("unmatched".into(), error(&err));
         }
     };
@@ -201,7 +201,26 @@ async fn invoke(
         return too_large();
     }
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, limit).collect().await {
+    let deadline = shared.opts.http_body_timeout;
+    let collected = match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await
+    {
+        Ok(collected) => collected,
+        Err(_) => {
+            let err = ErrorBody::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs()
+                ),
+            );
+            // The rest of the body may still be on its way: this connection serves no more.
+            let mut resp = error(&err);
+            resp.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
+    let body = match collected {
         Ok(b) => b.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -327,8 +346,7 @@ fn authorize(req: &Request<Incoming>, keys: &[[u8; 32]]) -> Result<(), ErrorBody
     if keys.is_empty() {
         return Ok(());
     }
-    let unauthorized =
-        |m: &str| ErrorBody::new(ErrorCode::Unauthorized, m).with_code("invalid_api_key");
+    let unauthorized = |m: &str| ErrorBody::new(ErrorCode::InvalidApiKey, m);
     let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
         return Err(unauthorized(
             "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
@@ -495,7 +513,10 @@ mod tests {
     #[test]
     fn statuses_a_worker_makes_up_never_panic_and_never_pass_through() {
         for bogus in [0, 1, 99, 101, 199, 600, 1000, u16::MAX] {
-            let e = ErrorBody::new(ErrorCode::Internal, "x").with_status(bogus);
+            let e = ErrorBody {
+                status: Some(bogus),
+                ..ErrorBody::new(ErrorCode::Internal, "x")
+            };
             assert_eq!(error(&e).status(), 500, "{bogus}");
             let head = HttpResponseHead {
                 status: bogus,

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use super::builtins;
+use super::grants::{Identity, Refusal};
 use super::registry::{Reply, Sink, WorkerId};
 use super::Shared;
 use crate::protocol::{ErrorBody, HelloFrame, Message, Outcome, MAX_HELLO_FRAME, PROTOCOL_VERSION};
@@ -74,8 +74,8 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
         }
     };
     let hello = tokio::time::timeout_at(deadline, transport::recv_hello(&mut ws)).await;
-    let name = match check_hello(hello, &shared) {
-        Ok(name) => name,
+    let (name, identity) = match check_hello(hello, &shared) {
+        Ok(known) => known,
         Err((kind, reason)) => {
             tracing::warn!(%peer, %reason, "worker refused");
             shared.metrics.worker_refused(kind);
@@ -103,10 +103,11 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
             worker_id: id.to_string(),
         }))
         .await;
-    let span = tracing::info_span!("worker", worker = %name, id, %peer);
+    let span = tracing::info_span!("worker", worker = %name, id, %peer, role = %identity.role);
     async {
         tracing::info!("worker connected");
-        let (why, silent) = match read_loop(id, &mut stream, &outbox, &shared).await {
+        let me = Peer { id, identity };
+        let (why, silent) = match read_loop(&me, &mut stream, &outbox, &shared).await {
             Left::Silent(why) => (why, true),
             Left::Closed(why) => (why, false),
         };
@@ -133,12 +134,12 @@ async fn serve_worker(stream: crate::tls::BoxIo, peer: String, shared: Arc<Share
     }
 }
 
-/// The worker's name if its first frame is an acceptable `Hello`; else the refusal's metric label
-/// and reason.
+/// The worker's name and identity if its first frame is an acceptable `Hello`; else the refusal's
+/// metric label and reason.
 fn check_hello(
     hello: Result<Result<HelloFrame, RecvError>, tokio::time::error::Elapsed>,
     shared: &Shared,
-) -> Result<String, (&'static str, String)> {
+) -> Result<(String, Identity), (&'static str, String)> {
     let hello = match hello {
         Err(_) => {
             return Err((
@@ -159,15 +160,11 @@ fn check_hello(
         );
         return Err(("protocol", reason));
     }
-    if !token_matches(&hello.token, &shared.opts.token) {
-        let reason = if hello.token.is_empty() {
-            "no worker token presented"
-        } else {
-            "wrong worker token"
-        };
-        return Err(("token", reason.into()));
+    match shared.opts.identities.identify(&hello.token) {
+        Some(identity) => Ok((hello.name, identity)),
+        None if hello.token.is_empty() => Err(("token", "no worker token presented".into())),
+        None => Err(("token", "wrong worker token".into())),
     }
-    Ok(hello.name)
 }
 
 /// Tells a refused peer why, and closes; never waits long on a peer that does not read.
@@ -195,9 +192,10 @@ where
     let _ = tokio::time::timeout(Duration::from_secs(1), say).await;
 }
 
-/// Constant-time comparison; an empty configured token refuses everyone.
-fn token_matches(given: &str, expected: &str) -> bool {
-    !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+/// An authenticated worker connection: its id in the registry and what its token grants.
+struct Peer {
+    id: WorkerId,
+    identity: Identity,
 }
 
 /// Why a worker's read loop ended.
@@ -211,7 +209,7 @@ enum Left {
 /// Reads a worker's messages until it leaves; answers why. Sends a heartbeat every interval and
 /// declares the worker dead after a heartbeat timeout of silence.
 async fn read_loop<S>(
-    me: WorkerId,
+    me: &Peer,
     stream: &mut futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<S>>,
     outbox: &Outbox,
     shared: &Arc<Shared>,
@@ -246,20 +244,41 @@ where
             Ok(msg) => msg,
         };
         last_heard = std::time::Instant::now();
-        handle(me, msg, outbox, shared).await;
+        if let Err(refusal) = handle(me, msg, outbox, shared).await {
+            // A worker that oversteps its grant is told why and disconnected: it is either
+            // misconfigured (the wrong role's token) or hostile, and serves nothing either way.
+            tracing::warn!(reason = refusal.reason, refusal = %refusal.message, "worker refused");
+            shared.metrics.worker_refused(refusal.reason);
+            let refused = Message::Refused {
+                reason: refusal.message.clone(),
+            };
+            let _ = outbox.try_send(Outgoing::Msg(refused));
+            let _ = outbox.try_send(Outgoing::Close(refusal.message.clone()));
+            return Left::Closed(format!("refused: {}", refusal.message));
+        }
     }
 }
 
-async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared>) {
+/// Acts on one message of an authenticated worker; a registration outside its grant is refused.
+async fn handle(
+    peer: &Peer,
+    msg: Message,
+    outbox: &Outbox,
+    shared: &Arc<Shared>,
+) -> Result<(), Refusal> {
+    let me = peer.id;
+    let grant = &peer.identity.grant;
     match msg {
         Message::RegisterFunction {
             name, resumable, ..
         } => {
-            if builtins::is_builtin(&name) {
-                tracing::warn!(function = %name, "a worker may not register a built-in name");
-                return;
+            if builtins::is_builtin(&name) || !grant.may_serve(&name) {
+                return Err(peer.identity.refuse_function(&name));
             }
-            tracing::info!(function = %name, "function registered");
+            // The grant decides; the worker's flag says it reports `Started`, without which
+            // moving an invocation could run it twice.
+            let resumable = resumable && grant.is_resumable(&name);
+            tracing::info!(function = %name, resumable, "function registered");
             shared.registry().register_function(me, &name, resumable);
         }
         Message::UnregisterFunction { name } => shared.registry().unregister_function(me, &name),
@@ -269,6 +288,21 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
             function,
             requires,
         } => {
+            if !grant.may_bind(&method, &path, &function) {
+                return Err(peer.identity.refuse_trigger(&method, &path, &function));
+            }
+            let bound =
+                shared
+                    .registry()
+                    .register_trigger(&method, &path, &function, requires.clone());
+            if let Err(owner) = bound {
+                return Err(Refusal {
+                    reason: "rebind",
+                    message: format!(
+                        "trigger `{method} {path}` is bound to `{owner}`; it cannot be re-bound to `{function}`"
+                    ),
+                });
+            }
             tracing::info!(%method, %path, %function, ?requires, "trigger registered");
             if let Err(e) = shared
                 .state
@@ -276,9 +310,6 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
             {
                 tracing::warn!(error = %e, "cannot remember the trigger");
             }
-            shared
-                .registry()
-                .register_trigger(&method, &path, &function, requires);
         }
         Message::Invoke {
             id,
@@ -291,13 +322,21 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
             if builtins::is_builtin(&function) {
                 let shared = Arc::clone(shared);
                 let outbox = outbox.clone();
+                let identity = peer.identity.clone();
                 tokio::spawn(async move {
-                    let outcome = builtins::call(&shared.state, &function, &payload).await;
+                    let outcome =
+                        builtins::call(&shared.state, &identity, &function, &payload).await;
+                    if let Outcome::Error(e) = &outcome {
+                        if e.code == crate::protocol::ErrorCode::Forbidden.as_str() {
+                            tracing::warn!(role = %identity.role, error = %e, "state call refused");
+                            shared.metrics.worker_refused("state_scope");
+                        }
+                    }
                     let _ = outbox
                         .send(Outgoing::Msg(Message::Result { id, outcome }))
                         .await;
                 });
-                return;
+                return Ok(());
             }
             let routed = shared.registry().dispatch(
                 &function,
@@ -381,16 +420,5 @@ async fn handle(me: WorkerId, msg: Message, outbox: &Outbox, shared: &Arc<Shared
             tracing::warn!(error = %err, "ignoring message");
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::token_matches;
-
-    #[test]
-    fn tokens_compare_exactly_and_empty_refuses_all() {
-        assert!(token_matches("s3cret", "s3cret"));
-        assert!(!token_matches("s3cre", "s3cret"));
-        assert!(!token_matches("", ""));
-    }
+    Ok(())
 }

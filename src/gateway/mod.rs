@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod builtins;
+pub mod grants;
 pub mod http;
 pub mod mesh;
 pub mod probe;
@@ -30,12 +31,18 @@ use registry::{Registry, Reply, Sink};
 /// Limits and secrets the gateway enforces, taken from [`Settings`].
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
-    pub token: String,
+    /// The worker tokens it accepts, each with its role's grant.
+    pub identities: grants::Identities,
     /// The API keys and certificates read at start ([`Shared::secrets`] has the ones in force).
     pub secrets: Secrets,
     pub max_frame_bytes: usize,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// An HTTP connection's deadline for a complete request head, and a body's after its head.
+    pub http_header_timeout: Duration,
+    pub http_body_timeout: Duration,
+    /// How long a trigger outlives the last worker of its function.
+    pub trigger_grace: Duration,
     pub queue_depth: usize,
     /// The HTTP listener's connection budget: in total, and per peer address (0: no cap).
     pub max_connections: usize,
@@ -68,7 +75,10 @@ pub struct Secrets {
 impl GatewayOptions {
     /// The options of a gateway; refuses an open API on a non-loopback address unless the
     /// settings say `insecure_no_auth`.
-    pub fn from_settings(s: &Settings, token: String) -> Result<Self, crate::config::ConfigError> {
+    pub fn from_settings(
+        s: &Settings,
+        identities: grants::Identities,
+    ) -> Result<Self, crate::config::ConfigError> {
         let api_keys = s.api_key_digests()?;
         if api_keys.is_empty() {
             let addr = crate::config::resolve_addr(&s.http_addr)
@@ -92,7 +102,7 @@ impl GatewayOptions {
                 _ => Ok(None),
             };
         Ok(GatewayOptions {
-            token,
+            identities,
             secrets: Secrets {
                 api_keys: Arc::new(api_keys),
                 http_tls: tls(&s.tls_cert, &s.tls_key)?,
@@ -101,6 +111,9 @@ impl GatewayOptions {
             max_frame_bytes: s.max_frame_bytes,
             max_body_bytes: s.max_body_bytes,
             request_timeout: Duration::from_secs(s.request_timeout_secs),
+            http_header_timeout: Duration::from_secs(s.http_header_timeout_secs),
+            http_body_timeout: Duration::from_secs(s.http_body_timeout_secs),
+            trigger_grace: Duration::from_secs(s.trigger_grace_secs),
             queue_depth: s.queue_depth,
             max_connections: s.max_connections,
             max_connections_per_ip: s.max_connections_per_ip,
@@ -148,7 +161,7 @@ impl Shared {
         let Some(settings) = &self.opts.settings else {
             return;
         };
-        let fresh = GatewayOptions::from_settings(settings, self.opts.token.clone())
+        let fresh = GatewayOptions::from_settings(settings, self.opts.identities.clone())
             .map_err(|e| e.to_string())
             .and_then(|fresh| {
                 if fresh.secrets.api_keys.is_empty() && !self.secrets().api_keys.is_empty() {
@@ -415,6 +428,25 @@ async fn tell_systemd(shared: Arc<Shared>) {
     tokio::join!(watchdog, status_lines);
 }
 
+/// Once a second: removes the triggers whose function has been without a worker for longer than
+/// the grace period, so their routes answer 404 and may be bound to another function.
+async fn expire_triggers(shared: Arc<Shared>) {
+    let grace = shared.opts.trigger_grace;
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(grace));
+    loop {
+        tick.tick().await;
+        let gone = shared
+            .registry()
+            .expire_triggers(std::time::Instant::now(), grace);
+        for (method, path) in gone {
+            tracing::info!(%method, %path, ?grace, "trigger removed: no worker served it for the grace period");
+            if let Err(e) = shared.state.forget_trigger(&method, &path) {
+                tracing::warn!(error = %e, "cannot forget the trigger");
+            }
+        }
+    }
+}
+
 /// Runs the gateway until `shutdown` completes, then drains and flushes.
 pub async fn run(
     listeners: Listeners,
@@ -436,7 +468,8 @@ pub async fn run(
         closing: CancellationToken::new(),
     });
     for (method, path, function, requires) in shared.state.triggers() {
-        shared
+        // The store holds one function per route: nothing to conflict with.
+        let _ = shared
             .registry()
             .register_trigger(&method, &path, &function, requires);
     }
@@ -449,8 +482,10 @@ pub async fn run(
     let mesh_task = tokio::spawn(mesh::accept_loop(listeners.mesh, Arc::clone(&shared)));
     let http_task = tokio::spawn(http::serve(listeners.http, Arc::clone(&shared)));
     let systemd_task = tokio::spawn(tell_systemd(Arc::clone(&shared)));
+    let expiry_task = tokio::spawn(expire_triggers(Arc::clone(&shared)));
     shutdown.await;
     systemd_task.abort();
+    expiry_task.abort();
     crate::liveness::notify("STOPPING=1\nSTATUS=draining HTTP requests");
     tracing::info!("gateway shutting down: draining HTTP requests");
     shared.closing.cancel();

@@ -123,6 +123,8 @@ pub struct Registry {
     pending: HashMap<InvocationId, Pending>,
     /// Functions whose workers report `Started` (their unstarted invocations can move).
     resumable: std::collections::HashSet<String>,
+    /// Functions behind triggers that have no connected worker, and since when.
+    unserved_since: HashMap<String, std::time::Instant>,
     by_origin: HashMap<(WorkerId, u64), InvocationId>,
     next_id: InvocationId,
     rotation: usize,
@@ -185,20 +187,70 @@ impl Registry {
         }
     }
 
+    /// Binds `method path` to `function`. A route already bound to another function stays as it
+    /// is: `Err` names that function.
     pub fn register_trigger(
         &mut self,
         method: &str,
         path: &str,
         function: &str,
         requires: Vec<String>,
-    ) {
-        self.triggers.insert(
-            (method.to_ascii_uppercase(), path.to_string()),
-            function.to_string(),
-        );
+    ) -> Result<(), String> {
+        let route = (method.to_ascii_uppercase(), path.to_string());
+        match self.triggers.get(&route) {
+            Some(owner) if owner != function => return Err(owner.clone()),
+            Some(_) => {}
+            None => {
+                self.triggers.insert(route, function.to_string());
+            }
+        }
         if !requires.is_empty() {
             self.requires.insert(function.to_string(), requires);
         }
+        Ok(())
+    }
+
+    /// Removes the triggers whose function has had no connected worker (draining and stalled ones
+    /// count as connected) for longer than `grace`, and answers their routes: the routes are free
+    /// to be bound again.
+    pub fn expire_triggers(
+        &mut self,
+        now: std::time::Instant,
+        grace: std::time::Duration,
+    ) -> Vec<(String, String)> {
+        let served = |f: &String| {
+            self.functions
+                .get(f)
+                .is_some_and(|ws| ws.iter().any(|w| self.workers.contains_key(w)))
+        };
+        let functions: std::collections::HashSet<String> =
+            self.triggers.values().cloned().collect();
+        let (present, absent): (Vec<String>, Vec<String>) =
+            functions.into_iter().partition(|f| served(f));
+        for f in present {
+            self.unserved_since.remove(&f);
+        }
+        let mut expired = std::collections::HashSet::new();
+        for f in absent {
+            let since = *self.unserved_since.entry(f.clone()).or_insert(now);
+            if now.duration_since(since) >= grace {
+                expired.insert(f);
+            }
+        }
+        let mut gone = Vec::new();
+        self.triggers.retain(|route, f| {
+            let keep = !expired.contains(f);
+            if !keep {
+                gone.push(route.clone());
+            }
+            keep
+        });
+        for f in &expired {
+            self.unserved_since.remove(f);
+            self.requires.remove(f);
+        }
+        gone.sort();
+        gone
     }
 
     /// The function behind `method path`; `Err(true)` when the path exists with another method.
@@ -785,7 +837,8 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.register_function(1, "f", false);
-        r.register_trigger("post", "/x", "f", vec!["g".into()]);
+        r.register_trigger("post", "/x", "f", vec!["g".into()])
+            .unwrap();
         assert_eq!(r.unserved_triggers(), ["g"]);
         r.register_function(1, "g", false);
         assert_eq!(r.trigger("POST", "/x"), Ok("f".to_string()));
@@ -794,5 +847,39 @@ mod tests {
         assert!(r.unserved_triggers().is_empty());
         r.remove_worker(1);
         assert_eq!(r.unserved_triggers(), ["f", "g"]);
+    }
+
+    #[test]
+    fn a_bound_route_is_never_rebound_until_it_expires() {
+        use std::time::{Duration, Instant};
+        let grace = Duration::from_secs(60);
+        let mut r = Registry::default();
+        r.add_worker(1, "a".into(), outbox());
+        r.register_function(1, "f", false);
+        r.register_trigger("POST", "/x", "f", vec![]).unwrap();
+        r.register_trigger("POST", "/x", "f", vec![]).unwrap();
+        assert_eq!(
+            r.register_trigger("post", "/x", "evil", vec![]),
+            Err("f".to_string())
+        );
+        assert_eq!(r.trigger("POST", "/x"), Ok("f".to_string()));
+
+        let t0 = Instant::now();
+        assert!(r.expire_triggers(t0, grace).is_empty(), "served");
+        r.remove_worker(1);
+        assert!(r.expire_triggers(t0, grace).is_empty(), "grace starts");
+        assert!(r.expire_triggers(t0 + grace / 2, grace).is_empty());
+        // The worker comes back within the grace: the clock starts again when it leaves again.
+        r.add_worker(2, "a".into(), outbox());
+        r.register_function(2, "f", false);
+        assert!(r.expire_triggers(t0 + grace / 2, grace).is_empty());
+        r.remove_worker(2);
+        assert!(r.expire_triggers(t0 + grace, grace).is_empty());
+        assert_eq!(
+            r.expire_triggers(t0 + grace * 2, grace),
+            [("POST".to_string(), "/x".to_string())]
+        );
+        assert_eq!(r.trigger("POST", "/x"), Err(false));
+        r.register_trigger("POST", "/x", "other", vec![]).unwrap();
     }
 }

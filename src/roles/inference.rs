@@ -41,9 +41,9 @@ pub fn register(worker: Worker, engine: Engine) -> Worker {
 pub fn engine_error(e: EngineError) -> ErrorBody {
     let msg = e.to_string();
     match e {
-        EngineError::ContextLength { .. } => ErrorBody::new(ErrorCode::BadRequest, msg)
-            .with_param("messages")
-            .with_code("context_length_exceeded"),
+        EngineError::ContextLength { .. } => {
+            ErrorBody::new(ErrorCode::ContextLengthExceeded, msg).with_param("messages")
+        }
         EngineError::Invalid(_) => ErrorBody::new(ErrorCode::BadRequest, msg),
         EngineError::Overloaded { .. } => ErrorBody::new(ErrorCode::Overloaded, msg),
         EngineError::Load { .. } | EngineError::Stopped => ErrorBody::new(ErrorCode::NoWorker, msg),
@@ -56,14 +56,13 @@ async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody
     if let Some(model) = req.model.as_deref() {
         if model != engine.model_id() {
             return Err(ErrorBody::new(
-                ErrorCode::NotFound,
+                ErrorCode::ModelNotFound,
                 format!(
                     "The model `{model}` does not exist; this server serves `{}`",
                     engine.model_id()
                 ),
             )
-            .with_param("model")
-            .with_code("model_not_found"));
+            .with_param("model"));
         }
     }
     // Formatting and tokenizing a long prompt takes a while: keep it off the async threads.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::gateway::builtins::{IncrReply, IncrRequest};
+use crate::api::{IncrReply, IncrRequest};
 use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead};
 use crate::worker::{Call, Response};
 

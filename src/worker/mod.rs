@@ -440,6 +440,11 @@ impl Worker {
                     self.start(id, &function, call, outbox, running);
                 }
                 Message::Cancel { id } => running.abort(id),
+                // A registration outside this worker's grant: the gateway closes the connection.
+                Message::Refused { reason } => {
+                    tracing::error!(worker = %self.opts.name, %reason, "refused by the gateway");
+                    return SessionEnd::Lost(format!("refused by the gateway: {reason}"));
+                }
                 // The gateway's answer to our `Draining`: nothing more will be routed here.
                 Message::Draining {} => confirmed = true,
                 Message::Ping { nonce, .. } => {

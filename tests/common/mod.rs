@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 mod http;
+mod peer;
 pub use http::{Client, Resp};
+#[allow(unused_imports)]
+pub use peer::Peer;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
