@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use harness::{quantile_ms, Client, Up};
 use http_body_util::BodyExt;
-use meshd::api::{ChatMessage, Prompt, Sampling};
+use meshd::api::{ChatMessage, GenerateRequest, Prompt, Sampling, ValidGenerate};
 use meshd::engine::{
     available_matmul_kernels, select_matmul_kernel, Engine, EngineConfig, Event, MatmulKernel,
 };
@@ -88,6 +88,18 @@ impl Run {
 /// One long raw prompt (about 420 tokens) with max_tokens 1 on the engine alone, `runs` times
 /// per CPU matmul kernel this build and CPU run, the kernels alternating (the switch is
 /// process-wide); prints each kernel's median time, then leaves `keep` selected.
+/// A generation request, checked the way the infer role checks it.
+fn valid(prompt: Prompt, max_tokens: u32, sampling: Sampling) -> ValidGenerate {
+    ValidGenerate::try_from(GenerateRequest {
+        model: None,
+        prompt,
+        max_tokens: Some(max_tokens),
+        stop: vec![],
+        sampling,
+    })
+    .expect("a valid request")
+}
+
 async fn prompt_processing(engine: &Engine, runs: usize, keep: MatmulKernel) {
     let text = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(30);
     let mut kernels: Vec<(MatmulKernel, &str, Vec<Duration>)> = available_matmul_kernels()
@@ -104,7 +116,7 @@ async fn prompt_processing(engine: &Engine, runs: usize, keep: MatmulKernel) {
                 ..Sampling::default()
             };
             let t = Instant::now();
-            let prepared = engine.prepare(&prompt, Some(1), vec![], sampling).unwrap();
+            let prepared = engine.prepare(&valid(prompt, 1, sampling)).unwrap();
             let mut events = engine.submit(prepared).unwrap();
             while let Some(e) = events.recv().await {
                 match e {
@@ -160,14 +172,8 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
                         ..Sampling::default()
                     };
                     let t = Instant::now();
-                    let prepared = engine
-                        .prepare(
-                            &Prompt::Chat { messages },
-                            Some(MAX_TOKENS),
-                            vec![],
-                            sampling,
-                        )
-                        .unwrap();
+                    let request = valid(Prompt::Chat { messages }, MAX_TOKENS, sampling);
+                    let prepared = engine.prepare(&request).unwrap();
                     let mut events = engine.submit(prepared).unwrap();
                     let mut first = None;
                     while let Some(e) = events.recv().await {

@@ -82,6 +82,92 @@ pub struct GenerateRequest {
     pub sampling: Sampling,
 }
 
+/// Limits every generation request is held to, on both sides of the mesh.
+pub const MAX_MESSAGES: usize = 1024;
+pub const MAX_STOPS: usize = 4;
+pub const MAX_STOP_LEN: usize = 256;
+pub const MAX_TOKENS_LIMIT: u32 = 1 << 20;
+
+/// A [`GenerateRequest`] that passed every check: the only thing a generator accepts. Made only by
+/// `TryFrom`, wherever a request is decoded, so a peer's payload never reaches an engine unchecked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidGenerate(GenerateRequest);
+
+impl ValidGenerate {
+    pub fn model(&self) -> Option<&str> {
+        self.0.model.as_deref()
+    }
+    pub fn prompt(&self) -> &Prompt {
+        &self.0.prompt
+    }
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.0.max_tokens
+    }
+    pub fn stop(&self) -> &[String] {
+        &self.0.stop
+    }
+    pub fn sampling(&self) -> &Sampling {
+        &self.0.sampling
+    }
+}
+
+impl TryFrom<GenerateRequest> for ValidGenerate {
+    type Error = crate::protocol::ErrorBody;
+
+    fn try_from(r: GenerateRequest) -> Result<Self, Self::Error> {
+        use crate::protocol::{ErrorBody, ErrorCode};
+        let bad =
+            |m: String, param: &str| ErrorBody::new(ErrorCode::BadRequest, m).with_param(param);
+        match &r.prompt {
+            Prompt::Text { text } if text.is_empty() => {
+                return Err(bad("the prompt is empty".into(), "prompt"))
+            }
+            Prompt::Chat { messages } if messages.is_empty() || messages.len() > MAX_MESSAGES => {
+                let m = format!("`messages` must hold 1 to {MAX_MESSAGES} messages");
+                return Err(bad(m, "messages"));
+            }
+            _ => {}
+        }
+        if r.max_tokens.is_some_and(|n| n == 0 || n > MAX_TOKENS_LIMIT) {
+            let m = format!("`max_tokens` must be between 1 and {MAX_TOKENS_LIMIT}");
+            return Err(bad(m, "max_tokens"));
+        }
+        if r.stop.len() > MAX_STOPS
+            || r.stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
+        {
+            let m = format!(
+                "`stop` takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_LEN} bytes"
+            );
+            return Err(bad(m, "stop"));
+        }
+        let s = &r.sampling;
+        let ranges: [(&str, f32, std::ops::RangeInclusive<f32>); 6] = [
+            ("temperature", s.temperature, 0.0..=2.0),
+            ("top_p", s.top_p, f32::MIN_POSITIVE..=1.0),
+            ("min_p", s.min_p, 0.0..=1.0),
+            ("repetition_penalty", s.repetition_penalty, 0.01..=10.0),
+            ("presence_penalty", s.presence_penalty, -2.0..=2.0),
+            ("frequency_penalty", s.frequency_penalty, -2.0..=2.0),
+        ];
+        for (name, value, range) in ranges {
+            if !range.contains(&value) {
+                let m = format!(
+                    "`{name}` must be between {} and {}, got {value}",
+                    range.start(),
+                    range.end()
+                );
+                return Err(bad(m, name));
+            }
+        }
+        if !(0..=1_000_000).contains(&s.top_k) {
+            return Err(bad("`top_k` must be between 0 and 1000000".into(), "top_k"));
+        }
+        Ok(ValidGenerate(r))
+    }
+}
+
 /// One chunk of `inference::run_inference`'s stream: `Start`, any `Delta`s, then `Done`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -243,4 +329,57 @@ pub struct Item {
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct ListReply {
     pub items: Vec<Item>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> GenerateRequest {
+        GenerateRequest {
+            model: None,
+            prompt: Prompt::Text { text: "hi".into() },
+            max_tokens: Some(4),
+            stop: vec![],
+            sampling: Sampling::default(),
+        }
+    }
+
+    #[test]
+    fn a_generate_request_is_checked_before_any_engine_sees_it() {
+        assert!(ValidGenerate::try_from(request()).is_ok());
+        type Spoil = fn(&mut GenerateRequest);
+        let cases: [(&str, Spoil); 8] = [
+            ("prompt", |r| {
+                r.prompt = Prompt::Text {
+                    text: String::new(),
+                }
+            }),
+            ("messages", |r| r.prompt = Prompt::Chat { messages: vec![] }),
+            ("max_tokens", |r| r.max_tokens = Some(0)),
+            ("stop", |r| r.stop = vec![String::new()]),
+            ("stop", |r| r.stop = vec!["x".into(); MAX_STOPS + 1]),
+            ("temperature", |r| r.sampling.temperature = f32::NAN),
+            ("top_p", |r| r.sampling.top_p = 0.0),
+            ("top_k", |r| r.sampling.top_k = -1),
+        ];
+        for (param, spoil) in cases {
+            let mut r = request();
+            spoil(&mut r);
+            let e = ValidGenerate::try_from(r).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{e}");
+            assert_eq!(e.code, "bad_request");
+        }
+    }
+
+    #[test]
+    fn a_histogram_carries_its_own_bounds() {
+        let mut h = Histogram::latency();
+        h.observe(0.003);
+        h.observe(100.0);
+        assert_eq!(h.le.len(), h.buckets.len());
+        assert_eq!(h.buckets[h.le.iter().position(|b| *b == 0.005).unwrap()], 1);
+        assert_eq!(*h.buckets.last().unwrap(), 1, "100 s is above every bound");
+        assert_eq!(h.count, 2);
+    }
 }

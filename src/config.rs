@@ -49,6 +49,20 @@ impl MatmulKernel {
     }
 }
 
+/// What generates text for the infer role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum GeneratorKind {
+    /// The model, through llama.cpp (the default; the only one that serves a model).
+    #[serde(rename = "llama.cpp")]
+    #[value(name = "llama.cpp")]
+    Llama,
+    /// Deterministic filler words, no model loaded: for tests of the mesh and for measuring the
+    /// mesh alone. Never a model.
+    #[serde(rename = "echo")]
+    #[value(name = "echo")]
+    Echo,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Gateway,
@@ -119,7 +133,8 @@ impl Role {
             "worker_token_file",
             "max_concurrency",
         ];
-        const ENGINE: [&str; 11] = [
+        const ENGINE: [&str; 12] = [
+            "generator",
             "engine_stall_secs",
             "model",
             "model_id",
@@ -241,6 +256,8 @@ pub struct Settings {
     pub max_mesh_connections_per_ip: usize,
     /// Invocations a worker runs at once; beyond it, the worker answers `overloaded`.
     pub max_concurrency: usize,
+    /// `llama.cpp` (the model) or `echo` (filler words, no model: for tests of the mesh).
+    pub generator: GeneratorKind,
     /// The GGUF file the infer role serves.
     pub model: PathBuf,
     /// The model name the API reports and accepts.
@@ -316,6 +333,7 @@ impl Settings {
             max_mesh_connections: 1024,
             max_mesh_connections_per_ip: 64,
             max_concurrency: 1024,
+            generator: GeneratorKind::Llama,
             model: "models/gemma3-270m-q4_k_m.gguf".into(),
             model_id: "gemma-3-270m".into(),
             slots: 8,

@@ -3,14 +3,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use meshd::config::{LogFormat, MatmulKernel, Role, Settings};
-use meshd::engine::{Engine, EngineConfig};
+use meshd::config::{GeneratorKind, LogFormat, MatmulKernel, Role, Settings};
+use meshd::engine::EngineConfig;
 use meshd::gateway::{self, GatewayOptions};
 use meshd::state::StateStore;
 use meshd::worker::WorkerOptions;
@@ -223,6 +224,10 @@ struct ConnectFlags {
 
 #[derive(Args, Serialize)]
 struct ModelFlags {
+    /// `llama.cpp` (the model) or `echo` (filler words, no model: for tests of the mesh).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generator: Option<GeneratorKind>,
     /// The GGUF model file.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -420,8 +425,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = worker_options(&settings)?;
             runtime()?.block_on(async {
                 liveness::notify("STATUS=loading the model");
-                let engine = Engine::start(EngineConfig::from_settings(&settings)).await?;
-                let worker = run_worker(roles::infer(opts, engine.clone()));
+                let config = EngineConfig::from_settings(&settings);
+                let engine = meshd::engine::start_generator(config, settings.generator).await?;
+                let worker = run_worker(roles::infer(opts, Arc::clone(&engine)));
                 tokio::select! {
                     _ = worker => Ok(()),
                     _ = engine.stopped() => {

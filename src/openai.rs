@@ -8,11 +8,8 @@ use serde_json::{json, Map, Value};
 use crate::api::{ChatMessage, Completion, FinishReason, GenerateRequest, Prompt, Sampling};
 use crate::protocol::{ErrorBody, ErrorCode};
 
-/// Limits on what a request may ask for.
-pub const MAX_MESSAGES: usize = 1024;
-pub const MAX_STOPS: usize = 4;
-pub const MAX_STOP_LEN: usize = 256;
-pub const MAX_TOKENS_LIMIT: u64 = 1 << 20;
+/// Limits on what a request may ask for: the contract's ([`crate::api`]).
+pub use crate::api::{MAX_MESSAGES, MAX_STOPS, MAX_STOP_LEN, MAX_TOKENS_LIMIT};
 
 /// Fields accepted and ignored: they change nothing a single-model server does.
 const IGNORED: [&str; 6] = [
@@ -172,7 +169,7 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
         int(&obj, "max_tokens")?,
     ) {
         (Some(n), _) | (None, Some(n)) => {
-            if n < 1 || n as u64 > MAX_TOKENS_LIMIT {
+            if n < 1 || n as u64 > u64::from(MAX_TOKENS_LIMIT) {
                 let p = if obj.contains_key("max_completion_tokens") {
                     "max_completion_tokens"
                 } else {

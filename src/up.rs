@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::EngineConfig;
 use crate::gateway::{self, GatewayOptions, Listeners};
 use crate::roles;
 use crate::state::StateStore;
@@ -49,7 +49,9 @@ pub async fn run(
     // The mesh of `up` never leaves the process's loopback listener: no TLS there.
     opts.secrets.mesh_tls = None;
 
-    let engine = Engine::start(EngineConfig::from_settings(&settings)).await?;
+    let engine =
+        crate::engine::start_generator(EngineConfig::from_settings(&settings), settings.generator)
+            .await?;
     let stop_workers = CancellationToken::new();
     let caller = roles::caller(worker_options(&settings, "caller", &url, &caller_token));
     let infer = roles::infer(

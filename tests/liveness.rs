@@ -64,8 +64,8 @@ async fn a_stopped_infer_worker_is_declared_dead_within_seconds_and_rejoins_afte
     let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     let url = gw.mesh_url();
     let _caller = caller(&url, "caller");
-    let a = infer_with(&url, "infer-a", &["--slots", "2", "--threads", "1"]);
-    let _b = infer_with(&url, "infer-b", &["--slots", "2", "--threads", "1"]);
+    let a = echo_infer(&url, "infer-a", &["--slots", "2"]);
+    let _b = echo_infer(&url, "infer-b", &["--slots", "2"]);
     let addr = gw.http();
     wait_for_workers(addr, "inference::run_inference", &["infer-a", "infer-b"]).await;
     ready(addr).await;

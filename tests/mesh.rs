@@ -24,7 +24,7 @@ async fn mesh() -> Mesh {
     let url = gateway.mesh_url();
     let m = Mesh {
         _caller: caller(&url, "caller"),
-        infer: infer(&url, "infer"),
+        infer: echo_infer(&url, "infer", &[]),
         gateway,
         dir,
     };
@@ -287,7 +287,7 @@ async fn a_killed_infer_worker_fails_calls_fast_and_its_return_heals() {
         async move { f.load(Ordering::Relaxed) > 0 }
     })
     .await;
-    m.infer = infer(&m.gateway.mesh_url(), "infer-2");
+    m.infer = echo_infer(&m.gateway.mesh_url(), "infer-2", &[]);
     ready(addr).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -305,7 +305,7 @@ async fn a_killed_infer_worker_fails_calls_fast_and_its_return_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_spread_across_two_infer_workers() {
     let m = mesh().await;
-    let _second = infer(&m.gateway.mesh_url(), "infer-b");
+    let _second = echo_infer(&m.gateway.mesh_url(), "infer-b", &[]);
     let addr = m.gateway.http();
     common::eventually(
         Duration::from_secs(30),
@@ -433,8 +433,8 @@ async fn queued_generations_move_to_the_surviving_worker() {
     let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     let url = gw.mesh_url();
     let _caller = caller(&url, "caller");
-    let mut a = infer_with(&url, "infer-a", &["--slots", "1"]);
-    let _b = infer_with(&url, "infer-b", &["--slots", "1"]);
+    let mut a = echo_infer(&url, "infer-a", &["--slots", "1"]);
+    let _b = echo_infer(&url, "infer-b", &["--slots", "1"]);
     let addr = gw.http();
     common::eventually(
         Duration::from_secs(60),
@@ -493,7 +493,7 @@ async fn a_draining_infer_worker_finishes_its_work_and_gets_no_more() {
     let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     let url = gw.mesh_url();
     let _caller = caller(&url, "caller");
-    let mut a = infer_with(&url, "infer-a", &["--slots", "2"]);
+    let mut a = echo_infer(&url, "infer-a", &["--slots", "2"]);
     let addr = gw.http();
     ready(addr).await;
     let body =

@@ -39,6 +39,9 @@ fn start_mesh(gateway_args: &[&str], worker_args: &[&str], url_scheme: &str) -> 
         model.to_str().unwrap(),
         "--slots",
         "2",
+        // Keys and TLS are under test, not inference.
+        "--generator",
+        "echo",
     ];
     infer.extend_from_slice(worker_args);
     let (c, i) = (Proc::start(&caller, false), Proc::start(&infer, false));
@@ -414,7 +417,7 @@ async fn unauthenticated_peers_cannot_make_the_gateway_buffer_big_frames() {
     )
     .await;
     let _caller = caller(&url, "caller");
-    let _infer = infer(&url, "infer");
+    let _infer = echo_infer(&url, "infer", &[]);
     ready(addr).await;
     drop(held);
 }

@@ -6,8 +6,12 @@
 //! Prompts are formatted and tokenized here, outside the thread, so a prompt that cannot fit is
 //! refused with its token counts before any generation.
 
+pub mod echo;
+mod generator;
 mod scheduler;
 pub mod text;
+
+pub use generator::{Generate, Generation};
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -20,8 +24,29 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot};
 
-pub use crate::api::{FinishReason, Prompt, Sampling, StatsSnapshot};
-pub use crate::config::MatmulKernel;
+pub use crate::api::{FinishReason, Prompt, Sampling, StatsSnapshot, ValidGenerate};
+pub use crate::config::{GeneratorKind, MatmulKernel};
+
+/// Time per word of the echo generator.
+const ECHO_TOKEN_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Starts the configured generator: the model's engine, or the echo stand-in.
+pub async fn start_generator(
+    config: EngineConfig,
+    kind: GeneratorKind,
+) -> Result<Arc<dyn Generate>, EngineError> {
+    Ok(match kind {
+        GeneratorKind::Llama => Arc::new(Engine::start(config).await?),
+        GeneratorKind::Echo => Arc::new(echo::Echo::new(echo::EchoConfig {
+            model_id: config.model_id,
+            slots: config.slots,
+            ctx_per_slot: config.ctx_per_slot,
+            max_queued: config.max_queued,
+            token_delay: ECHO_TOKEN_DELAY,
+            stall_limit: config.stall_limit,
+        })),
+    })
+}
 
 /// How the engine is built; from the infer role's settings.
 #[derive(Debug, Clone)]
@@ -228,15 +253,14 @@ impl Engine {
 
     /// Formats and tokenizes a prompt and checks it fits its slot with `max_tokens` to spare
     /// (`None`: whatever room is left).
-    pub fn prepare(
-        &self,
-        prompt: &Prompt,
-        max_tokens: Option<u32>,
-        stop: Vec<String>,
-        sampling: Sampling,
-    ) -> Result<Prepared, EngineError> {
+    pub fn prepare(&self, request: &ValidGenerate) -> Result<Prepared, EngineError> {
+        let (max_tokens, stop, sampling) = (
+            request.max_tokens(),
+            request.stop().to_vec(),
+            request.sampling().clone(),
+        );
         let vocab = self.model.vocab();
-        let tokens = match prompt {
+        let tokens = match request.prompt() {
             Prompt::Text { text } => vocab.tokenize(text.as_bytes(), true, false),
             Prompt::Chat { messages } => {
                 // Content must stay content: text that tokenizes to control tokens (a forged
@@ -264,24 +288,10 @@ impl Engine {
                 vocab.tokenize(text.as_bytes(), true, true)
             }
         };
-        let limit = self.config.ctx_per_slot;
-        let prompt_len = tokens.len() as u32;
-        if max_tokens == Some(0) {
-            return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
-        }
         if tokens.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
-        let room = limit.saturating_sub(prompt_len);
-        let max_tokens = max_tokens.unwrap_or(room);
-        if prompt_len >= limit || max_tokens > room {
-            return Err(EngineError::ContextLength {
-                limit,
-                prompt: prompt_len,
-                completion: max_tokens,
-                total: prompt_len + max_tokens,
-            });
-        }
+        let max_tokens = fit(self.config.ctx_per_slot, tokens.len() as u32, max_tokens)?;
         Ok(Prepared {
             tokens,
             max_tokens,
@@ -312,12 +322,7 @@ impl Engine {
 
     /// Decode steps so far, and whether the engine holds work: what a stall is judged on.
     pub fn progress(&self) -> crate::liveness::Progress {
-        let s = &self.stats;
-        let busy = s.active.load(Ordering::Relaxed) > 0 || s.queued.load(Ordering::Relaxed) > 0;
-        crate::liveness::Progress {
-            steps: s.decode_steps.load(Ordering::Relaxed),
-            busy,
-        }
+        self.stats.progress()
     }
 
     /// Completes when the engine thread has ended (a panic inside llama.cpp's bindings, say):
@@ -331,20 +336,36 @@ impl Engine {
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
-        let s = &self.stats;
+        let c = &self.config;
+        self.stats.snapshot(&c.model_id, c.slots, c.ctx_per_slot)
+    }
+}
+
+impl Stats {
+    /// Decode steps so far, and whether there is work (running or queued).
+    pub fn progress(&self) -> crate::liveness::Progress {
+        let busy =
+            self.active.load(Ordering::Relaxed) > 0 || self.queued.load(Ordering::Relaxed) > 0;
+        crate::liveness::Progress {
+            steps: self.decode_steps.load(Ordering::Relaxed),
+            busy,
+        }
+    }
+
+    pub fn snapshot(&self, model: &str, slots: u32, ctx_per_slot: u32) -> StatsSnapshot {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
-            model: self.config.model_id.clone(),
-            slots: self.config.slots,
-            ctx_per_slot: self.config.ctx_per_slot,
-            active_sequences: get(&s.active),
-            queued_sequences: get(&s.queued),
-            completed: get(&s.completed),
-            cancelled: get(&s.cancelled),
-            prompt_tokens_total: get(&s.prompt_tokens),
-            completion_tokens_total: get(&s.completion_tokens),
-            decode_steps: get(&s.decode_steps),
-            ttft: s.ttft.lock().map(|h| h.clone()).unwrap_or_default(),
+            model: model.to_string(),
+            slots,
+            ctx_per_slot,
+            active_sequences: get(&self.active),
+            queued_sequences: get(&self.queued),
+            completed: get(&self.completed),
+            cancelled: get(&self.cancelled),
+            prompt_tokens_total: get(&self.prompt_tokens),
+            completion_tokens_total: get(&self.completion_tokens),
+            decode_steps: get(&self.decode_steps),
+            ttft: self.ttft.lock().map(|h| h.clone()).unwrap_or_default(),
         }
     }
 }
@@ -453,6 +474,54 @@ pub fn available_matmul_kernels() -> Vec<(MatmulKernel, &'static str)> {
     }
     select_matmul_kernel(MatmulKernel::Llama);
     kernels
+}
+
+/// The completion budget of a prompt of `prompt` tokens in a slot of `limit` positions: `wanted`,
+/// or (`None`) whatever room is left; an error with the counts when it does not fit.
+pub(crate) fn fit(limit: u32, prompt: u32, wanted: Option<u32>) -> Result<u32, EngineError> {
+    let room = limit.saturating_sub(prompt);
+    let completion = wanted.unwrap_or(room);
+    if prompt >= limit || completion > room {
+        return Err(EngineError::ContextLength {
+            limit,
+            prompt,
+            completion,
+            total: prompt.saturating_add(completion),
+        });
+    }
+    Ok(completion)
+}
+
+impl Generate for Engine {
+    fn model_id(&self) -> &str {
+        Engine::model_id(self)
+    }
+
+    fn generate(&self, request: &ValidGenerate) -> Result<Generation, EngineError> {
+        let prepared = self.prepare(request)?;
+        let prompt_tokens = prepared.prompt_tokens();
+        let events = self.submit(prepared)?;
+        Ok(Generation {
+            prompt_tokens,
+            events,
+        })
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        Engine::snapshot(self)
+    }
+
+    fn progress(&self) -> crate::liveness::Progress {
+        Engine::progress(self)
+    }
+
+    fn stall_limit(&self) -> std::time::Duration {
+        Engine::stall_limit(self)
+    }
+
+    fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(Engine::stopped(self))
+    }
 }
 
 /// The context size for `slots` sequences of `ctx_per_slot` positions each.

@@ -1,16 +1,19 @@
 //! The infer role's model functions: `inference::run_inference` (streams a generation),
-//! `inference::models` and `inference::stats`, all over one [`Engine`].
+//! `inference::models` and `inference::stats`, all over one [`Generate`] (the llama.cpp engine,
+//! or the echo stand-in in tests of the mesh).
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::api::{GenerateEvent, GenerateRequest, ModelList};
-use crate::engine::{Engine, EngineError, Event};
+use crate::api::{GenerateEvent, GenerateRequest, ModelList, ValidGenerate};
+use crate::engine::{EngineError, Event, Generate};
 use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead};
 use crate::worker::{Call, Response, Worker};
 
 /// Adds the model's functions to an infer worker.
-pub fn register(worker: Worker, engine: Engine) -> Worker {
+pub fn register(worker: Worker, engine: Arc<dyn Generate>) -> Worker {
     let (e1, e2, e3) = (engine.clone(), engine.clone(), engine);
     worker
         .resumable_function("inference::run_inference", move |call| {
@@ -51,9 +54,10 @@ pub fn engine_error(e: EngineError) -> ErrorBody {
     }
 }
 
-async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody> {
+async fn run_inference(engine: Arc<dyn Generate>, call: Call) -> Result<Response, ErrorBody> {
     let req: GenerateRequest = protocol::from_payload(&call.payload)?;
-    if let Some(model) = req.model.as_deref() {
+    let req = ValidGenerate::try_from(req)?;
+    if let Some(model) = req.model() {
         if model != engine.model_id() {
             return Err(ErrorBody::new(
                 ErrorCode::ModelNotFound,
@@ -67,19 +71,16 @@ async fn run_inference(engine: Engine, call: Call) -> Result<Response, ErrorBody
     }
     // Formatting and tokenizing a long prompt takes a while: keep it off the async threads.
     let e = engine.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        e.prepare(&req.prompt, req.max_tokens, req.stop, req.sampling)
-    })
-    .await
-    .map_err(|e| {
-        ErrorBody::new(
-            ErrorCode::Internal,
-            format!("prompt preparation failed: {e}"),
-        )
-    })?
-    .map_err(engine_error)?;
-    let prompt_tokens = prepared.prompt_tokens();
-    let mut events = engine.submit(prepared).map_err(engine_error)?;
+    let generation = tokio::task::spawn_blocking(move || e.generate(&req))
+        .await
+        .map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("prompt preparation failed: {e}"),
+            )
+        })?
+        .map_err(engine_error)?;
+    let (prompt_tokens, mut events) = (generation.prompt_tokens, generation.events);
     let (tx, chunks) = mpsc::channel::<Result<Bytes, ErrorBody>>(64);
     let started = call.started.clone();
     let start = GenerateEvent::Start {

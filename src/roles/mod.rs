@@ -7,7 +7,7 @@ pub mod math;
 
 use std::sync::Arc;
 
-use crate::engine::Engine;
+use crate::engine::Generate;
 use crate::worker::{Worker, WorkerOptions};
 
 /// The caller role: validates HTTP requests, calls the infer functions, shapes responses.
@@ -23,9 +23,9 @@ pub fn caller(opts: WorkerOptions) -> Worker {
     chat::register(worker)
 }
 
-/// The infer role: the model's functions over a loaded engine, and `math::add`.
-pub fn infer(opts: WorkerOptions, engine: Engine) -> Worker {
-    let probe = engine.clone();
+/// The infer role: the model's functions over a generator (the loaded engine), and `math::add`.
+pub fn infer(opts: WorkerOptions, engine: Arc<dyn Generate>) -> Worker {
+    let probe = Arc::clone(&engine);
     let worker = Worker::new(opts)
         .function("math::add", math::add)
         .progress(Arc::new(move || probe.progress()), engine.stall_limit());

@@ -211,6 +211,17 @@ pub fn infer(url: &str, name: &str) -> Proc {
     infer_with(url, name, &["--slots", "4"])
 }
 
+/// An infer worker whose generator is the echo stand-in (no model loaded): for tests of the mesh
+/// that do not test inference.
+pub fn echo_infer(url: &str, name: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["--generator", "echo"];
+    if !extra.contains(&"--slots") {
+        args.extend_from_slice(&["--slots", "4"]);
+    }
+    args.extend_from_slice(extra);
+    infer_env(url, name, &args, &[])
+}
+
 pub fn infer_with(url: &str, name: &str, extra: &[&str]) -> Proc {
     infer_env(url, name, extra, &[])
 }
