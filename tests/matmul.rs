@@ -12,7 +12,9 @@ mod ggml;
 use common::best_matmul_kernel;
 use ggml::{largest_difference, MulMat};
 use llama_cpp_sys_2 as sys;
-use meshd::engine::{matmul_kernel_calls, select_matmul_kernel, KernelCalls, MatmulKernel};
+use meshd::engine::{
+    available_matmul_kernels, matmul_kernel_calls, select_matmul_kernel, KernelCalls, MatmulKernel,
+};
 
 /// Which of meshd's paths must have run for a product (and which must not): the AVX-512 kernel
 /// takes Q8_0 weights from two columns and Q5_0 from one, on rows of an even number of blocks;
@@ -53,6 +55,10 @@ fn meshds_matmul_kernels_agree_with_llama_cpps_own() {
             for &n in &columns {
                 for &threads in thread_counts {
                     select_matmul_kernel(MatmulKernel::Llama);
+                    // Listing the kernels must leave llama.cpp's own in force: if it switched,
+                    // meshd's counters would move below.
+                    let listed = available_matmul_kernels();
+                    assert_eq!(listed.last().unwrap().1, best_matmul_kernel());
                     let before = matmul_kernel_calls();
                     mm.run(n, threads);
                     assert_eq!(

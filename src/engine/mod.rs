@@ -459,20 +459,21 @@ pub fn matmul_kernel_calls() -> KernelCalls {
 
 /// The distinct CPU matrix multiplies this build and CPU run, llama.cpp's own first, each as the
 /// `matmul_kernel` value that selects it and the name `select_matmul_kernel` gives it: for runs
-/// that compare them. It finds them by switching, and leaves llama.cpp's own selected.
+/// that compare them. It only asks what the CPU and build allow; the kernel in force stays as it is.
 pub fn available_matmul_kernels() -> Vec<(MatmulKernel, &'static str)> {
-    let mut kernels: Vec<(MatmulKernel, &'static str)> = Vec::new();
-    for wanted in [
-        MatmulKernel::Llama,
-        MatmulKernel::MeshdAvx2,
-        MatmulKernel::Meshd,
-    ] {
-        let runs = select_matmul_kernel(wanted);
-        if kernels.iter().all(|&(_, name)| name != runs) {
-            kernels.push((wanted, runs));
+    let mut kernels = vec![(MatmulKernel::Llama, "llama.cpp")];
+    #[cfg(meshd_sgemm)]
+    {
+        extern "C" {
+            fn meshd_sgemm_top_level() -> std::os::raw::c_int;
+        }
+        // SAFETY: a C function of the patched sgemm.cpp that reads the CPU's features once.
+        let top = unsafe { meshd_sgemm_top_level() };
+        kernels.push((MatmulKernel::MeshdAvx2, "meshd-avx2"));
+        if top >= 2 {
+            kernels.push((MatmulKernel::Meshd, "meshd-avx512"));
         }
     }
-    select_matmul_kernel(MatmulKernel::Llama);
     kernels
 }
 
