@@ -6,10 +6,15 @@
 #  2. /usr/local/bin/meshd: downloaded (S3 through the gateway endpoint, or MESHD_BINARY_URL) only when its
 #     sha256 differs from MESHD_BINARY_SHA256; a download that does not match is refused.
 #  3. Secrets from SSM SecureStrings, each into a root-only 0600 file that the unit receives with LoadCredential=:
-#       every role: /etc/meshd/worker-token           (MESHD_TOKEN_PARAMETER)
-#       gateway:    /etc/meshd/api-keys               (MESHD_API_KEYS_PARAMETER: sha256:<hex> lines; anything else
+#       caller, infer: /etc/meshd/worker-token        (MESHD_TOKEN_PARAMETER: this role's own token, which the
+#                                                     gateway grants this role's functions and triggers only)
+#       gateway:       /etc/meshd/tokens/caller       (MESHD_CALLER_TOKEN_PARAMETER) and
+#                      /etc/meshd/tokens/infer        (MESHD_INFER_TOKEN_PARAMETER): every worker role's token, in a
+#                                                     root-only 0700 directory; /etc/meshd/worker-token (the single
+#                                                     token of an older deployment, for every role) is removed
+#                      /etc/meshd/api-keys            (MESHD_API_KEYS_PARAMETER: sha256:<hex> lines; anything else
 #                                                     is refused and the keys in force stay)
-#                   /etc/meshd/tls/gateway-key.pem    (MESHD_TLS_KEY_PARAMETER), refused unless it is the key of
+#                      /etc/meshd/tls/gateway-key.pem (MESHD_TLS_KEY_PARAMETER), refused unless it is the key of
 #                                                     /etc/meshd/tls/gateway.pem (the certificate from user data)
 #     The workers need /etc/meshd/tls/mesh-ca.pem (from user data) to verify the gateway.
 #  4. /etc/meshd/<role>.env: MESHD_GATEWAY_URL (wss://) for the workers.
@@ -31,7 +36,14 @@ ENV_FILE=$ROOT/etc/meshd/bootstrap.env
 # shellcheck disable=SC1090
 . "$ENV_FILE"
 
-: "${MESHD_ROLE:?}" "${AWS_REGION:?}" "${MESHD_TOKEN_PARAMETER:?}" "${MESHD_BINARY_SHA256:?}"
+: "${MESHD_ROLE:?}" "${AWS_REGION:?}" "${MESHD_BINARY_SHA256:?}"
+# The SSM parameters each role reads: the gateway every role's token, a worker its own.
+if [ "$MESHD_ROLE" = "gateway" ]; then
+  : "${MESHD_CALLER_TOKEN_PARAMETER:?}" "${MESHD_INFER_TOKEN_PARAMETER:?}"
+  : "${MESHD_API_KEYS_PARAMETER:?}" "${MESHD_TLS_KEY_PARAMETER:?}"
+else
+  : "${MESHD_TOKEN_PARAMETER:?}"
+fi
 export AWS_REGION AWS_DEFAULT_REGION="$AWS_REGION"
 
 BIN=$ROOT/usr/local/bin/meshd
@@ -101,6 +113,7 @@ fi
 
 # ---- 3. secrets from SSM --------------------------------------------------------------------------------------------
 TLS_DIR=$ETC/tls
+TOKENS_DIR=$ETC/tokens
 GATEWAY_CERT=$TLS_DIR/gateway.pem
 GATEWAY_KEY=$TLS_DIR/gateway-key.pem
 MESH_CA=$TLS_DIR/mesh-ca.pem
@@ -124,7 +137,7 @@ api_keys_valid() {
 }
 
 # fetch_secret PARAMETER FILE FORMAT: the SecureString's value into FILE (root, 0600), replaced only when it differs.
-#   FORMAT raw: exactly the value (the worker token); lines: the value and a final newline (PEM, api-keys).
+#   FORMAT raw: exactly the value (a worker token); lines: the value and a final newline (PEM, api-keys).
 #   A replaced file restarts the unit: the service reads its credential copy of FILE, made at start only.
 fetch_secret() {
   local param=$1 dest=$2 format=$3 tmp value
@@ -160,12 +173,20 @@ fetch_secret() {
   CHANGED=1
 }
 
-retry 8 fetch_secret "$MESHD_TOKEN_PARAMETER" "$ETC/worker-token" raw ||
-  die "could not read the worker token from SSM parameter $MESHD_TOKEN_PARAMETER"
-
 if [ "$MESHD_ROLE" = "gateway" ]; then
-  : "${MESHD_API_KEYS_PARAMETER:?}" "${MESHD_TLS_KEY_PARAMETER:?}"
   [ -s "$GATEWAY_CERT" ] || die "$GATEWAY_CERT is missing (cloud-init writes it from user data)"
+  # One token per worker role (roles/gateway.toml's [worker_token_files] reads the unit's credential copies of these);
+  # each grants only its role's functions, triggers and state.
+  install -d -m 0700 -o root -g root "$TOKENS_DIR"
+  retry 8 fetch_secret "$MESHD_CALLER_TOKEN_PARAMETER" "$TOKENS_DIR/caller" raw ||
+    die "could not read the caller token from SSM parameter $MESHD_CALLER_TOKEN_PARAMETER"
+  retry 8 fetch_secret "$MESHD_INFER_TOKEN_PARAMETER" "$TOKENS_DIR/infer" raw ||
+    die "could not read the infer token from SSM parameter $MESHD_INFER_TOKEN_PARAMETER"
+  if [ -e "$ETC/worker-token" ]; then
+    # The single token of an older deployment, which granted every role: the gateway no longer reads it.
+    rm -f "$ETC/worker-token"
+    log "$ETC/worker-token removed: the gateway holds one token per role in $TOKENS_DIR"
+  fi
   install -d -m 0755 -o root -g root "$TLS_DIR"
   retry 8 fetch_secret "$MESHD_API_KEYS_PARAMETER" "$ETC/api-keys" lines ||
     die "could not read the API keys from SSM parameter $MESHD_API_KEYS_PARAMETER"
@@ -173,6 +194,9 @@ if [ "$MESHD_ROLE" = "gateway" ]; then
     die "could not read the gateway TLS key from SSM parameter $MESHD_TLS_KEY_PARAMETER"
   key_matches_cert "$GATEWAY_KEY" "$GATEWAY_CERT" || die "$GATEWAY_KEY is not the key of $GATEWAY_CERT"
 else
+  # This role's own token: the gateway grants it this role's functions and triggers, nothing of another role.
+  retry 8 fetch_secret "$MESHD_TOKEN_PARAMETER" "$ETC/worker-token" raw ||
+    die "could not read the $MESHD_ROLE token from SSM parameter $MESHD_TOKEN_PARAMETER"
   [ -s "$MESH_CA" ] || die "$MESH_CA is missing (cloud-init writes it from user data); workers verify the gateway with it"
 fi
 
@@ -235,7 +259,7 @@ systemctl daemon-reload
 systemctl enable "$UNIT"
 # --no-block: this runs inside cloud-final.service during boot; queue the job instead of waiting on it.
 if [ "$CHANGED" = 1 ]; then
-  # A restart, never a reload: systemd copies the credentials (worker token, API keys, TLS key) anew only when the
+  # A restart, never a reload: systemd copies the credentials (worker tokens, API keys, TLS key) anew only when the
   # unit starts. systemd sends SIGTERM, meshd drains in-flight work (drain_timeout_secs) and exits, then starts again.
   log "restarting $UNIT"
   systemctl --no-block restart "$UNIT"

@@ -1,20 +1,31 @@
 # ---------------------------------------------------------------------------------------------------------------------
-# The worker token: generated here, stored as an SSM SecureString (KMS), read by each VM at boot through its
-# instance role. It never appears in user data. Note: like every generated secret it is in the Terraform state,
+# The worker tokens, one per worker role: generated here, each stored as an SSM SecureString (KMS) at
+# /<name>/worker-token/<role>. The gateway accepts each as its role's identity and grants it only that role's
+# functions, triggers and state (roles/gateway.toml, [worker_token_files]); there is no token that grants every role.
+# Each worker VM reads its own role's token at boot through its instance role, the gateway reads every role's
+# (iam.tf). They never appear in user data. Note: like every generated secret they are in the Terraform state,
 # so keep the state in an encrypted, access-controlled backend.
 # ---------------------------------------------------------------------------------------------------------------------
 
+locals {
+  worker_roles = ["caller", "infer"]
+}
+
 resource "random_password" "worker_token" {
+  for_each = toset(local.worker_roles)
+
   length  = 48
   special = false
 }
 
 resource "aws_ssm_parameter" "worker_token" {
-  name        = "/${var.name}/worker-token"
-  description = "meshd worker token: workers present it in Hello, the gateway refuses any other"
+  for_each = toset(local.worker_roles)
+
+  name        = "/${var.name}/worker-token/${each.key}"
+  description = "meshd ${each.key} worker token: ${each.key} workers present it in Hello; the gateway grants it the ${each.key} role only"
   type        = "SecureString"
   key_id      = aws_kms_key.meshd.arn
-  value       = random_password.worker_token.result
+  value       = random_password.worker_token[each.key].result
 }
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-# Two least-privilege instance roles, one for the gateway and one shared by the workers (caller, infer):
+# Three least-privilege instance roles, one per VM role (gateway, caller, infer):
 #   - SSM Session Manager (AmazonSSMManagedInstanceCore): shell access without SSH
 #   - ssm:GetParameter on exactly the SecureStrings the role needs, kms:Decrypt only through SSM and S3:
-#       gateway: the worker token, the api-keys file, the gateway's TLS private key
-#       workers: the worker token, nothing else (a worker can read neither the API keys nor the TLS key)
+#       gateway: every worker role's token (it authenticates each role's workers), the api-keys file, its TLS key
+#       caller:  the caller token, nothing else
+#       infer:   the infer token, nothing else
+#     A worker can read neither the API keys, nor the TLS key, nor the other role's token: a compromised infer VM
+#     cannot connect as a caller (and bind the API's triggers), nor a caller as an infer worker.
 #   - s3:GetObject on the one binary object (nothing when the binary comes from meshd_binary_url)
 #
 # AmazonSSMManagedInstanceCore itself allows ssm:GetParameter and ssm:GetParameters on every parameter ("*"), so an
-# Allow list alone does not keep a worker away from the gateway's TLS key. Two explicit denies do, whatever else is
-# attached to the role later:
+# Allow list alone does not keep a worker away from the gateway's TLS key or the other role's token. Two explicit
+# denies do, whatever else is attached to the role later:
 #   - DenyOtherParameters: every ssm:GetParameter* (GetParameter, GetParameters, GetParametersByPath,
 #     GetParameterHistory) on any parameter but the role's own;
 #   - DenyDecryptOfOtherParameters: kms:Decrypt through SSM unless the encryption context is one of the role's own
@@ -17,12 +20,21 @@
 locals {
   node_roles = {
     gateway = {
-      description = "meshd gateway VM: SSM Session Manager, read the worker token, API keys, TLS key and the meshd binary"
-      parameters  = [aws_ssm_parameter.worker_token.arn, aws_ssm_parameter.api_keys.arn, aws_ssm_parameter.gateway_tls_key.arn]
+      description = "meshd gateway VM: SSM Session Manager, read every worker role's token, the API keys, the TLS key and the meshd binary"
+      parameters = [
+        aws_ssm_parameter.worker_token["caller"].arn,
+        aws_ssm_parameter.worker_token["infer"].arn,
+        aws_ssm_parameter.api_keys.arn,
+        aws_ssm_parameter.gateway_tls_key.arn,
+      ]
     }
-    workers = {
-      description = "meshd caller and infer VMs: SSM Session Manager, read the worker token and the meshd binary"
-      parameters  = [aws_ssm_parameter.worker_token.arn]
+    caller = {
+      description = "meshd caller VM: SSM Session Manager, read the caller worker token and the meshd binary"
+      parameters  = [aws_ssm_parameter.worker_token["caller"].arn]
+    }
+    infer = {
+      description = "meshd infer VMs: SSM Session Manager, read the infer worker token and the meshd binary"
+      parameters  = [aws_ssm_parameter.worker_token["infer"].arn]
     }
   }
 }

@@ -1,8 +1,8 @@
 # Three roles, one binary. cloud-init/meshd.yaml.tftpl is rendered once per role; it carries the role's config
 # (roles/<role>.toml), its hardened unit (systemd/meshd-<role>.service), the bootstrap script and one public TLS file
 # (the gateway's certificate on the gateway, the stack's CA on the workers), gzip+base64-encoded.
-# It carries no secret: the worker token, the API keys and the gateway's TLS key are read from SSM at boot, and only
-# the gateway's instance role may read the last two.
+# It carries no secret: the worker tokens, the API keys and the gateway's TLS key are read from SSM at boot. Each
+# worker reads its own role's token only; the gateway reads every role's token, the API keys and its TLS key (iam.tf).
 
 locals {
   roles = ["gateway", "caller", "infer"]
@@ -10,7 +10,6 @@ locals {
   # Template variables shared by every role (no secret may ever be added here).
   cloud_init_common = {
     region           = var.region
-    token_parameter  = aws_ssm_parameter.worker_token.name
     binary_s3_uri    = local.binary_s3_uri
     binary_url       = var.meshd_binary_url
     binary_sha256    = local.binary_sha256
@@ -20,24 +19,39 @@ locals {
     bootstrap_gz_b64 = base64gzip(file("${path.module}/../cloud-init/meshd-bootstrap.sh"))
   }
 
-  # Per role: the SSM parameter names only the gateway reads (empty on the workers), and the one TLS file each role
-  # needs at the path its roles/<role>.toml names (tls_cert on the gateway, gateway_ca on the workers). Public only.
-  gateway_tls_files = {
-    api_keys_parameter = aws_ssm_parameter.api_keys.name
-    tls_key_parameter  = aws_ssm_parameter.gateway_tls_key.name
-    tls_pem_path       = "/etc/meshd/tls/gateway.pem"
-    tls_pem_gz_b64     = base64gzip(tls_locally_signed_cert.gateway.cert_pem)
-  }
-  worker_tls_files = {
-    api_keys_parameter = ""
-    tls_key_parameter  = ""
-    tls_pem_path       = "/etc/meshd/tls/mesh-ca.pem"
-    tls_pem_gz_b64     = base64gzip(tls_self_signed_cert.ca.cert_pem)
-  }
+  # Per role, the same keys: the names of the SSM parameters it reads at boot (empty where the role reads none), and
+  # the one TLS file it needs at the path its roles/<role>.toml names (tls_cert on the gateway, gateway_ca on the
+  # workers). Public only.
+  #   token_parameter (caller, infer):                         its own role's token -> /etc/meshd/worker-token
+  #   caller_token_parameter, infer_token_parameter (gateway): every role's token  -> /etc/meshd/tokens/<role>
   cloud_init_role = {
-    gateway = local.gateway_tls_files
-    caller  = local.worker_tls_files
-    infer   = local.worker_tls_files
+    gateway = {
+      token_parameter        = ""
+      caller_token_parameter = aws_ssm_parameter.worker_token["caller"].name
+      infer_token_parameter  = aws_ssm_parameter.worker_token["infer"].name
+      api_keys_parameter     = aws_ssm_parameter.api_keys.name
+      tls_key_parameter      = aws_ssm_parameter.gateway_tls_key.name
+      tls_pem_path           = "/etc/meshd/tls/gateway.pem"
+      tls_pem_gz_b64         = base64gzip(tls_locally_signed_cert.gateway.cert_pem)
+    }
+    caller = {
+      token_parameter        = aws_ssm_parameter.worker_token["caller"].name
+      caller_token_parameter = ""
+      infer_token_parameter  = ""
+      api_keys_parameter     = ""
+      tls_key_parameter      = ""
+      tls_pem_path           = "/etc/meshd/tls/mesh-ca.pem"
+      tls_pem_gz_b64         = base64gzip(tls_self_signed_cert.ca.cert_pem)
+    }
+    infer = {
+      token_parameter        = aws_ssm_parameter.worker_token["infer"].name
+      caller_token_parameter = ""
+      infer_token_parameter  = ""
+      api_keys_parameter     = ""
+      tls_key_parameter      = ""
+      tls_pem_path           = "/etc/meshd/tls/mesh-ca.pem"
+      tls_pem_gz_b64         = base64gzip(tls_self_signed_cert.ca.cert_pem)
+    }
   }
 
   user_data = {
@@ -111,7 +125,7 @@ resource "aws_instance" "caller" {
   subnet_id                   = aws_subnet.private.id
   associate_public_ip_address = false
   vpc_security_group_ids      = [aws_security_group.workers.id]
-  iam_instance_profile        = aws_iam_instance_profile.node["workers"].name
+  iam_instance_profile        = aws_iam_instance_profile.node["caller"].name
   key_name                    = var.ssh_key_name
   monitoring                  = true
   ebs_optimized               = true
@@ -153,7 +167,7 @@ resource "aws_instance" "infer" {
   subnet_id                   = aws_subnet.private.id
   associate_public_ip_address = false
   vpc_security_group_ids      = [aws_security_group.workers.id]
-  iam_instance_profile        = aws_iam_instance_profile.node["workers"].name
+  iam_instance_profile        = aws_iam_instance_profile.node["infer"].name
   key_name                    = var.ssh_key_name
   monitoring                  = true
   ebs_optimized               = true

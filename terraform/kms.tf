@@ -1,10 +1,10 @@
-# One customer-managed key for the stack: the SSM SecureStrings (worker token, api-keys, gateway TLS key), the artifact
+# One customer-managed key for the stack: the SSM SecureStrings (worker tokens, api-keys, gateway TLS key), the artifact
 # bucket, EBS root volumes and the flow-log group. Rotated yearly by AWS. The key policy delegates to IAM; the instance
 # roles (iam.tf) may decrypt only through SSM with the encryption context of their own parameters
 # (kms:EncryptionContext:PARAMETER_ARN) and through S3 for the artifact bucket.
 
 resource "aws_kms_key" "meshd" {
-  description             = "${var.name}: worker token, artifacts, EBS volumes, flow logs"
+  description             = "${var.name}: worker tokens, artifacts, EBS volumes, flow logs"
   enable_key_rotation     = true
   deletion_window_in_days = 30
 

@@ -46,9 +46,9 @@ output "artifact_bucket" {
   value       = aws_s3_bucket.artifacts.id
 }
 
-output "worker_token_parameter" {
-  description = "SSM SecureString parameter that holds the worker token."
-  value       = aws_ssm_parameter.worker_token.name
+output "worker_token_parameters" {
+  description = "SSM SecureString parameters that hold the worker tokens, one per worker role (role => name): each role's VMs read their own, the gateway reads all of them."
+  value       = { for role, p in aws_ssm_parameter.worker_token : role => p.name }
 }
 
 output "api_key" {

@@ -15,7 +15,7 @@ variable "region" {
 
 variable "name" {
   type        = string
-  description = "Name prefix for every resource (also the SSM parameter paths /<name>/worker-token, /<name>/api-keys, /<name>/gateway-tls-key)."
+  description = "Name prefix for every resource (also the SSM parameter paths /<name>/worker-token/caller, /<name>/worker-token/infer, /<name>/api-keys, /<name>/gateway-tls-key)."
   default     = "meshd"
 
   validation {

@@ -75,9 +75,9 @@ async fn a_rogue_worker_cannot_take_the_chat_route_and_the_caller_keeps_answerin
 
     // The infer token does not grant the route.
     let mut rogue = Peer::join(&url, INFER_TOKEN, "rogue-infer").await;
-    rogue.register("inference::steal", false).await;
+    rogue.register("inference::stats", false).await;
     rogue
-        .trigger("POST", "/v1/chat/completions", "inference::steal")
+        .trigger("POST", "/v1/chat/completions", "inference::stats")
         .await;
     let (reason, closed) = rogue.refusal().await;
     assert!(
@@ -112,7 +112,8 @@ async fn a_rogue_worker_cannot_take_the_chat_route_and_the_caller_keeps_answerin
     assert_eq!(served[0].name, "caller");
     assert_eq!(served[0].served, 1);
     assert!(status_workers(addr, "http::steal").await.is_empty());
-    assert!(status_workers(addr, "inference::steal").await.is_empty());
+    let stats = status_workers(addr, "inference::stats").await;
+    assert!(stats.iter().all(|w| w.name != "rogue-infer"), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,6 +124,7 @@ async fn registrations_outside_the_grant_are_refused_by_name() {
     let cases = [
         (INFER_TOKEN, "http::run_inference_over_http", "role `infer`"),
         (INFER_TOKEN, "math::add_two_numbers", "role `infer`"),
+        (INFER_TOKEN, "inference::get_response", "role `infer`"),
         (CALLER_TOKEN, "inference::run_inference", "role `caller`"),
         (CALLER_TOKEN, "math::add", "role `caller`"),
         // Nobody serves a built-in's name.
@@ -138,7 +140,7 @@ async fn registrations_outside_the_grant_are_refused_by_name() {
         );
         assert!(closed);
     }
-    assert!(metric(addr, "meshd_workers_refused_total{reason=\"grant\"} 5").await);
+    assert!(metric(addr, "meshd_workers_refused_total{reason=\"grant\"} 6").await);
     // Within the grant: accepted and listed.
     let mut fine = Peer::join(&url, INFER_TOKEN, "fine").await;
     fine.register("inference::models", false).await;

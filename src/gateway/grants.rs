@@ -74,7 +74,12 @@ impl Grant {
             (
                 "infer".to_string(),
                 Grant {
-                    functions: list(&["inference::*", "math::add"]),
+                    functions: list(&[
+                        "inference::run_inference",
+                        "inference::models",
+                        "inference::stats",
+                        "math::add",
+                    ]),
                     triggers: list(&["GET /v1/engine/stats"]),
                     state: list(&["incr math"]),
                     resumable: list(&["inference::run_inference"]),
@@ -282,6 +287,7 @@ mod tests {
         assert!(infer.may_serve("inference::run_inference"));
         assert!(infer.may_serve("math::add"));
         assert!(!infer.may_serve("math::add_two_numbers"));
+        assert!(!infer.may_serve("inference::get_response"), "the caller's");
         assert!(!infer.may_serve("http::run_inference_over_http"));
         assert!(infer.may_bind("GET", "/v1/engine/stats", "inference::stats"));
         assert!(!infer.may_bind("POST", "/v1/chat/completions", "inference::stats"));

@@ -249,6 +249,12 @@ impl Worker {
                     notify(&format!("STATUS=lost the gateway ({why}); reconnecting"));
                     backoff = Duration::from_millis(100);
                 }
+                // Refused after joining (a registration outside this token's grant): a
+                // configuration error that a quick retry will not fix, so the backoff grows.
+                Ok(SessionEnd::Refused(why)) => {
+                    tracing::error!(worker = %self.opts.name, reason = %why, retry_in = ?backoff, "refused by the gateway");
+                    notify(&format!("STATUS=refused by the gateway: {why}"));
+                }
                 Err(why) => {
                     tracing::warn!(worker = %self.opts.name, reason = %why, retry_in = ?backoff, "cannot join the mesh");
                     notify(&format!("STATUS=cannot join the mesh: {why}"));
@@ -441,10 +447,7 @@ impl Worker {
                 }
                 Message::Cancel { id } => running.abort(id),
                 // A registration outside this worker's grant: the gateway closes the connection.
-                Message::Refused { reason } => {
-                    tracing::error!(worker = %self.opts.name, %reason, "refused by the gateway");
-                    return SessionEnd::Lost(format!("refused by the gateway: {reason}"));
-                }
+                Message::Refused { reason } => return SessionEnd::Refused(reason),
                 // The gateway's answer to our `Draining`: nothing more will be routed here.
                 Message::Draining {} => confirmed = true,
                 Message::Ping { nonce, .. } => {
@@ -560,6 +563,8 @@ async fn answer(id: u64, result: Result<Response, ErrorBody>, outbox: &Outbox) {
 enum SessionEnd {
     Shutdown,
     Lost(String),
+    /// The gateway refused something this worker registered, and closed the connection.
+    Refused(String),
 }
 
 /// Invocations running on this worker, by the gateway's id.

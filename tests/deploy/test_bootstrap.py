@@ -1,27 +1,35 @@
 """cloud-init/meshd-bootstrap.sh run for real against a scratch root (MESHD_BOOTSTRAP_ROOT) with stub aws, curl
-and systemctl: sha256 checks, the secret files (worker token; on the gateway the API keys and the TLS key, checked
-against the certificate), the env file, the model cache, restart only on change.
+and systemctl: sha256 checks, the secret files (on a worker its own role's token; on the gateway every role's token,
+the API keys and the TLS key, checked against the certificate), the env file, the model cache, restart only on
+change.
 
 The systemctl stub keeps systemd's credential semantics for the repository's real unit file (installed in the scratch
 root where cloud-init puts it): LoadCredential= files are copied into the unit's credential directory (%d) when the
 unit starts and at no other time, and a reload is refused unless the unit has ExecReload=. So the tests see what the
-running meshd reads through its Environment=...=%d/<id> paths: a rotated secret must reach that copy."""
+running meshd reads through its Environment=...=%d/<id> paths and the /run/credentials/<unit>/<id> paths of its TOML
+(the gateway's [worker_token_files]): a rotated secret must reach that copy."""
 import hashlib
 import os
 import stat
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from deploylib import BOOTSTRAP, REPO, SYSTEMD_DIR, parse_unit
 
-TOKEN = "first-token-0123456789"
+# One token per worker role (terraform/artifacts.tf: /<name>/worker-token/<role>).
+TOKENS = {"caller": "first-caller-token-0123456789", "infer": "first-infer-token-9876543210"}
 API_KEYS = "sha256:" + "a1" * 32
 GATEWAY_URL = "wss://10.20.1.10:49134"
-PARAMS = {"token": "/meshd/worker-token", "api_keys": "/meshd/api-keys", "tls_key": "/meshd/gateway-tls-key"}
+PARAMS = {"caller_token": "/meshd/worker-token/caller", "infer_token": "/meshd/worker-token/infer",
+          "api_keys": "/meshd/api-keys", "tls_key": "/meshd/gateway-tls-key"}
+# What each role reads from SSM, and nothing else (terraform/iam.tf lets it read exactly these).
+READS = {"gateway": {"caller_token", "infer_token", "api_keys", "tls_key"}, "caller": {"caller_token"},
+         "infer": {"infer_token"}}
 
 STUB_AWS = r"""#!/bin/bash
 echo "aws $*" >>"$STUB_LOG"
@@ -150,7 +158,8 @@ class Box:
             p.chmod(0o755)
         self.binary.write_text(FAKE_MESHD)
         self.model.write_bytes(b"GGUF" + os.urandom(4096))
-        self.set_param("token", TOKEN)
+        for worker, token in TOKENS.items():  # both exist in SSM; each role reads what it may (READS)
+            self.set_param(f"{worker}_token", token)
         (self.root / "etc/meshd" / f"{role}.toml").write_bytes((REPO / "roles" / f"{role}.toml").read_bytes())
         # The repository's unit, where cloud-init writes it: the systemctl stub starts it with its credentials.
         self.unit = f"meshd-{role}.service"
@@ -169,7 +178,9 @@ class Box:
         self.settings = {
             "MESHD_ROLE": role,
             "AWS_REGION": "us-east-1",
-            "MESHD_TOKEN_PARAMETER": PARAMS["token"],
+            "MESHD_TOKEN_PARAMETER": "" if gateway else PARAMS[f"{role}_token"],
+            "MESHD_CALLER_TOKEN_PARAMETER": PARAMS["caller_token"] if gateway else "",
+            "MESHD_INFER_TOKEN_PARAMETER": PARAMS["infer_token"] if gateway else "",
             "MESHD_API_KEYS_PARAMETER": PARAMS["api_keys"] if gateway else "",
             "MESHD_TLS_KEY_PARAMETER": PARAMS["tls_key"] if gateway else "",
             "MESHD_BINARY_S3_URI": "s3://bucket/meshd/x/meshd",
@@ -208,18 +219,34 @@ class Box:
     def path(self, rel):
         return self.root / rel.lstrip("/")
 
-    def service_files(self):
-        """{VAR: text} for every Environment=VAR=%d/<id> of the unit: the files the running meshd reads its secrets
-        from, i.e. the credential copies systemd made when it last started the unit (None: not started)."""
+    def service_reads(self):
+        """{reader: credential id}: every credential the running meshd reads, by what names it: an Environment=VAR=%d/<id>
+        of the unit (reader VAR), or a path of the role's TOML in the unit's credentials directory
+        /run/credentials/<unit>/<id> (reader: the TOML key, e.g. worker_token_files.caller)."""
         svc = parse_unit(self.path(f"/etc/systemd/system/{self.unit}"))["Service"]
-        creds = self.path(f"/run/credentials/{self.unit}")
-        files = {}
+        reads = {}
         for env in svc.get("Environment", []):
             var, _, value = env.partition("=")
             if value.startswith("%d/"):
-                f = creds / value[3:]
-                files[var] = f.read_text() if f.exists() else None
-        return files
+                reads[var] = value[3:]
+        prefix = f"/run/credentials/{self.unit}/"
+
+        def walk(table, path):
+            for k, v in table.items():
+                if isinstance(v, dict):
+                    walk(v, f"{path}{k}.")
+                elif isinstance(v, str) and v.startswith(prefix):
+                    reads[f"{path}{k}"] = v[len(prefix):]
+
+        walk(tomllib.loads(self.path(f"/etc/meshd/{self.role}.toml").read_text()), "")
+        return reads
+
+    def service_files(self):
+        """{reader: text} for every credential of service_reads(): the files the running meshd reads its secrets
+        from, i.e. the credential copies systemd made when it last started the unit (None: not started)."""
+        creds = self.path(f"/run/credentials/{self.unit}")
+        return {reader: (creds / cid).read_text() if (creds / cid).exists() else None
+                for reader, cid in self.service_reads().items()}
 
     def unit_state(self):
         import json
@@ -239,7 +266,7 @@ def test_first_boot_installs_everything(infer):
     assert b.read_bytes() == infer.binary.read_bytes()
     assert stat.S_IMODE(b.stat().st_mode) == 0o755
     t = infer.path("/etc/meshd/worker-token")
-    assert t.read_text() == TOKEN, "token file holds exactly the value, no trailing newline"
+    assert t.read_text() == TOKENS["infer"], "the infer token, exactly the value, no trailing newline"
     assert stat.S_IMODE(t.stat().st_mode) == 0o600 and t.stat().st_uid == 0
     assert infer.path("/etc/meshd/infer.env").read_text() == f"MESHD_GATEWAY_URL={GATEWAY_URL}\n"
     m = infer.path("/var/cache/meshd/models/model.gguf")
@@ -251,11 +278,12 @@ def test_first_boot_installs_everything(infer):
     assert "systemctl enable meshd-infer.service" in infer.calls
     assert "systemctl --no-block restart meshd-infer.service" in infer.calls
     # The token never reaches a command line.
-    assert TOKEN not in "\n".join(infer.calls) and TOKEN not in infer.out
-    # A worker reads the worker token and nothing else from SSM, and gets no API keys or TLS key.
+    assert TOKENS["infer"] not in "\n".join(infer.calls) and TOKENS["infer"] not in infer.out
+    # A worker reads its own role's token and nothing else from SSM, and gets no other role's token, no API keys and
+    # no TLS key.
     assert [c for c in infer.calls if c.startswith("aws ssm")] == [
-        f"aws ssm get-parameter --name {PARAMS['token']} --with-decryption --query Parameter.Value --output text"]
-    assert not infer.path("/etc/meshd/api-keys").exists()
+        f"aws ssm get-parameter --name {PARAMS['infer_token']} --with-decryption --query Parameter.Value --output text"]
+    assert not infer.path("/etc/meshd/api-keys").exists() and not infer.path("/etc/meshd/tokens").exists()
     assert sorted(p.name for p in infer.path("/etc/meshd/tls").iterdir()) == ["mesh-ca.pem"]
 
 
@@ -270,10 +298,30 @@ def test_reboot_downloads_nothing_and_only_starts(infer):
 
 def test_token_rotation_rewrites_file_and_restarts(infer):
     assert infer.run() == 0, infer.out
-    infer.set_param("token", "second-token-abcdef")
+    infer.set_param("infer_token", "second-token-abcdef")
     assert infer.run() == 0, infer.out
     assert infer.path("/etc/meshd/worker-token").read_text() == "second-token-abcdef"
     assert "systemctl --no-block restart meshd-infer.service" in infer.calls
+
+
+def test_another_roles_token_rotation_does_not_restart_a_worker(infer):
+    assert infer.run() == 0, infer.out
+    infer.set_param("caller_token", "second-caller-token-abcdef")
+    assert infer.run() == 0, infer.out
+    assert infer.path("/etc/meshd/worker-token").read_text() == TOKENS["infer"]
+    assert not any("restart" in c for c in infer.calls), infer.calls
+
+
+def test_caller_gets_the_caller_token_only(tmp_path):
+    box = Box(tmp_path, "caller")
+    assert box.run() == 0, box.out
+    t = box.path("/etc/meshd/worker-token")
+    assert t.read_text() == TOKENS["caller"]
+    assert stat.S_IMODE(t.stat().st_mode) == 0o600 and t.stat().st_uid == 0
+    assert [c.split()[4] for c in box.calls if c.startswith("aws ssm")] == [PARAMS["caller_token"]]
+    assert not box.path("/etc/meshd/tokens").exists()
+    # What the running caller reads (MESHD_WORKER_TOKEN_FILE=%d/worker-token): the caller token.
+    assert box.service_files() == {"MESHD_WORKER_TOKEN_FILE": TOKENS["caller"]}
 
 
 def test_corrupted_model_is_downloaded_again(infer):
@@ -332,10 +380,11 @@ def gateway(tmp_path):
     return Box(tmp_path, "gateway")
 
 
-def test_gateway_first_boot_writes_api_keys_and_tls_key(gateway):
+def test_gateway_first_boot_writes_role_tokens_api_keys_and_tls_key(gateway):
     assert gateway.run() == 0, gateway.out
     files = {
-        "/etc/meshd/worker-token": TOKEN,
+        "/etc/meshd/tokens/caller": TOKENS["caller"],
+        "/etc/meshd/tokens/infer": TOKENS["infer"],
         "/etc/meshd/api-keys": API_KEYS + "\n",
         "/etc/meshd/tls/gateway-key.pem": gateway.tls_key,
     }
@@ -347,15 +396,56 @@ def test_gateway_first_boot_writes_api_keys_and_tls_key(gateway):
     # The certificate from user data is left alone (public, 0644 from cloud-init).
     assert gateway.path("/etc/meshd/tls/gateway.pem").read_text() == gateway.tls_cert
     assert stat.S_IMODE(gateway.path("/etc/meshd/tls").stat().st_mode) == 0o755
+    # The tokens' directory is root's alone, and holds one token per worker role and nothing else; no single token
+    # for every role.
+    tokens = gateway.path("/etc/meshd/tokens")
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o700 and tokens.stat().st_uid == 0
+    assert sorted(p.name for p in tokens.iterdir()) == ["caller", "infer"]
+    assert not gateway.path("/etc/meshd/worker-token").exists()
     assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
     # No secret reaches a command line or the log, and no temporary file is left behind.
     everything = "\n".join(gateway.calls) + gateway.out
-    for secret in (TOKEN, API_KEYS, gateway.tls_key.splitlines()[1]):
+    for secret in (*TOKENS.values(), API_KEYS, gateway.tls_key.splitlines()[1]):
         assert secret not in everything
-    for d in ("/etc/meshd", "/etc/meshd/tls"):
+    for d in ("/etc/meshd", "/etc/meshd/tls", "/etc/meshd/tokens"):
         assert not [p.name for p in gateway.path(d).iterdir() if p.name.startswith(".")], d
     ssm = sorted(c.split()[4] for c in gateway.calls if c.startswith("aws ssm"))
-    assert ssm == sorted(PARAMS.values())
+    assert ssm == sorted(PARAMS[w] for w in READS["gateway"])
+    # What the running gateway reads: each role's token through roles/gateway.toml's [worker_token_files], which names
+    # the unit's credential copies; each holds that role's token.
+    files = gateway.service_files()
+    assert files["worker_token_files.caller"] == TOKENS["caller"]
+    assert files["worker_token_files.infer"] == TOKENS["infer"]
+    assert not any("WORKER_TOKEN" in reader for reader in files), files
+
+
+def test_gateway_role_token_rotation_restarts_and_reaches_the_gateway(gateway):
+    assert gateway.run() == 0, gateway.out
+    gateway.set_param("infer_token", "second-infer-token-abcdef")
+    assert gateway.run() == 0, gateway.out
+    assert gateway.path("/etc/meshd/tokens/infer").read_text() == "second-infer-token-abcdef"
+    assert gateway.path("/etc/meshd/tokens/caller").read_text() == TOKENS["caller"]
+    assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
+    assert "tokens/infer updated from SSM parameter /meshd/worker-token/infer" in gateway.out
+    assert gateway.service_files()["worker_token_files.infer"] == "second-infer-token-abcdef"
+    assert gateway.unit_state()["starts"] == 2
+
+
+def test_gateway_removes_a_single_token_of_an_older_deployment(gateway):
+    """/etc/meshd/worker-token on a gateway is the one token that granted every role; nothing reads it any more."""
+    old = gateway.path("/etc/meshd/worker-token")
+    old.write_text("old-shared-token")
+    old.chmod(0o600)
+    assert gateway.run() == 0, gateway.out
+    assert not old.exists()
+    assert "worker-token removed" in gateway.out
+
+
+def test_gateway_tokens_directory_is_made_root_only(gateway):
+    gateway.path("/etc/meshd/tokens").mkdir(mode=0o755)
+    gateway.path("/etc/meshd/tokens").chmod(0o755)
+    assert gateway.run() == 0, gateway.out
+    assert stat.S_IMODE(gateway.path("/etc/meshd/tokens").stat().st_mode) == 0o700
 
 
 def test_gateway_reboot_without_changes_only_starts(gateway):
@@ -417,28 +507,32 @@ def test_api_keys_meshd_cannot_use_are_refused_and_the_keys_in_force_stay(gatewa
 
 ROTATIONS = {
     # What the unit's LoadCredential= sources are and how a new value gets there: the SSM parameter meshd-bootstrap
-    # copies to it. A credential the bootstrap does not write has no entry, and the test below fails on it.
-    "/etc/meshd/worker-token": "token",
-    "/etc/meshd/api-keys": "api_keys",
-    "/etc/meshd/tls/gateway-key.pem": "tls_key",
+    # copies to it (per role: a worker's /etc/meshd/worker-token is its own role's token). A credential the bootstrap
+    # does not write has no entry, and the test below fails on it.
+    ("caller", "/etc/meshd/worker-token"): "caller_token",
+    ("infer", "/etc/meshd/worker-token"): "infer_token",
+    ("gateway", "/etc/meshd/tokens/caller"): "caller_token",
+    ("gateway", "/etc/meshd/tokens/infer"): "infer_token",
+    ("gateway", "/etc/meshd/api-keys"): "api_keys",
+    ("gateway", "/etc/meshd/tls/gateway-key.pem"): "tls_key",
 }
 
 
 @pytest.mark.parametrize("role", ["gateway", "caller", "infer"])
 def test_every_rotated_secret_reaches_the_running_service(tmp_path, role):
     """For each LoadCredential= of the real unit: a new value in SSM, one bootstrap run, and the file meshd reads
-    through its Environment=...=%d/<id> path holds the new value (all of them at once, as after a terraform apply that
-    replaced every secret)."""
+    through its Environment=...=%d/<id> path or its TOML's /run/credentials/<unit>/<id> path holds the new value (all
+    of them at once, as after a terraform apply that replaced every secret)."""
     box = Box(tmp_path, role)
     assert box.run() == 0, box.out
     svc = parse_unit(SYSTEMD_DIR / box.unit)["Service"]
     sources = dict(spec.split(":", 1) for spec in svc["LoadCredential"])
-    assert set(sources.values()) <= set(ROTATIONS), f"a credential meshd-bootstrap does not write: {sources}"
+    assert {(role, p) for p in sources.values()} <= set(ROTATIONS), f"a credential meshd-bootstrap does not write: {sources}"
     new = {}
     for cid, path in sources.items():
-        which = ROTATIONS[path]
-        if which == "token":
-            value = f"rotated-token-for-{role}-0123456789"
+        which = ROTATIONS[(role, path)]
+        if which.endswith("_token"):
+            value = f"rotated-{which}-on-{role}-0123456789"
         elif which == "api_keys":
             value = "sha256:" + "d4" * 32
         else:
@@ -449,19 +543,16 @@ def test_every_rotated_secret_reaches_the_running_service(tmp_path, role):
         new[cid] = value
     assert box.run() == 0, box.out
     assert f"systemctl --no-block restart {box.unit}" in box.calls
-    # Every %d path of the unit points at a credential, and each holds the rotated value: what SSM has (plus the final
-    # newline for the line formats), byte for byte what meshd-bootstrap wrote to the source file.
-    reads = {env.split("=", 1)[1][3:] for env in svc["Environment"] if "=%d/" in env}
-    assert reads == set(sources), (reads, sources)
+    # Every credential is read by meshd (an Environment=...=%d/<id> or a TOML path in the credentials directory), every
+    # such path points at a credential, and each holds the rotated value: what SSM has (plus the final newline for the
+    # line formats), byte for byte what meshd-bootstrap wrote to the source file.
+    reads = box.service_reads()
+    assert set(reads.values()) == set(sources), (reads, sources)
     served = box.service_files()
-    for env in svc["Environment"]:
-        var, _, value = env.partition("=")
-        if not value.startswith("%d/"):
-            continue
-        cid = value[3:]
+    for reader, cid in reads.items():
         on_disk = box.path(sources[cid]).read_text()
-        assert served[var] == on_disk, f"{var} reads a stale copy of {sources[cid]}"
-        assert served[var].rstrip("\n") == new[cid].rstrip("\n"), var
+        assert served[reader] == on_disk, f"{reader} reads a stale copy of {sources[cid]}"
+        assert served[reader].rstrip("\n") == new[cid].rstrip("\n"), reader
 
 
 def test_tls_key_rotation_with_its_certificate_restarts(gateway):
@@ -535,3 +626,21 @@ def test_missing_settings_fail_loudly(tmp_path):
     box.write_settings()
     assert box.run() != 0
     assert "MESHD_TOKEN_PARAMETER" in box.out
+    assert not box.calls, "nothing downloaded or started before the settings are checked"
+
+
+@pytest.mark.parametrize("setting", ["MESHD_CALLER_TOKEN_PARAMETER", "MESHD_INFER_TOKEN_PARAMETER"])
+def test_gateway_needs_every_role_token_parameter(gateway, setting):
+    gateway.settings[setting] = ""
+    gateway.write_settings()
+    assert gateway.run() != 0
+    assert setting in gateway.out
+    assert not gateway.calls
+
+
+def test_missing_role_token_parameter_is_retried_then_fatal(gateway):
+    (gateway.ssm / PARAMS["infer_token"].replace("/", "_")).unlink()
+    assert gateway.run() != 0
+    assert "could not read the infer token" in gateway.out
+    assert sum(c.startswith(f"aws ssm get-parameter --name {PARAMS['infer_token']}") for c in gateway.calls) == 8
+    assert not any(c.startswith("systemctl") for c in gateway.calls)

@@ -36,6 +36,10 @@ def gz_b64_text(text):
     return base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
 
 
+# The SSM parameters each role reads at boot: a worker its own role's token, the gateway every role's token.
+TOKEN_PARAMETERS = {"caller": "/meshd/worker-token/caller", "infer": "/meshd/worker-token/infer"}
+
+
 def test_values(role):
     """The same keys Terraform passes (local.cloud_init_common + local.cloud_init_role[role] + role, config_gz_b64,
     unit_gz_b64), with test values."""
@@ -43,7 +47,9 @@ def test_values(role):
     tls_path, tls_pem = TLS_FILES[role]
     return {
         "region": "us-east-1",
-        "token_parameter": "/meshd/worker-token",
+        "token_parameter": "" if gateway else TOKEN_PARAMETERS[role],
+        "caller_token_parameter": TOKEN_PARAMETERS["caller"] if gateway else "",
+        "infer_token_parameter": TOKEN_PARAMETERS["infer"] if gateway else "",
         "api_keys_parameter": "/meshd/api-keys" if gateway else "",
         "tls_key_parameter": "/meshd/gateway-tls-key" if gateway else "",
         "tls_pem_path": tls_path,
@@ -68,6 +74,8 @@ def terraform_template_keys(tf):
     """Keys Terraform passes to templatefile(): local.cloud_init_common, local.cloud_init_role[role] (the same keys
     for every role) plus the merge()d literal object."""
     keys = set(tf.locals["cloud_init_common"])
+    assert not set(keys) & {"token_parameter", "caller_token_parameter", "infer_token_parameter"}, \
+        "which worker token a VM reads depends on its role: local.cloud_init_role, never the common keys"
     role_keys = {r: set(tf.resolve(v)) for r, v in tf.locals["cloud_init_role"].items()}
     assert set(role_keys) == set(ROLES)
     assert len({frozenset(k) for k in role_keys.values()}) == 1, f"every role must get the same keys: {role_keys}"
@@ -149,31 +157,49 @@ def test_rendered_files_are_the_repo_files(role):
     # Nothing that looks like a secret: only the parameters' names.
     assert TEST_TOKEN not in json.dumps(doc)
     assert "PRIVATE KEY" not in json.dumps(doc) and "PRIVATE KEY" not in tls_pem
-    assert "MESHD_TOKEN_PARAMETER='/meshd/worker-token'" in env
     if role == "gateway":
+        # Every worker role's token (each grants only its role), never a single token for all roles.
+        assert "MESHD_TOKEN_PARAMETER=''" in env
+        assert "MESHD_CALLER_TOKEN_PARAMETER='/meshd/worker-token/caller'" in env
+        assert "MESHD_INFER_TOKEN_PARAMETER='/meshd/worker-token/infer'" in env
         assert "MESHD_API_KEYS_PARAMETER='/meshd/api-keys'" in env
         assert "MESHD_TLS_KEY_PARAMETER='/meshd/gateway-tls-key'" in env
     else:
+        # Its own role's token only.
+        assert f"MESHD_TOKEN_PARAMETER='/meshd/worker-token/{role}'" in env
+        assert "MESHD_CALLER_TOKEN_PARAMETER=''" in env and "MESHD_INFER_TOKEN_PARAMETER=''" in env
         assert "MESHD_API_KEYS_PARAMETER=''" in env and "MESHD_TLS_KEY_PARAMETER=''" in env
     for path in files:
-        for secret in ("worker-token", "api-keys", "key.pem", "-key"):
+        for secret in ("worker-token", "tokens/", "api-keys", "key.pem", "-key"):
             assert secret not in path, f"{path}: secret files are written at boot from SSM, not by cloud-init"
 
 
 def test_role_configs_reference_secret_files_not_secrets():
     for role in ROLES:
         text = (REPO / "roles" / f"{role}.toml").read_text()
-        assert re.search(r'^worker_token_file\s*=\s*"/etc/meshd/worker-token"', text, re.M), role
-        assert not re.search(r"^worker_token\s*=", text, re.M), f"roles/{role}.toml must not carry a token"
+        cfg = tomllib.loads(text)
+        if role == "gateway":
+            # One token per worker role, each from its own file; no single token that grants every role.
+            assert set(cfg["worker_token_files"]) == {"caller", "infer"}, cfg.get("worker_token_files")
+            assert "worker_token_file" not in cfg and "worker_tokens" not in cfg, role
+        else:
+            assert cfg["worker_token_file"] == "/etc/meshd/worker-token", role
+            assert "worker_token_files" not in cfg and "worker_tokens" not in cfg, role
+        assert "worker_token" not in cfg, f"roles/{role}.toml must not carry a token"
         assert not re.search(r"^api_keys\s*=", text, re.M), f"roles/{role}.toml must not carry API keys"
         assert "allow_plaintext" not in text and "insecure_no_auth" not in text, role
     gw = tomllib.loads((REPO / "roles" / "gateway.toml").read_text())
-    # The paths meshd-bootstrap writes and the gateway unit loads as credentials.
+    # The paths meshd-bootstrap writes and the gateway unit loads as credentials (the tokens: their copies, which the
+    # TOML names; test_systemd_units.py ties each to its LoadCredential=).
     assert gw["api_keys_file"] == "/etc/meshd/api-keys"
     assert gw["tls_key"] == gw["mesh_tls_key"] == "/etc/meshd/tls/gateway-key.pem"
+    assert gw["worker_token_files"] == {r: f"/run/credentials/meshd-gateway.service/{r}-token" for r in ("caller", "infer")}
     bootstrap = BOOTSTRAP.read_text()
     assert 'GATEWAY_KEY=$TLS_DIR/gateway-key.pem' in bootstrap and 'TLS_DIR=$ETC/tls' in bootstrap
     assert '"$ETC/api-keys"' in bootstrap
+    assert 'TOKENS_DIR=$ETC/tokens' in bootstrap
+    for r in ("caller", "infer"):
+        assert f'"$TOKENS_DIR/{r}" raw' in bootstrap, r
 
 
 def test_bootstrap_script_syntax():
@@ -226,8 +252,10 @@ def user_data_variable_names(tf):
     while todo:
         text = tf.expand_locals(todo.pop())
         names |= set(re.findall(r"\bvar\.([a-z_0-9]+)", text))
-        for ref in re.findall(r"\b(?:aws|random|tls)_[a-z0-9_]+\.[a-z0-9_]+\.[a-z0-9_]+", text):
-            rtype, rname, attr = ref.split(".")
+        # aws_x.name.attr, or aws_x.name["key"].attr (for_each; the body is the same for every key).
+        for m in re.finditer(r'\b((?:aws|random|tls)_[a-z0-9_]+)\.([a-z0-9_]+)(?:\[[^\]]*\])?\.([a-z0-9_]+)', text):
+            ref = m.group(0)
+            rtype, rname, attr = m.groups()
             body = tf.resources.get(rtype, {}).get(rname)
             if body is not None and ref not in seen:
                 seen.add(ref)
@@ -347,7 +375,8 @@ def decoded(doc):
 @pytest.fixture(scope="module")
 def terraform_rendered(tf, tmp_path_factory):
     """local.user_data of terraform/instances.tf, evaluated by `terraform console` in a scratch module that has the
-    exact same expression and local.cloud_init_common with test values in place of resources and variables."""
+    exact same expression, local.cloud_init_common and local.cloud_init_role with test values in place of resources
+    and variables."""
     exe = require_terraform()
     root = tmp_path_factory.mktemp("tfrender")
     for d in ("cloud-init", "roles", "systemd"):
@@ -359,23 +388,29 @@ def terraform_rendered(tf, tmp_path_factory):
         assert value.startswith("${") and value.endswith("}"), value
         return value[2:-1]
 
-    def literal_or_test_value(key, value, values):
+    def literal_or_test_value(key, value, values, indent="    "):
         if re.search(r"\b(var|local|aws_[a-z_]+|random_[a-z_]+|tls_[a-z_]+)\.", value):
-            return f"    {key} = {json.dumps(values[key])}"
-        return f"    {key} = {expr(value) if value.startswith('${') else json.dumps(value)}"
+            return f"{indent}{key} = {json.dumps(values[key])}"
+        return f"{indent}{key} = {expr(value) if value.startswith('${') else json.dumps(value)}"
 
     def local_object(name, values):
         body = [literal_or_test_value(k, v, values) for k, v in tf.locals[name].items()]
         return f"  {name} = {{\n" + "\n".join(body) + "\n  }\n"
 
+    def role_object(role):
+        """local.cloud_init_role[role], an object literal per role: its references become the role's test values, its
+        literals (a worker's empty gateway parameters, the TLS file's path) stay as Terraform has them."""
+        obj = tf.locals["cloud_init_role"][role]
+        assert isinstance(obj, dict), f"local.cloud_init_role.{role} is no longer an object literal: {obj!r}"
+        body = [literal_or_test_value(k, v, test_values(role), indent="      ") for k, v in obj.items()]
+        return f"    {role} = {{\n" + "\n".join(body) + "\n    }"
+
     roles = json.dumps(tf.locals["roles"])
-    role_map = "\n".join(f"    {r} = {expr(v)}" for r, v in tf.locals["cloud_init_role"].items())
+    role_map = "\n".join(role_object(r) for r in tf.locals["cloud_init_role"])
     (mod / "main.tf").write_text(
         "locals {\n"
         f"  roles = {roles}\n"
         + local_object("cloud_init_common", test_values("gateway"))
-        + local_object("gateway_tls_files", test_values("gateway"))
-        + local_object("worker_tls_files", test_values("caller"))
         + "  cloud_init_role = {\n" + role_map + "\n  }\n"
         f"  user_data = {expr(tf.locals['user_data'])}\n"
         "}\n"

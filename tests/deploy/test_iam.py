@@ -2,10 +2,11 @@
 scratch module with test ARNs in place of resources), then judged the way IAM judges a request: an explicit Deny wins,
 then any Allow, else the request is denied.
 
-AmazonSSMManagedInstanceCore is attached to both roles and allows ssm:GetParameter and ssm:GetParameters on every
+AmazonSSMManagedInstanceCore is attached to every role and allows ssm:GetParameter and ssm:GetParameters on every
 parameter, so it takes part in every judgement: the attack of issue 10 (a compromised worker reads the gateway's TLS
 key: its role could call GetParameter on any parameter, and kms:Decrypt the stack key through SSM) must be refused
-even so."""
+even so, and so must a worker reading the other worker role's token (a compromised infer VM connecting as a caller
+and binding the API's triggers, or a caller serving inference)."""
 import json
 import re
 
@@ -27,14 +28,21 @@ def parameter_arn(name: str) -> str:
     return f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{name}"
 
 
-# What each role may read, and nothing more (the security claim of docs/DEPLOY.md).
+WORKER_ROLES = ("caller", "infer")
+TOKEN = {role: parameter_arn(f"/{NAME}/worker-token/{role}") for role in WORKER_ROLES}
+
+# What each role may read, and nothing more (the security claim of docs/DEPLOY.md): a worker role its own role's
+# token, the gateway every role's token, the API keys and its TLS key.
 OWN = {
-    "gateway": {parameter_arn(f"/{NAME}/worker-token"), parameter_arn(f"/{NAME}/api-keys"),
+    "gateway": {TOKEN["caller"], TOKEN["infer"], parameter_arn(f"/{NAME}/api-keys"),
                 parameter_arn(f"/{NAME}/gateway-tls-key")},
-    "workers": {parameter_arn(f"/{NAME}/worker-token")},
+    "caller": {TOKEN["caller"]},
+    "infer": {TOKEN["infer"]},
 }
 # Someone else's secret in the same account and region.
 FOREIGN = parameter_arn("/payroll/db-password")
+# The single worker token of an older deployment (it granted every role), should it still exist: nobody reads it.
+LEGACY_TOKEN = parameter_arn(f"/{NAME}/worker-token")
 
 # The SSM part of the AWS managed policy AmazonSSMManagedInstanceCore (its other statements are ssmmessages:* and
 # ec2messages:*, which touch neither parameters nor keys).
@@ -57,7 +65,10 @@ MANAGED_INSTANCE_CORE = {
 
 def _substitute(expr: str) -> str:
     """References to resources, variables and each.* -> the scratch module's locals (anything else stays, and
-    Terraform then refuses the undeclared reference: the test must learn about it)."""
+    Terraform then refuses the undeclared reference: the test must learn about it). A for_each parameter's instance
+    aws_ssm_parameter.x["k"].arn (its quotes JSON-escaped or not) -> local.ssm_arn.x.k (no quotes: the expression sits
+    inside a JSON-encoded string)."""
+    expr = re.sub(r'\baws_ssm_parameter\.([a-z0-9_]+)\[\\?"([a-z][a-z0-9_]*)\\?"\]\.arn\b', r"local.ssm_arn.\1.\2", expr)
     expr = re.sub(r"\baws_ssm_parameter\.([a-z0-9_]+)\.arn\b", r"local.ssm_arn.\1", expr)
     expr = expr.replace("aws_kms_key.meshd.arn", "local.kms_key_arn")
     expr = expr.replace("aws_s3_bucket.artifacts.arn", "local.bucket_arn")
@@ -79,8 +90,16 @@ def policies(tf: Terraform, tmp_path_factory):
     assert exe, "terraform is not installed (scripts/deploy-checks provides one)"
     body = tf.resources["aws_iam_role_policy"]["node"]
     assert body["for_each"] == "${local.node_roles}"
-    ssm_arn = {name: parameter_arn(r["name"].replace("${var.name}", NAME))
-               for name, r in tf.resources["aws_ssm_parameter"].items()}
+    ssm_arn = {}
+    for name, r in tf.resources["aws_ssm_parameter"].items():
+        path = r["name"].replace("${var.name}", NAME)
+        if "for_each" in r:  # one parameter per key: {key: arn}
+            m = re.fullmatch(r"\$\{toset\(local\.([a-z_0-9]+)\)\}", r["for_each"])
+            assert m, f"aws_ssm_parameter.{name}: for_each {r['for_each']!r} is not toset(local.x)"
+            ssm_arn[name] = {k: parameter_arn(path.replace("${each.key}", k)) for k in tf.locals[m.group(1)]}
+        else:
+            ssm_arn[name] = parameter_arn(path)
+    assert ssm_arn["worker_token"] == TOKEN, ssm_arn
     roles = _substitute(json.dumps(tf.locals["node_roles"]))
     policy = _substitute(_inner(body["policy"]))
     out = {}
@@ -168,7 +187,7 @@ def via_ssm(parameter):
     return {"kms:ViaService": SSM, "kms:EncryptionContext:PARAMETER_ARN": parameter}
 
 
-ALL_PARAMETERS = sorted(OWN["gateway"] | {FOREIGN})
+ALL_PARAMETERS = sorted(OWN["gateway"] | {FOREIGN, LEGACY_TOKEN})
 
 
 # ---- the tests --------------------------------------------------------------------------------------------------------
@@ -208,14 +227,40 @@ def test_a_role_reads_and_decrypts_its_own_parameters_only(policies, role, param
     assert decide(docs, "kms:Decrypt", KMS_KEY_ARN, via_ssm(parameter)) == ("Allow" if own else "ExplicitDeny")
 
 
-def test_a_worker_cannot_read_the_gateway_tls_key_or_the_api_keys(policies):
-    """Issue 10, exactly: the workers' role with AmazonSSMManagedInstanceCore attached."""
-    docs = role_docs(policies, "workers")
+@pytest.mark.parametrize("role", WORKER_ROLES)
+def test_a_worker_cannot_read_the_gateway_tls_key_or_the_api_keys(policies, role):
+    """Issue 10, exactly: a worker's role with AmazonSSMManagedInstanceCore attached."""
+    docs = role_docs(policies, role)
     for name in ("gateway-tls-key", "api-keys"):
         arn = parameter_arn(f"/{NAME}/{name}")
         assert decide(docs, "ssm:GetParameter", arn) == "ExplicitDeny"
         assert decide(docs, "ssm:GetParameters", arn) == "ExplicitDeny"
         assert decide(docs, "kms:Decrypt", KMS_KEY_ARN, via_ssm(arn)) == "ExplicitDeny"
+
+
+@pytest.mark.parametrize("role,other", [("caller", "infer"), ("infer", "caller")])
+def test_a_worker_reads_its_own_roles_token_and_never_the_other_roles(policies, role, other):
+    """Each token grants only its role (the gateway's grants): the caller's VM must not get the infer token (serve
+    inference::*), nor an infer VM the caller token (bind POST /v1/chat/completions and the other API triggers)."""
+    for use_url in (False, True):
+        docs = role_docs(policies, role, use_url)
+        for action in ("ssm:GetParameter", "ssm:GetParameters"):
+            assert decide(docs, action, TOKEN[role]) == "Allow", (role, action)
+            assert decide(docs, action, TOKEN[other]) == "ExplicitDeny", (role, action)
+        assert decide(docs, "kms:Decrypt", KMS_KEY_ARN, via_ssm(TOKEN[role])) == "Allow"
+        assert decide(docs, "kms:Decrypt", KMS_KEY_ARN, via_ssm(TOKEN[other])) == "ExplicitDeny"
+        # Nor by path: /meshd/worker-token/ holds both.
+        assert decide(docs, "ssm:GetParametersByPath", parameter_arn(f"/{NAME}/worker-token")) == "ExplicitDeny"
+
+
+def test_only_the_gateway_reads_every_roles_token(policies):
+    readers = {arn: {role for role in OWN if decide(role_docs(policies, role), "ssm:GetParameter", arn) == "Allow"
+                     and decide(role_docs(policies, role), "kms:Decrypt", KMS_KEY_ARN, via_ssm(arn)) == "Allow"}
+               for arn in TOKEN.values()}
+    assert readers == {TOKEN["caller"]: {"gateway", "caller"}, TOKEN["infer"]: {"gateway", "infer"}}
+    # The single token of an older deployment, which granted every role: no role reads it, not even the gateway.
+    for role in OWN:
+        assert decide(role_docs(policies, role), "ssm:GetParameter", LEGACY_TOKEN) == "ExplicitDeny", role
 
 
 @pytest.mark.parametrize("role", sorted(OWN))
@@ -249,14 +294,17 @@ def test_the_binary_through_s3_only_from_the_artifact_bucket(policies, role):
         assert decide(url_docs, "ssm:GetParameter", parameter) == decide(docs, "ssm:GetParameter", parameter)
 
 
-def test_the_evaluator_sees_the_attack_without_the_denies(policies):
+@pytest.mark.parametrize("role", WORKER_ROLES)
+def test_the_evaluator_sees_the_attack_without_the_denies(policies, role):
     """The judgement above is meaningful: with the two Deny statements taken out (the policy before issue 10, plus
-    its SSM-wide decrypt), AmazonSSMManagedInstanceCore lets a worker read the gateway's TLS key."""
-    doc = json.loads(json.dumps(policies[False]["workers"]))
+    its SSM-wide decrypt), AmazonSSMManagedInstanceCore lets a worker read the gateway's TLS key and the other
+    worker role's token."""
+    doc = json.loads(json.dumps(policies[False][role]))
     doc["Statement"] = [s for s in doc["Statement"] if s["Effect"] != "Deny"]
     for s in doc["Statement"]:
         if s["Sid"] == "DecryptOwnParametersViaSsm":
             del s["Condition"]["StringEquals"]["kms:EncryptionContext:PARAMETER_ARN"]
-    tls_key = parameter_arn(f"/{NAME}/gateway-tls-key")
-    assert decide([doc, MANAGED_INSTANCE_CORE], "ssm:GetParameter", tls_key) == "Allow"
-    assert decide([doc, MANAGED_INSTANCE_CORE], "kms:Decrypt", KMS_KEY_ARN, via_ssm(tls_key)) == "Allow"
+    other_token = next(TOKEN[r] for r in WORKER_ROLES if r != role)
+    for arn in (parameter_arn(f"/{NAME}/gateway-tls-key"), other_token):
+        assert decide([doc, MANAGED_INSTANCE_CORE], "ssm:GetParameter", arn) == "Allow", arn
+        assert decide([doc, MANAGED_INSTANCE_CORE], "kms:Decrypt", KMS_KEY_ARN, via_ssm(arn)) == "Allow", arn

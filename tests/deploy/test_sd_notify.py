@@ -1,6 +1,6 @@
 """The units' sd_notify contract, with the real binary: each role started the way its unit starts it (ExecStart=,
 Environment= with %d resolved to a credentials directory filled from LoadCredential=, EnvironmentFile=, the role's
-TOML), with what systemd adds for Type=notify and WatchdogSec= ($NOTIFY_SOCKET, $WATCHDOG_USEC, $WATCHDOG_PID).
+TOML, whose /run/credentials/<unit>/ paths are that same directory), with what systemd adds for Type=notify and WatchdogSec= ($NOTIFY_SOCKET, $WATCHDOG_USEC, $WATCHDOG_PID).
 A datagram socket stands in for systemd and records what arrives.
 
 - READY=1 only when really ready: a worker with no gateway to join never sends it; it does once the gateway is up.
@@ -8,10 +8,15 @@ A datagram socket stands in for systemd and records what arrives.
   WATCHDOG=1 before READY=1 (systemd would arm the watchdog during the start).
 - SIGTERM: STOPPING=1 and a clean exit within TimeoutStopSec.
 
-Differences from a VM, all outside the contract: paths live under a scratch root, the gateway binds 127.0.0.1 and
+Each role has its own scratch root (its VM) with the files meshd-bootstrap writes there: the gateway one token per
+worker role (/etc/meshd/tokens/<role>), each worker its own role's token (/etc/meshd/worker-token), so a worker
+becomes ready only if the gateway grants its token what the role registers.
+
+Differences from a VM, all outside the contract: paths live under the scratch roots, the gateway binds 127.0.0.1 and
 its certificate names 127.0.0.1. Needs the release binary (MESHD_BIN, default target/release/meshd; skipped when
 there is none: `scripts/deploy-checks --no-netns` is meant to run without a build) and, for infer, the test model."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +31,8 @@ from test_systemd_units import seconds
 
 GATEWAY_IP = "127.0.0.1"
 API_KEYS = "sha256:" + "a1" * 32 + "\n"
-TOKEN = "sd-notify-test-token-0123456789"
+# One token per worker role, as Terraform makes them (/<name>/worker-token/<role>).
+TOKENS = {"caller": "sd-notify-caller-token-0123456789", "infer": "sd-notify-infer-token-9876543210"}
 # The practical bound on a start here; every unit's TimeoutStartSec is at least this (asserted below).
 START_LIMIT_S = 60
 
@@ -98,17 +104,22 @@ class Systemd:
             return str(meshd_bin())
         if path.startswith("/var/cache/meshd/models/"):
             return str(model_path())
-        if path.startswith(("/etc/meshd/", "/var/lib/meshd")):
+        if path.startswith(("/etc/meshd/", "/var/lib/meshd", f"/run/credentials/{self.unit}/")):
             return str(self.root / path.lstrip("/"))
         return path
 
     def start(self, toml_overrides: dict):
-        # The role's TOML, its paths moved under the scratch root.
-        cfg = tomllib.loads((REPO / "roles" / f"{self.role}.toml").read_text())
-        cfg = {k: self.host(v) if isinstance(v, str) else v for k, v in cfg.items()} | toml_overrides
+        # The role's TOML, its paths moved under the scratch root (in tables too: the gateway's [worker_token_files]).
+        def moved(v):
+            if isinstance(v, dict):
+                return {k: moved(x) for k, x in v.items()}
+            return self.host(v) if isinstance(v, str) else v
+
+        cfg = {k: moved(v) for k, v in tomllib.loads((REPO / "roles" / f"{self.role}.toml").read_text()).items()}
+        cfg |= toml_overrides
         conf = self.root / "etc/meshd" / f"{self.role}.toml"
-        conf.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.items()))
-        # LoadCredential=: copies into the credentials directory, named by %d.
+        conf.write_text(toml_document(cfg))
+        # LoadCredential=: copies into the credentials directory, named by %d (/run/credentials/<unit>/).
         creds = self.root / "run/credentials" / self.unit
         creds.mkdir(parents=True, exist_ok=True)
         for spec in self.svc.get("LoadCredential", []):
@@ -186,6 +197,15 @@ class Systemd:
         self.sock.close()
 
 
+def toml_document(cfg: dict) -> str:
+    """Top-level keys first, then one [table] per dict (TOML puts every key after a table header into the table)."""
+    out = [f"{k} = {toml_value(v)}\n" for k, v in cfg.items() if not isinstance(v, dict)]
+    for name, table in cfg.items():
+        if isinstance(table, dict):
+            out.append(f"\n[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items()))
+    return "".join(out)
+
+
 def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -201,16 +221,24 @@ def run(tmp_path_factory):
     before the gateway started})."""
     meshd_bin()
     root = tmp_path_factory.mktemp("sdnotify")
-    etc = root / "etc/meshd"
-    make_pki(etc / "tls")
-    (etc / "worker-token").write_text(TOKEN)
-    (etc / "api-keys").write_text(API_KEYS)
-    (root / "var/lib/meshd").mkdir(parents=True)
+    make_pki(root / "pki")
     mesh_port = free_port()
-    for worker in ("caller", "infer"):  # what meshd-bootstrap writes
-        (etc / f"{worker}.env").write_text(f"MESHD_GATEWAY_URL=wss://{GATEWAY_IP}:{mesh_port}\n")
     roles = ["gateway", "caller"] + (["infer"] if model_path() else [])
-    units = {role: Systemd(root, role) for role in roles}
+    # One scratch root per VM, with what cloud-init (the TLS file) and meshd-bootstrap (secrets, env) write there.
+    vms = {role: root / role for role in roles}
+    for role, vm in vms.items():
+        etc = vm / "etc/meshd"
+        shutil.copytree(root / "pki", etc / "tls")
+        if role == "gateway":
+            (etc / "tokens").mkdir(mode=0o700)
+            for worker, token in TOKENS.items():
+                (etc / "tokens" / worker).write_text(token)
+            (etc / "api-keys").write_text(API_KEYS)
+            (vm / "var/lib/meshd").mkdir(parents=True)
+        else:
+            (etc / "worker-token").write_text(TOKENS[role])
+            (etc / f"{role}.env").write_text(f"MESHD_GATEWAY_URL=wss://{GATEWAY_IP}:{mesh_port}\n")
+    units = {role: Systemd(vms[role], role) for role in roles}
     workers = [u for role, u in units.items() if role != "gateway"]
     try:
         # The workers first: each loads what it must (infer: the model) and tries to join a gateway that is not there.

@@ -92,21 +92,34 @@ def test_unit_settings(role):
     for key, want in HARDENING.items():
         assert one.get(key) == want, f"{key}={one.get(key)!r}, want {want!r}"
     assert svc["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
-    # Secrets arrive as credentials; the files on disk stay root-only. Workers get the token only.
-    creds = ["worker-token:/etc/meshd/worker-token"]
-    env = ["MESHD_WORKER_TOKEN_FILE=%d/worker-token"]
+    # Secrets arrive as credentials; the files on disk stay root-only. A worker gets its own role's token only; the
+    # gateway gets one token per worker role (never the single token that grants every role), the API keys and its
+    # TLS key.
+    cfg = tomllib.loads((REPO / "roles" / f"{role}.toml").read_text())
     if role == "gateway":
-        creds += ["api-keys:/etc/meshd/api-keys", "tls-key:/etc/meshd/tls/gateway-key.pem"]
-        env += ["MESHD_API_KEYS_FILE=%d/api-keys", "MESHD_TLS_KEY=%d/tls-key", "MESHD_MESH_TLS_KEY=%d/tls-key"]
+        creds = ["caller-token:/etc/meshd/tokens/caller", "infer-token:/etc/meshd/tokens/infer",
+                 "api-keys:/etc/meshd/api-keys", "tls-key:/etc/meshd/tls/gateway-key.pem"]
+        env = ["MESHD_API_KEYS_FILE=%d/api-keys", "MESHD_TLS_KEY=%d/tls-key", "MESHD_MESH_TLS_KEY=%d/tls-key"]
+    else:
+        creds = ["worker-token:/etc/meshd/worker-token"]
+        env = ["MESHD_WORKER_TOKEN_FILE=%d/worker-token"]
     assert svc["LoadCredential"] == creds
     assert [e for e in svc["Environment"] if "%d" in e] == env
-    # Every credential is a file the role's TOML names (the Environment= line overrides it with the copy in %d).
-    cfg = tomllib.loads((REPO / "roles" / f"{role}.toml").read_text())
+    # Every credential is a file the role's TOML names: the Environment= line overrides it with the copy in %d, or
+    # (the gateway's tokens) the TOML names the copy in %d itself.
     by_id = dict(c.split(":", 1) for c in creds)
-    assert cfg["worker_token_file"] == by_id["worker-token"]
     if role == "gateway":
         assert cfg["api_keys_file"] == by_id["api-keys"]
         assert cfg["tls_key"] == cfg["mesh_tls_key"] == by_id["tls-key"]
+        assert cfg["worker_token_files"] == {r: f"/run/credentials/{unit_path(role).name}/{r}-token"
+                                             for r in ("caller", "infer")}
+        assert {f"{r}-token": f"/etc/meshd/tokens/{r}" for r in ("caller", "infer")}.items() <= by_id.items()
+        for key in ("worker_token", "worker_token_file", "worker_tokens"):
+            assert key not in cfg, f"roles/gateway.toml: {key} on a gateway is the dev token that grants every role"
+        assert not any(e.startswith("MESHD_WORKER_TOKEN") for e in svc["Environment"]), svc["Environment"]
+    else:
+        assert cfg["worker_token_file"] == by_id["worker-token"]
+        assert "worker_token_files" not in cfg and "worker_tokens" not in cfg
     # Nothing turns the security settings off.
     for e in svc.get("Environment", []):
         assert not re.match(r"MESHD_(ALLOW_PLAINTEXT|INSECURE_NO_AUTH|API_KEYS|WORKER_TOKEN)=", e), e

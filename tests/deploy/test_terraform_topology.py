@@ -129,8 +129,8 @@ def test_instance_hardening(tf, role):
     assert root["kms_key_id"] == "${aws_kms_key.meshd.arn}"
     assert i["monitoring"] is True
     assert i["ebs_optimized"] is True
-    profile = "gateway" if role == "gateway" else "workers"
-    assert i["iam_instance_profile"] == f'${{aws_iam_instance_profile.node["{profile}"].name}}'
+    # Each role its own instance profile: a worker role's VMs can read only that role's worker token (iam.tf).
+    assert i["iam_instance_profile"] == f'${{aws_iam_instance_profile.node["{role}"].name}}'
     assert i["key_name"] == "${var.ssh_key_name}"
     assert tf.variables["ssh_key_name"]["default"] is None
     assert i["user_data"] == f'${{local.user_data["{role}"]}}'
@@ -201,12 +201,24 @@ def test_api_cidrs_required_and_never_open_by_default(tf):
 # ---- secrets ----------------------------------------------------------------------------------------------------------
 
 
-def test_worker_token_in_ssm_securestring_with_kms(tf):
-    assert "random_password" in tf.resources and "worker_token" in tf.resources["random_password"]
+WORKER_ROLES = ["caller", "infer"]
+
+
+def test_one_worker_token_per_role_in_ssm_securestring_with_kms(tf):
+    # One generated token per worker role, each in its own SecureString /<name>/worker-token/<role>; no single token.
+    assert tf.locals["worker_roles"] == WORKER_ROLES
+    pw = tf.resources["random_password"]["worker_token"]
+    assert pw["for_each"] == "${toset(local.worker_roles)}"
+    assert pw["length"] >= 32 and pw["special"] is False
     p = tf.resources["aws_ssm_parameter"]["worker_token"]
+    assert p["for_each"] == "${toset(local.worker_roles)}"
+    assert p["name"] == "/${var.name}/worker-token/${each.key}"
     assert p["type"] == "SecureString"
     assert p["key_id"] == "${aws_kms_key.meshd.arn}"
-    assert p["value"] == "${random_password.worker_token.result}"
+    assert p["value"] == "${random_password.worker_token[each.key].result}"
+    # Every worker token parameter is one of these: nothing else in the stack holds a worker token.
+    others = {n: r["name"] for n, r in tf.resources["aws_ssm_parameter"].items() if n != "worker_token"}
+    assert not [n for n in others.values() if "token" in n], others
 
 
 def test_api_keys_in_ssm_securestring_as_digests_only(tf):
@@ -237,19 +249,25 @@ def test_secrets_never_in_user_data(tf):
         text = tf.expand_locals(i["user_data"])
         hit = SECRETS.search(text)
         assert not hit, f"{role}: user data depends on a secret ({hit.group(0)})"
-        assert "aws_ssm_parameter.worker_token.name" in text, f"{role}: VMs get the parameter's name"
-    # The gateway's user data names its parameters and carries its certificate; the workers', the CA.
-    gw, wk = tf.locals["gateway_tls_files"], tf.locals["worker_tls_files"]
-    assert gw["api_keys_parameter"] == "${aws_ssm_parameter.api_keys.name}"
-    assert gw["tls_key_parameter"] == "${aws_ssm_parameter.gateway_tls_key.name}"
-    assert gw["tls_pem_gz_b64"] == "${base64gzip(tls_locally_signed_cert.gateway.cert_pem)}"
-    assert wk["api_keys_parameter"] == "" and wk["tls_key_parameter"] == ""
-    assert wk["tls_pem_gz_b64"] == "${base64gzip(tls_self_signed_cert.ca.cert_pem)}"
-    assert tf.locals["cloud_init_role"] == {"gateway": "${local.gateway_tls_files}", "caller": "${local.worker_tls_files}",
-                                            "infer": "${local.worker_tls_files}"}
+    # The user data of each role names the SSM parameters it reads (never their values): a worker its own role's
+    # token, the gateway every role's token, the API keys and its TLS key; and it carries the role's one public TLS file.
+    token = '${{aws_ssm_parameter.worker_token["{}"].name}}'.format
+    want = {
+        "gateway": {"token_parameter": "", "caller_token_parameter": token("caller"),
+                    "infer_token_parameter": token("infer"),
+                    "api_keys_parameter": "${aws_ssm_parameter.api_keys.name}",
+                    "tls_key_parameter": "${aws_ssm_parameter.gateway_tls_key.name}",
+                    "tls_pem_path": "/etc/meshd/tls/gateway.pem",
+                    "tls_pem_gz_b64": "${base64gzip(tls_locally_signed_cert.gateway.cert_pem)}"},
+        **{w: {"token_parameter": token(w), "caller_token_parameter": "", "infer_token_parameter": "",
+               "api_keys_parameter": "", "tls_key_parameter": "", "tls_pem_path": "/etc/meshd/tls/mesh-ca.pem",
+               "tls_pem_gz_b64": "${base64gzip(tls_self_signed_cert.ca.cert_pem)}"} for w in WORKER_ROLES},
+    }
+    assert tf.locals["cloud_init_role"] == want
+    assert "token_parameter" not in tf.locals["cloud_init_common"]
     everything = tf.all_text()
-    # The worker token feeds only its SSM parameter.
-    assert len(re.findall(r"random_password\.worker_token\.result", everything)) == 1
+    # The worker tokens feed only their SSM parameters.
+    assert re.findall(r"random_password\.worker_token\b[^\s,)}]*", everything) == ["random_password.worker_token[each.key].result"]
     # The API key feeds only the (digest) SSM parameter and the sensitive output.
     assert len(re.findall(r"random_password\.api_key\.result", everything)) == 2
     assert tf.outputs["api_key"]["value"] == "${random_password.api_key.result}"
@@ -291,10 +309,10 @@ def test_private_ca_and_gateway_certificate(tf):
     # The gateway serves the certificate from the path its TOML names.
     gateway_toml = (REPO / "roles" / "gateway.toml").read_text()
     for key in ("tls_cert", "mesh_tls_cert"):
-        assert re.search(rf'^{key}\s*=\s*"{tf.locals["gateway_tls_files"]["tls_pem_path"]}"', gateway_toml, re.M), key
+        assert re.search(rf'^{key}\s*=\s*"{tf.locals["cloud_init_role"]["gateway"]["tls_pem_path"]}"', gateway_toml, re.M), key
     for role in ("caller", "infer"):
         text = (REPO / "roles" / f"{role}.toml").read_text()
-        assert re.search(rf'^gateway_ca\s*=\s*"{tf.locals["worker_tls_files"]["tls_pem_path"]}"', text, re.M), role
+        assert re.search(rf'^gateway_ca\s*=\s*"{tf.locals["cloud_init_role"][role]["tls_pem_path"]}"', text, re.M), role
         assert re.search(r'^gateway_url\s*=\s*"wss://', text, re.M), role
 
 
@@ -307,11 +325,14 @@ def test_tls_provider_is_pinned(tf):
 
 def test_instance_roles_are_least_privilege(tf):
     roles = tf.locals["node_roles"]
-    assert set(roles) == {"gateway", "workers"}
-    # Only the gateway may read the API keys and the TLS key; the workers read nothing but the worker token.
-    assert roles["gateway"]["parameters"] == ["${aws_ssm_parameter.worker_token.arn}", "${aws_ssm_parameter.api_keys.arn}",
+    assert set(roles) == {"gateway", "caller", "infer"}
+    # Only the gateway may read every role's token, the API keys and the TLS key; a worker role reads nothing but its
+    # own role's token (test_iam.py judges the rendered policies).
+    token = '${{aws_ssm_parameter.worker_token["{}"].arn}}'.format
+    assert roles["gateway"]["parameters"] == [token("caller"), token("infer"), "${aws_ssm_parameter.api_keys.arn}",
                                               "${aws_ssm_parameter.gateway_tls_key.arn}"]
-    assert roles["workers"]["parameters"] == ["${aws_ssm_parameter.worker_token.arn}"]
+    assert roles["caller"]["parameters"] == [token("caller")]
+    assert roles["infer"]["parameters"] == [token("infer")]
     for kind, name in (("aws_iam_role", "node"), ("aws_iam_role_policy", "node"),
                        ("aws_iam_role_policy_attachment", "node_ssm_core"), ("aws_iam_instance_profile", "node")):
         assert tf.resources[kind][name]["for_each"] == "${local.node_roles}", kind
@@ -358,8 +379,13 @@ def test_variables_have_types_and_descriptions(tf):
 def test_outputs_ready_to_paste_curl(tf):
     o = tf.outputs
     for name in ("gateway_public_ip", "gateway_private_ip", "caller_private_ip", "infer_private_ips", "api_key", "api_ca_pem",
-                 "api_base_url", "curl_readyz", "curl_add_two_numbers", "curl_chat_completions"):
+                 "api_base_url", "curl_readyz", "curl_add_two_numbers", "curl_chat_completions",
+                 "worker_token_parameters", "api_keys_parameter", "gateway_tls_key_parameter"):
         assert name in o and o[name].get("description"), name
+    # The worker tokens' parameters by role (names only, never values).
+    assert re.sub(r"\s+", "", o["worker_token_parameters"]["value"]) == \
+        "${{forrole,pinaws_ssm_parameter.worker_token:role=>p.name}}"
+    assert "worker_token_parameter" not in o and "sensitive" not in o["worker_token_parameters"]
     assert o["api_ca_pem"]["value"] == "${tls_self_signed_cert.ca.cert_pem}"
     assert "sensitive" not in o["api_ca_pem"], "the CA certificate is public"
     assert tf.locals["api_base_url"] == "https://${aws_eip.gateway.public_ip}:${local.api_port}"

@@ -23,11 +23,15 @@ mirror (IPv6, prefix lists, other protocols) fails the test instead of being lef
 The three roles start from the shipped roles/*.toml, secured the way terraform/ and systemd/ deploy them: a
 throwaway CA and gateway certificate (IP SAN 10.20.1.10, P-256, made with openssl like tls.tf makes them), HTTPS on
 :3111 with an api-keys file of `sha256:<hex>` lines (the format of the SSM parameter), wss:// on :49134, workers
-verifying the gateway with the CA. The key files reach the gateway through MESHD_* variables, as the unit passes its
-credentials; meshd runs without systemd here, so the units' sandbox settings are not exercised (they are checked
-statically only: test_systemd_units.py, systemd-analyze). The internet host calls the API with `curl --cacert` and
-the bearer key; a key-less, a wrong-key and a plain-http request are refused, and workers with the wrong CA or plain
-ws:// never join.
+verifying the gateway with the CA. One worker token per role, as terraform/ makes them: the caller holds the caller
+token, infer the infer token, and the gateway both, read from the paths of roles/gateway.toml's [worker_token_files]
+(the unit's credentials directory, stood in for by a scratch directory filled from the unit's LoadCredential= lines:
+--worker-token-file-for ROLE=<that directory>/<id>); it has no single token that grants every role. The key files
+reach the gateway through MESHD_* variables, as the unit passes its credentials; meshd runs without systemd here, so
+the units' sandbox settings are not exercised (they are checked statically only: test_systemd_units.py,
+systemd-analyze). The internet host calls the API with `curl --cacert` and the bearer key; a key-less, a wrong-key
+and a plain-http request are refused, workers with the wrong CA or plain ws:// never join, a caller holding the infer
+token is refused by the infer role's grant, and a worker with a token of no role is refused at its hello.
 
 Needs root, iproute2, nftables, curl and openssl, the release binary (env MESHD_BIN, default target/release/meshd)
 and the model models/gemma3-270m-q4_k_m.gguf (scripts/fetch-model; env MESHD_TEST_MODEL overrides). Everything it
@@ -312,6 +316,17 @@ class Vpc:
             cwd=REPO, env=env, start_new_session=True,
         )
 
+    def stop(self, name, timeout=10):
+        """SIGTERM to one process started by start() (SIGKILL after timeout); its log stays."""
+        p = self.procs[name]
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+
     def dead(self):
         return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
 
@@ -415,6 +430,42 @@ def model_path() -> Path:
 # Workers that must never join: one that trusts another CA, one that speaks plain ws:// (allowed on its side).
 WRONG_CA_WORKER = "caller-wrong-ca"
 PLAIN_WORKER = "caller-plain-ws"
+# Workers with the wrong token, started by their tests: a caller holding the infer token, a caller holding a token of
+# no role (say the single token of an older deployment).
+CROSS_ROLE_WORKER = "caller-with-infer-token"
+NO_ROLE_WORKER = "caller-with-no-roles-token"
+
+GATEWAY_UNIT = REPO / "systemd" / "meshd-gateway.service"
+WORKER_ROLES = ("caller", "infer")
+
+
+def gateway_token_flags(tokens: dict, creds: Path) -> list:
+    """--worker-token-file-for ROLE=PATH for each role of roles/gateway.toml's [worker_token_files], PATH being the
+    copy systemd would make: the TOML names /run/credentials/meshd-gateway.service/<id>, the unit loads <id> from
+    /etc/meshd/tokens/<role> (what meshd-bootstrap writes from SSM /<name>/worker-token/<role>); here <id> is copied
+    from the test's token of that role into `creds`, the stand-in credentials directory."""
+    import tomllib
+
+    from deploylib import parse_unit
+
+    cfg = tomllib.loads((REPO / "roles" / "gateway.toml").read_text())
+    for key in ("worker_token", "worker_token_file", "worker_tokens"):
+        assert key not in cfg, f"roles/gateway.toml sets {key}: the gateway would accept one token for every role"
+    files = cfg.get("worker_token_files", {})
+    assert set(files) == set(WORKER_ROLES), f"[worker_token_files] must name a token per role: {files}"
+    loaded = dict(spec.split(":", 1) for spec in parse_unit(GATEWAY_UNIT)["Service"]["LoadCredential"])
+    prefix = f"/run/credentials/{GATEWAY_UNIT.name}/"
+    creds.mkdir(mode=0o700)
+    flags = []
+    for role, path in sorted(files.items()):
+        assert path.startswith(prefix), f"worker_token_files.{role} = {path} is not a credential of {GATEWAY_UNIT.name}"
+        cid = path[len(prefix):]
+        assert loaded.get(cid) == f"/etc/meshd/tokens/{role}", f"{GATEWAY_UNIT.name} loads {cid} from {loaded.get(cid)}"
+        copy = creds / cid
+        copy.write_bytes(tokens[role].read_bytes())
+        copy.chmod(0o600)
+        flags += ["--worker-token-file-for", f"{role}={copy}"]
+    return flags
 
 
 @pytest.fixture(scope="module")
@@ -430,9 +481,16 @@ def vpc(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("vpc")
     os.chmod(tmp, 0o700)
-    token = tmp / "worker-token"
-    token.write_text(os.urandom(24).hex())
-    token.chmod(0o600)
+    # One token per worker role (random_password.worker_token[role]); the file each worker VM holds as
+    # /etc/meshd/worker-token, and the gateway as /etc/meshd/tokens/<role>.
+    tokens = {}
+    for role in WORKER_ROLES:
+        tokens[role] = tmp / f"{role}-token"
+        tokens[role].write_text(os.urandom(24).hex())
+        tokens[role].chmod(0o600)
+    no_role_token = tmp / "no-role-token"
+    no_role_token.write_text(os.urandom(24).hex())
+    no_role_token.chmod(0o600)
     data = tmp / "gateway-data"
     data.mkdir()
     pki = tmp / "pki"
@@ -448,40 +506,44 @@ def vpc(tmp_path_factory):
 
     v = Vpc(tmp)
     v.ca, v.wrong_ca, v.api_key = ca_cert, wrong_ca, api_key
+    v.binary, v.tokens, v.no_role_token = binary, tokens, no_role_token
     try:
         v.build()
         # Listeners that show what the filters block: one on the workers' host, one on the internet host.
         v.start("probe-listener-private", "private", [sys.executable, "-c", LISTEN_SCRIPT, PROBE_PORT, 300])
         v.start("probe-listener-internet", "internet", [sys.executable, "-c", LISTEN_SCRIPT, PROBE_PORT, 300])
-        # roles/gateway.toml as shipped; the files it names under /etc/meshd are replaced: the certificate by flags,
-        # the secrets by MESHD_* variables (what systemd/meshd-gateway.service sets to its credentials).
+        # roles/gateway.toml as shipped; the files it names are replaced: the certificate by flags, each role's token
+        # by --worker-token-file-for (the credential copy the TOML names), the other secrets by MESHD_* variables (what
+        # systemd/meshd-gateway.service sets to its credentials). No MESHD_WORKER_TOKEN_FILE: start() passes no
+        # MESHD_* of this environment, and the unit sets none.
         v.start("gateway", "public", [
             binary, "gateway", "--config", "roles/gateway.toml",
             "--http-addr", f"{GATEWAY_IP}:{API_PORT}", "--mesh-addr", f"{GATEWAY_IP}:{MESH_PORT}",
             "--tls-cert", gw_cert, "--mesh-tls-cert", gw_cert, "--data-dir", data, "--log-format", "human",
+            *gateway_token_flags(tokens, tmp / "gateway-credentials"),
         ], env_extra={
-            "MESHD_WORKER_TOKEN_FILE": token, "MESHD_API_KEYS_FILE": api_keys,
-            "MESHD_TLS_KEY": gw_key, "MESHD_MESH_TLS_KEY": gw_key,
+            "MESHD_API_KEYS_FILE": api_keys, "MESHD_TLS_KEY": gw_key, "MESHD_MESH_TLS_KEY": gw_key,
         })
-        # roles/caller.toml and infer.toml as shipped (gateway_url = "wss://10.20.1.10:49134"), with the test CA.
+        # roles/caller.toml and infer.toml as shipped (gateway_url = "wss://10.20.1.10:49134"), with the test CA and
+        # each its own role's token.
         v.start("caller", "private", [
             binary, "caller", "--config", "roles/caller.toml",
-            "--gateway-ca", ca_cert, "--worker-token-file", token, "--log-format", "human",
+            "--gateway-ca", ca_cert, "--worker-token-file", tokens["caller"], "--log-format", "human",
         ])
         v.start("infer", "private", [
             binary, "infer", "--config", "roles/infer.toml",
-            "--gateway-ca", ca_cert, "--worker-token-file", token, "--model", model, "--log-format", "human",
+            "--gateway-ca", ca_cert, "--worker-token-file", tokens["infer"], "--model", model, "--log-format", "human",
         ])
         # The right token, the wrong trust: must not join.
         v.start(WRONG_CA_WORKER, "private", [
             binary, "caller", "--config", "roles/caller.toml", "--name", WRONG_CA_WORKER,
-            "--gateway-ca", wrong_ca, "--worker-token-file", token, "--log-format", "human",
+            "--gateway-ca", wrong_ca, "--worker-token-file", tokens["caller"], "--log-format", "human",
         ])
         # The right token and CA over plain ws:// (the worker allows it; the gateway's mesh port speaks only TLS).
         v.start(PLAIN_WORKER, "private", [
             binary, "caller", "--config", "roles/caller.toml", "--name", PLAIN_WORKER,
             "--gateway-url", f"ws://{GATEWAY_IP}:{MESH_PORT}", "--allow-plaintext", "--gateway-ca", ca_cert,
-            "--worker-token-file", token, "--log-format", "human",
+            "--worker-token-file", tokens["caller"], "--log-format", "human",
         ])
 
         deadline = time.time() + READY_TIMEOUT_S
@@ -663,3 +725,50 @@ def test_plain_ws_worker_cannot_join(vpc):
 def test_legitimate_workers_joined_over_tls(vpc):
     for name in ("caller", "infer"):
         assert re.search(r"joined the mesh.*wss://", vpc.log(name)), f"{name}\n{vpc.report()}"
+
+
+# ---- one token per role -----------------------------------------------------------------------------------------------
+
+
+def test_each_worker_joined_with_its_own_roles_token(vpc):
+    """The gateway knows each worker's role by its token (the span of every worker connection names it): the caller
+    joined as role caller, infer as role infer, and nothing joined with a token that grants every role."""
+    log = vpc.log("gateway")
+    for name in ("caller", "infer"):
+        joined = re.findall(rf"worker\{{[^}}]*\bworker={name}[ }}][^}}]*\brole={name}[ }}].*worker connected", log)
+        assert joined, f"no `worker connected` of {name} as role {name} in the gateway's log\n{vpc.report()}"
+    assert not re.search(r"role=dev", log), "a worker joined with the dev token that grants every role"
+
+
+def test_a_caller_holding_the_infer_token_is_refused(vpc):
+    """The infer token grants the infer role only: a caller that presents it is authenticated as role infer, and its
+    first registration (a caller function) is outside that grant, so the gateway refuses it and disconnects it."""
+    vpc.start(CROSS_ROLE_WORKER, "private", [
+        vpc.binary, "caller", "--config", "roles/caller.toml", "--name", CROSS_ROLE_WORKER,
+        "--gateway-ca", vpc.ca, "--worker-token-file", vpc.tokens["infer"], "--log-format", "human",
+    ])
+    try:
+        m = wait_for_log(vpc, CROSS_ROLE_WORKER, r"refused by the gateway.*outside the grant of role `infer`")
+        assert m, f"{CROSS_ROLE_WORKER} was not refused by the infer role's grant\n{vpc.report()}"
+        g = wait_for_log(vpc, "gateway", rf"worker={CROSS_ROLE_WORKER}[ }}][^}}]*\brole=infer[ }}].*worker refused")
+        assert g, f"the gateway logged no refusal of {CROSS_ROLE_WORKER} as role infer\n{vpc.report()}"
+    finally:
+        vpc.stop(CROSS_ROLE_WORKER)
+    assert live_worker_names(vpc) == {"caller", "infer"}
+    # The API still works: the refused worker took nothing over.
+    r = vpc.http("internet", "POST", f"{API}/math/add-two-numbers", {"a": 2, "b": 3})
+    assert r["status"] == 200 and json.loads(r["body"])["c"] == 5, r
+
+
+def test_a_worker_with_a_token_of_no_role_cannot_join(vpc):
+    vpc.start(NO_ROLE_WORKER, "private", [
+        vpc.binary, "caller", "--config", "roles/caller.toml", "--name", NO_ROLE_WORKER,
+        "--gateway-ca", vpc.ca, "--worker-token-file", vpc.no_role_token, "--log-format", "human",
+    ])
+    try:
+        m = wait_for_log(vpc, NO_ROLE_WORKER, r"cannot join the mesh.*wrong worker token")
+        assert m, f"{NO_ROLE_WORKER} logged no refusal of its token\n{vpc.report()}"
+        assert not re.search(r"joined the mesh", vpc.log(NO_ROLE_WORKER)), vpc.log(NO_ROLE_WORKER)
+    finally:
+        vpc.stop(NO_ROLE_WORKER)
+    assert live_worker_names(vpc) == {"caller", "infer"}
