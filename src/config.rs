@@ -156,128 +156,274 @@ impl Role {
             Role::Gateway => GATEWAY_KEYS.get_or_init(|| join(&[&COMMON, &GATEWAY])),
             Role::Caller => CALLER_KEYS.get_or_init(|| join(&[&COMMON, &WORKER])),
             Role::Infer => INFER_KEYS.get_or_init(|| join(&[&COMMON, &WORKER, &ENGINE])),
-            Role::Up => UP_KEYS.get_or_init(|| join(&[&COMMON, &GATEWAY, &ENGINE])),
+            // `up` makes its own mesh on loopback: it takes no mesh TLS and mints its own tokens.
+            Role::Up => UP_KEYS.get_or_init(|| {
+                let mine = |k: &&str| !k.starts_with("mesh_tls_") && !k.starts_with("worker_token");
+                join(&[&COMMON, &GATEWAY, &ENGINE])
+                    .into_iter()
+                    .filter(mine)
+                    .collect()
+            }),
         }
     }
 }
 
-/// Every setting of every role. Which ones a role reads: [`Role::keys`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+// Every setting of every role: a new setting is one field here (its doc comment is its `--help`
+// and its flag is generated from it), its default in `Settings::defaults`, and the roles that
+// read it in `Role::keys`. A test checks the README's table against this list. (A plain comment:
+// clap would show a doc comment here as every role's description.)
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// API keys accepted as `Authorization: Bearer KEY`, as `sha256:<hex>` digests of the keys.
+    #[arg(skip)]
     pub api_keys: Vec<String>,
     /// A file of API keys, one per line: a plain key or `sha256:<hex>`; `#` starts a comment.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
     /// Serve the API without keys on a non-loopback address (never the default).
+    #[arg(long)]
     pub insecure_no_auth: bool,
     /// PEM certificate chain and key for HTTPS on `http_addr`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS on `http_addr`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// PEM certificate chain and key for `wss://` on `mesh_addr`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub mesh_tls_cert: Option<PathBuf>,
+    /// PEM private key for `wss://` on `mesh_addr`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub mesh_tls_key: Option<PathBuf>,
     /// PEM CA certificate(s) a worker trusts for a `wss://` gateway.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub gateway_ca: Option<PathBuf>,
     /// Plain HTTP / WebSocket on a non-loopback address (never the default).
+    #[arg(long)]
     pub allow_plaintext: bool,
     /// Public HTTP API listener.
+    #[arg(long, required = false)]
     pub http_addr: String,
     /// Private mesh listener (WebSocket). `:49134` means every interface.
+    #[arg(long, required = false)]
     pub mesh_addr: String,
     /// Where the gateway keeps its sled state.
+    #[arg(long, required = false)]
     pub data_dir: PathBuf,
     /// Where a worker connects, e.g. `ws://10.20.1.10:49134`.
+    #[arg(long, required = false)]
     pub gateway_url: String,
     /// A worker's name in logs and `Hello`.
+    #[arg(long, required = false)]
     pub name: String,
     /// The shared mesh secret, inline (prefer `worker_token_file`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub worker_token: Option<String>,
     /// A file holding the shared mesh secret (first line, trimmed). On a gateway this single
     /// token grants every role (the dev mode of `meshd up` and of tests); a deployment gives each
     /// role its own with `worker_token_files`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub worker_token_file: Option<PathBuf>,
     /// The gateway's token per role, inline (prefer `worker_token_files`): `{ caller = "…" }`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[arg(skip)]
     pub worker_tokens: BTreeMap<String, String>,
     /// The gateway's token per role, each from a file (first line, trimmed):
     /// `{ caller = "/etc/meshd/tokens/caller", infer = "/etc/meshd/tokens/infer" }`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[arg(skip)]
     pub worker_token_files: BTreeMap<String, PathBuf>,
     /// What each role's token may do (`[grants.<role>]`: functions, triggers, state, resumable).
     /// `caller` and `infer` have built-in grants; a table here replaces the built-in one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[arg(skip)]
     pub grants: BTreeMap<String, crate::gateway::grants::Grant>,
     /// A trigger whose function has had no worker for this long is removed (until then nobody
     /// may re-bind its route to another function).
+    #[arg(long, required = false)]
     pub trigger_grace_secs: u64,
     /// An HTTP connection must send a complete request head within this many seconds of
     /// connecting or of its previous response (keep-alive included), or it is closed.
+    #[arg(long, required = false)]
     pub http_header_timeout_secs: u64,
     /// An HTTP request body must arrive within this many seconds of its head.
+    #[arg(long, required = false)]
     pub http_body_timeout_secs: u64,
+    #[arg(long, value_enum, required = false)]
     pub log_format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `meshd=debug,info`.
+    #[arg(long, required = false)]
     pub log_level: String,
     /// After SIGTERM: how long in-flight work may take before the process exits anyway.
+    #[arg(long, required = false)]
     pub drain_timeout_secs: u64,
     /// Largest mesh frame accepted (payload plus envelope).
+    #[arg(long, required = false)]
     pub max_frame_bytes: usize,
     /// How often each end of a mesh connection sends a heartbeat.
+    #[arg(long, required = false)]
     pub heartbeat_interval_ms: u64,
     /// Silence after which a mesh peer is dead: the gateway fails (or moves) its work, a worker
     /// reconnects.
+    #[arg(long, required = false)]
     pub heartbeat_timeout_ms: u64,
     /// An engine holding work with no decode step for this long is stalled: its worker leaves
     /// routing (and stops feeding systemd's watchdog) until it steps again.
+    #[arg(long, required = false)]
     pub engine_stall_secs: u64,
     /// Largest HTTP request body accepted.
+    #[arg(long, required = false)]
     pub max_body_bytes: usize,
     /// Longest an HTTP request may take end to end.
+    #[arg(long, required = false)]
     pub request_timeout_secs: u64,
     /// Invocations of one function in flight at once; beyond it, 429.
+    #[arg(long, required = false)]
     pub queue_depth: usize,
     /// Open HTTP connections at once; beyond it new ones are closed.
+    #[arg(long, required = false)]
     pub max_connections: usize,
     /// Open HTTP connections one peer address may hold; 0: no cap.
+    #[arg(long, required = false)]
     pub max_connections_per_ip: usize,
     /// Open mesh connections at once (a budget of its own: a flood of one listener never takes
     /// the other's slots); beyond it new ones are closed.
+    #[arg(long, required = false)]
     pub max_mesh_connections: usize,
     /// Open mesh connections one peer address may hold; 0: no cap.
+    #[arg(long, required = false)]
     pub max_mesh_connections_per_ip: usize,
     /// Invocations a worker runs at once; beyond it, the worker answers `overloaded`.
+    #[arg(long, required = false)]
     pub max_concurrency: usize,
     /// `llama.cpp` (the model) or `echo` (filler words, no model: for tests of the mesh).
+    #[arg(long, value_enum, required = false)]
     pub generator: GeneratorKind,
     /// The GGUF file the infer role serves.
+    #[arg(long, required = false)]
     pub model: PathBuf,
     /// The model name the API reports and accepts.
+    #[arg(long, required = false)]
     pub model_id: String,
     /// Sequences generated at once (continuous batching).
+    #[arg(long, required = false)]
     pub slots: u32,
     /// Context positions each slot may use (prompt plus completion).
+    #[arg(long, required = false)]
     pub ctx_per_slot: u32,
     /// Most tokens in one decode step.
+    #[arg(long, required = false)]
     pub batch_size: u32,
     /// Inference threads; 0 means one per core.
+    #[arg(long, required = false)]
     pub threads: u32,
     /// `meshd` (default) or `llama.cpp`: which CPU matrix multiply runs quantized weights.
+    #[arg(long, value_enum, required = false)]
     pub matmul_kernel: MatmulKernel,
     /// Layers offloaded to the GPU (builds with `cuda` or `metal`).
+    #[arg(long, required = false)]
     pub n_gpu_layers: u32,
     /// A llama.cpp built-in template name used when the GGUF carries none (e.g. `gemma`).
+    #[arg(long, required = false)]
     pub chat_template: String,
     /// Requests waiting for a free slot; beyond it, 429.
+    #[arg(long, required = false)]
     pub max_queued_sequences: usize,
+}
+
+/// The id of the flag that takes per-role worker token files (`--worker-token-file-for ROLE=PATH`).
+const ROLE_TOKEN_FILES: &str = "worker_token_files";
+
+/// A role's command line: every setting of [`Settings`] as a flag (`http_addr` → `--http-addr`),
+/// those of other roles hidden (and refused by [`flag_overrides`]).
+pub fn role_flags(role: Role, cmd: clap::Command) -> clap::Command {
+    use clap::Args;
+    let mut cmd = Settings::augment_args(cmd);
+    let keys = role.keys();
+    let foreign: Vec<String> = Settings::augment_args(clap::Command::new("settings"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .filter(|id| !keys.contains(&id.as_str()))
+        .collect();
+    for id in foreign {
+        cmd = cmd.mut_arg(id, |a| a.hide(true));
+    }
+    if keys.contains(&ROLE_TOKEN_FILES) {
+        cmd = cmd.arg(
+            clap::Arg::new(ROLE_TOKEN_FILES)
+                .long("worker-token-file-for")
+                .value_name("ROLE=PATH")
+                .action(clap::ArgAction::Append)
+                .value_parser(role_path)
+                .help("A role's worker token from a file (repeat per role: caller=…, infer=…)"),
+        );
+    }
+    cmd
+}
+
+fn role_path(arg: &str) -> Result<(String, PathBuf), String> {
+    match arg.split_once('=') {
+        Some((role, path)) if !role.is_empty() && !path.is_empty() => {
+            Ok((role.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("`{arg}` is not ROLE=PATH")),
+    }
+}
+
+/// The settings given as flags, as the top layer for [`Settings::load`]. A flag that belongs to
+/// another role is an error naming it.
+pub fn flag_overrides(
+    role: Role,
+    matches: &clap::ArgMatches,
+) -> Result<figment::value::Dict, ConfigError> {
+    use clap::parser::ValueSource;
+    use clap::Args;
+    use figment::value::{Dict, Value};
+    let keys = role.keys();
+    let mut dict = Dict::new();
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    for arg in Settings::augment_args(clap::Command::new("settings")).get_arguments() {
+        let id = arg.get_id().as_str();
+        if !given(id) {
+            continue;
+        }
+        if !keys.contains(&id) {
+            let flag = arg.get_long().unwrap_or(id);
+            return Err(ConfigError::Invalid(format!(
+                "--{flag} is not a setting of `meshd {}`",
+                role.name()
+            )));
+        }
+        let value = if arg.get_action().takes_values() {
+            let raw = matches.get_raw(id).into_iter().flatten().next();
+            Value::from(
+                raw.map(|v| v.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )
+        } else {
+            Value::from(matches.get_flag(id))
+        };
+        dict.insert(id.to_string(), value);
+    }
+    if keys.contains(&ROLE_TOKEN_FILES) && given(ROLE_TOKEN_FILES) {
+        let files: Dict = matches
+            .get_many::<(String, PathBuf)>(ROLE_TOKEN_FILES)
+            .into_iter()
+            .flatten()
+            .map(|(role, path)| (role.clone(), Value::from(path.display().to_string())))
+            .collect();
+        dict.insert(ROLE_TOKEN_FILES.to_string(), Value::from(files));
+    }
+    Ok(dict)
 }
 
 impl Settings {
@@ -360,10 +506,11 @@ impl Settings {
             check_file_keys(role, path)?;
             figment = figment.merge(Toml::file_exact(path));
         }
+        // Lossy: flags arrive as the text typed (`--slots 8`), and become the field's type here.
         let settings: Settings = figment
             .merge(Env::prefixed("MESHD_").only(keys))
             .merge(Serialized::defaults(overrides))
-            .extract()
+            .extract_lossy()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         settings.validate(role)?;
         Ok(settings)
@@ -641,6 +788,144 @@ mod tests {
 
     #[derive(Serialize, Default)]
     struct NoOverrides {}
+
+    /// The fields of [`Settings`], as serde knows them (its derive hands the list to
+    /// `deserialize_struct`).
+    fn field_names() -> Vec<&'static str> {
+        use serde::de::{Error, Visitor};
+        struct Grab(Vec<&'static str>);
+        impl<'de> serde::Deserializer<'de> for &mut Grab {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(Error::custom("only the field list is wanted"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0.extend_from_slice(fields);
+                Err(Error::custom("got the field list"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut grab = Grab(Vec::new());
+        let _ = Settings::deserialize(&mut grab);
+        grab.0
+    }
+
+    const ROLES: [Role; 4] = [Role::Gateway, Role::Caller, Role::Infer, Role::Up];
+
+    #[test]
+    fn every_setting_belongs_to_a_role_and_every_key_is_a_setting() {
+        let fields = field_names();
+        assert!(fields.len() > 40, "{fields:?}");
+        for f in &fields {
+            assert!(
+                ROLES.iter().any(|r| r.keys().contains(f)),
+                "`{f}` is read by no role: add it to Role::keys"
+            );
+        }
+        for role in ROLES {
+            for key in role.keys() {
+                assert!(
+                    fields.contains(key),
+                    "{}: `{key}` is no setting",
+                    role.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_setting_with_its_roles() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        let table = readme
+            .split("| key (`--flag`, `MESHD_KEY`) | roles | default | meaning |")
+            .nth(1)
+            .expect("the README's settings table");
+        let mut documented = std::collections::BTreeMap::new();
+        for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let roles: Vec<&str> = match cells[2] {
+                "all" => ROLES.iter().map(|r| r.name()).collect(),
+                list => list.split(", ").collect(),
+            };
+            for key in cells[1].split(", ") {
+                let key = key.trim_matches('`');
+                assert!(
+                    documented.insert(key.to_string(), roles.clone()).is_none(),
+                    "README lists `{key}` twice"
+                );
+            }
+        }
+        for field in field_names() {
+            let mut readers: Vec<&str> = ROLES
+                .iter()
+                .filter(|r| r.keys().contains(&field))
+                .map(|r| r.name())
+                .collect();
+            let mut listed = documented
+                .remove(field)
+                .unwrap_or_else(|| panic!("README's settings table has no row for `{field}`"));
+            readers.sort();
+            listed.sort();
+            assert_eq!(listed, readers, "README's roles for `{field}`");
+        }
+        assert!(
+            documented.is_empty(),
+            "README documents settings that do not exist: {:?}",
+            documented.keys()
+        );
+    }
+
+    #[test]
+    fn flags_are_generated_from_the_settings_and_checked_per_role() {
+        let parse = |role: Role, args: &[&str]| {
+            let cmd = role_flags(role, clap::Command::new("meshd"));
+            let m = cmd
+                .try_get_matches_from(std::iter::once("meshd").chain(args.iter().copied()))
+                .unwrap();
+            flag_overrides(role, &m)
+        };
+        let d = parse(
+            Role::Infer,
+            &["--slots", "3", "--allow-plaintext", "--generator", "echo"],
+        )
+        .unwrap();
+        assert_eq!(d.len(), 3, "only the flags given: {d:?}");
+        let s = Settings::load(Role::Infer, None, d).unwrap();
+        assert_eq!(s.slots, 3);
+        assert!(s.allow_plaintext);
+        assert_eq!(s.generator, GeneratorKind::Echo);
+
+        let err = parse(Role::Gateway, &["--model", "x.gguf"]).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("--model is not a setting of `meshd gateway`"));
+
+        let d = parse(
+            Role::Gateway,
+            &[
+                "--allow-plaintext",
+                "--worker-token-file-for",
+                "caller=/c",
+                "--worker-token-file-for",
+                "infer=/i",
+            ],
+        )
+        .unwrap();
+        let s = Settings::load(Role::Gateway, None, d).unwrap();
+        assert_eq!(s.worker_token_files["caller"], PathBuf::from("/c"));
+        assert_eq!(s.worker_token_files["infer"], PathBuf::from("/i"));
+    }
 
     #[test]
     fn every_shipped_role_file_loads() {

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use meshd::config::{GeneratorKind, LogFormat, MatmulKernel, Role, Settings};
+use meshd::config::{self, Role, Settings};
 use meshd::engine::EngineConfig;
 use meshd::gateway::{self, GatewayOptions};
 use meshd::state::StateStore;
@@ -31,13 +30,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The public HTTP API (:3111) and the private worker mesh (:49134), with the state built-in.
-    Gateway(RoleArgs<GatewayFlags>),
+    Gateway(RoleArgs),
     /// A worker that validates HTTP requests and shapes responses.
-    Caller(RoleArgs<WorkerFlags>),
+    Caller(RoleArgs),
     /// A worker that owns the model (llama.cpp) and the math function.
-    Infer(RoleArgs<InferFlags>),
+    Infer(RoleArgs),
     /// Gateway, caller and infer in one process on loopback.
-    Up(RoleArgs<UpFlags>),
+    Up(RoleArgs),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -66,258 +65,23 @@ enum ConfigCommand {
     },
 }
 
+/// What every role takes besides its settings; the settings themselves are flags generated from
+/// [`Settings`] (`meshd::config::role_flags`), so a new setting needs no code here.
 #[derive(Args)]
-struct RoleArgs<F: Args> {
+struct RoleArgs {
     /// A TOML file of settings (see roles/).
     #[arg(long, short)]
     config: Option<PathBuf>,
-    #[command(flatten)]
-    flags: F,
-}
-
-/// Flags every role takes. `None` means "not given": lower layers decide.
-#[derive(Args, Serialize)]
-struct CommonFlags {
-    /// Allow plain HTTP / ws:// on non-loopback addresses.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    allow_plaintext: bool,
-    /// `human` or `json`.
-    #[arg(long, value_enum)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_format: Option<LogFormat>,
-    /// A tracing filter such as `info` or `meshd=debug`.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_level: Option<String>,
-    /// Seconds to finish in-flight work after SIGTERM.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    drain_timeout_secs: Option<u64>,
-    /// Milliseconds between mesh heartbeats.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    heartbeat_interval_ms: Option<u64>,
-    /// Milliseconds of silence after which a mesh peer is dead.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    heartbeat_timeout_ms: Option<u64>,
-}
-
-#[derive(Args, Serialize)]
-struct ListenFlags {
-    /// PEM certificate chain for HTTPS on the API.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for HTTPS on the API.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_key: Option<PathBuf>,
-    /// PEM certificate chain for wss:// on the mesh.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mesh_tls_cert: Option<PathBuf>,
-    /// PEM private key for wss:// on the mesh.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mesh_tls_key: Option<PathBuf>,
-    /// A file of API keys (plain or sha256:<hex>), one per line.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    api_keys_file: Option<PathBuf>,
-    /// Serve the API without keys on a non-loopback address.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    insecure_no_auth: bool,
-    /// Public HTTP listener, e.g. `0.0.0.0:3111`.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http_addr: Option<String>,
-    /// Private mesh listener, e.g. `:49134`.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mesh_addr: Option<String>,
-    /// Directory of the sled state.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_dir: Option<PathBuf>,
-    /// Largest HTTP request body, in bytes.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_body_bytes: Option<usize>,
-    /// Invocations of one function in flight at once before 429.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    queue_depth: Option<usize>,
-    /// End-to-end deadline of an HTTP request, in seconds (504 past it).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_timeout_secs: Option<u64>,
-    /// Seconds an HTTP connection has to send a complete request head (keep-alive included).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http_header_timeout_secs: Option<u64>,
-    /// Seconds a request body has to arrive after its head.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http_body_timeout_secs: Option<u64>,
-    /// Seconds a trigger outlives the last worker of its function before it is removed.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trigger_grace_secs: Option<u64>,
-}
-
-/// The gateway's per-role worker tokens.
-#[derive(Args, Serialize)]
-struct RoleTokenFlags {
-    /// A role's worker token from a file, as ROLE=PATH (repeat per role: caller=…, infer=…).
-    #[arg(long = "worker-token-file-for", value_name = "ROLE=PATH", value_parser = role_path)]
-    #[serde(
-        rename = "worker_token_files",
-        skip_serializing_if = "Vec::is_empty",
-        serialize_with = "as_map"
-    )]
-    worker_token_files: Vec<(String, PathBuf)>,
-}
-
-fn role_path(arg: &str) -> Result<(String, PathBuf), String> {
-    match arg.split_once('=') {
-        Some((role, path)) if !role.is_empty() && !path.is_empty() => {
-            Ok((role.to_string(), PathBuf::from(path)))
-        }
-        _ => Err(format!("`{arg}` is not ROLE=PATH")),
-    }
-}
-
-fn as_map<S: serde::Serializer>(pairs: &[(String, PathBuf)], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
-}
-
-#[derive(Args, Serialize)]
-struct TokenFlags {
-    /// The shared mesh secret (prefer --worker-token-file).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    worker_token: Option<String>,
-    /// A file holding the shared mesh secret.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    worker_token_file: Option<PathBuf>,
-}
-
-#[derive(Args, Serialize)]
-struct ConnectFlags {
-    /// PEM CA certificate(s) that sign a wss:// gateway's certificate.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gateway_ca: Option<PathBuf>,
-    /// The gateway's mesh address, e.g. `ws://10.20.1.10:49134`.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gateway_url: Option<String>,
-    /// This worker's name in logs.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<String>,
-}
-
-#[derive(Args, Serialize)]
-struct ModelFlags {
-    /// `llama.cpp` (the model) or `echo` (filler words, no model: for tests of the mesh).
-    #[arg(long, value_enum)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    generator: Option<GeneratorKind>,
-    /// The GGUF model file.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<PathBuf>,
-    /// Sequences generated at once.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    slots: Option<u32>,
-    /// Context positions per slot.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ctx_per_slot: Option<u32>,
-    /// Inference threads (0: one per core).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    threads: Option<u32>,
-    /// CPU matrix multiply for quantized weights: `meshd` (the best this CPU runs), `meshd-avx2`
-    /// (prefetching tiles only) or `llama.cpp` (stock).
-    #[arg(long, value_enum)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    matmul_kernel: Option<MatmulKernel>,
-    /// Layers offloaded to the GPU.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    n_gpu_layers: Option<u32>,
-    /// Requests waiting for a free slot before 429.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_queued_sequences: Option<usize>,
-    /// Seconds an engine may hold work without a decode step before it counts as stalled.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    engine_stall_secs: Option<u64>,
-}
-
-#[derive(Args, Serialize)]
-struct GatewayFlags {
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    listen: ListenFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    token: TokenFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    roles: RoleTokenFlags,
-}
-
-#[derive(Args, Serialize)]
-struct WorkerFlags {
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    connect: ConnectFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    token: TokenFlags,
-}
-
-#[derive(Args, Serialize)]
-struct InferFlags {
-    #[command(flatten)]
-    #[serde(flatten)]
-    worker: WorkerFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    model: ModelFlags,
-}
-
-#[derive(Args, Serialize)]
-struct UpFlags {
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    listen: ListenFlags,
-    #[command(flatten)]
-    #[serde(flatten)]
-    model: ModelFlags,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let mut command = Cli::command();
+    for role in [Role::Gateway, Role::Caller, Role::Infer, Role::Up] {
+        command = command.mut_subcommand(role.name(), |sub| config::role_flags(role, sub));
+    }
+    let matches = command.get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshd: {e:#}");
@@ -326,8 +90,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn load<F: Args + Serialize>(role: Role, args: &RoleArgs<F>) -> anyhow::Result<Settings> {
-    let settings = Settings::load(role, args.config.as_deref(), &args.flags)?;
+/// A role's settings: defaults, its file, `MESHD_*`, then the flags given.
+fn load(role: Role, args: &RoleArgs, matches: &ArgMatches) -> anyhow::Result<Settings> {
+    let flags = matches
+        .subcommand_matches(role.name())
+        .map(|sub| config::flag_overrides(role, sub))
+        .transpose()?
+        .unwrap_or_default();
+    let settings = Settings::load(role, args.config.as_deref(), flags)?;
     telemetry::init(settings.log_format, &settings.log_level);
     Ok(settings)
 }
@@ -357,7 +127,7 @@ fn worker_options(s: &Settings) -> anyhow::Result<WorkerOptions> {
     })
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     match cli.command {
         Command::Config(ConfigCommand::Check { file, role }) => {
             let role_name = match role {
@@ -395,7 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Gateway(args) => {
-            let settings = load(Role::Gateway, &args)?;
+            let settings = load(Role::Gateway, &args, matches)?;
             let identities = settings.identities()?;
             if identities.is_empty() {
                 anyhow::bail!(
@@ -415,13 +185,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Caller(args) => {
-            let settings = load(Role::Caller, &args)?;
+            let settings = load(Role::Caller, &args, matches)?;
             let opts = worker_options(&settings)?;
             runtime()?.block_on(run_worker(roles::caller(opts)));
             Ok(())
         }
         Command::Infer(args) => {
-            let settings = load(Role::Infer, &args)?;
+            let settings = load(Role::Infer, &args, matches)?;
             let opts = worker_options(&settings)?;
             runtime()?.block_on(async {
                 liveness::notify("STATUS=loading the model");
@@ -441,7 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Up(args) => {
-            let settings = load(Role::Up, &args)?;
+            let settings = load(Role::Up, &args, matches)?;
             runtime()?.block_on(async {
                 let listeners = up::bind(&settings).await?;
                 announce(&listeners)?;
