@@ -15,7 +15,8 @@
 //!
 //! `GATE=0.9` turns the run into a check of the claim that justifies patching llama.cpp: on every
 //! decode shape, each of meshd's kernels must run at least 0.9× as fast as llama.cpp's own
-//! (a ratio measured in this one run, the kernels alternating, not a time), or the run fails.
+//! (a ratio measured in this one run, the kernels alternating, not a time), or the run fails. A
+//! shape below the gate is timed again for three times as many rounds; only a second miss fails.
 //! `SHAPES=decode` runs only the decode shapes. CI runs `ROUNDS=5 SHAPES=decode GATE=0.9`.
 //!
 //! `cargo bench --bench matmul`
@@ -41,6 +42,25 @@ fn env_or(key: &str, default: usize) -> usize {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The median time of each kernel on one product, the kernels alternating round by round.
+fn time_kernels(
+    shape: &MulMat,
+    n: i64,
+    kernels: &[(meshd::engine::MatmulKernel, &str)],
+    rounds: usize,
+    threads: usize,
+) -> Vec<f64> {
+    let mut times = vec![Vec::new(); kernels.len()];
+    shape.run(n, threads); // warm the caches and the page tables
+    for _ in 0..rounds {
+        for (k, &(kernel, _)) in kernels.iter().enumerate() {
+            select_matmul_kernel(kernel);
+            times[k].push(shape.run(n, threads));
+        }
+    }
+    times.into_iter().map(median).collect()
 }
 
 fn main() {
@@ -76,30 +96,32 @@ fn main() {
         }
         let shape = MulMat::new(ty, rows, K, columns);
         for &n in columns {
-            let mut times = vec![Vec::new(); kernels.len()];
             let mut outputs = vec![Vec::new(); kernels.len()];
-            shape.run(n, threads); // warm the caches and the page tables
-            for _ in 0..rounds {
-                for (k, &(kernel, _)) in kernels.iter().enumerate() {
-                    select_matmul_kernel(kernel);
-                    times[k].push(shape.run(n, threads));
-                }
-            }
+            let ms = time_kernels(&shape, n, &kernels, rounds, threads);
             for (k, &(kernel, _)) in kernels.iter().enumerate() {
                 select_matmul_kernel(kernel);
                 shape.run(n, threads);
                 outputs[k] = shape.output(n);
             }
-            let ms: Vec<f64> = times.into_iter().map(median).collect();
             print!("{name:<12} {n:>3}");
             for t in &ms {
                 print!(" {:>13.2} ({:>5.2}x)", t, ms[0] / t);
             }
             if let Some(gate) = gate.filter(|_| columns == DECODE) {
-                for (k, t) in ms.iter().enumerate().skip(1) {
-                    let ratio = ms[0] / t;
-                    if ratio < gate {
-                        below_gate.push(format!("{name} n={n} {}: {ratio:.2}x", kernels[k].1));
+                let below = |ms: &[f64]| (1..ms.len()).any(|k| ms[0] / ms[k] < gate);
+                // A shared host can slow one kernel's rounds: a shape below the gate is timed
+                // again, three times as long, and only a second miss counts.
+                let again =
+                    below(&ms).then(|| time_kernels(&shape, n, &kernels, 3 * rounds, threads));
+                if let Some(again) = again.filter(|a| below(a)) {
+                    for k in 1..again.len() {
+                        let (first, second) = (ms[0] / ms[k], again[0] / again[k]);
+                        if second < gate {
+                            below_gate.push(format!(
+                                "{name} n={n} {}: {first:.2}x, then {second:.2}x",
+                                kernels[k].1
+                            ));
+                        }
                     }
                 }
             }
