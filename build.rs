@@ -55,6 +55,12 @@ fn main() {
     println!("cargo:rerun-if-changed={AVX512_KERNEL}");
     println!("cargo:rerun-if-changed={PATCH}");
     println!("cargo:rerun-if-env-changed={OPT_OUT}");
+    // `meshd --version` names the commit a release was built from (scripts/release sets it); a
+    // development build says so instead of naming a commit that may be stale.
+    println!("cargo:rerun-if-env-changed=MESHD_GIT_COMMIT");
+    let commit = env::var("MESHD_GIT_COMMIT").unwrap_or_default();
+    println!("cargo:rustc-env=MESHD_BUILD_COMMIT={commit}");
+    println!("cargo:rustc-check-cfg=cfg(meshd_avx512)");
     println!("cargo:rustc-check-cfg=cfg(meshd_sgemm)");
     let target = env::var("TARGET").unwrap_or_default();
     if !(target.starts_with("x86_64") && target.contains("linux")) {
@@ -155,6 +161,7 @@ fn build_sgemm() -> Result<(), String> {
     if avx512.is_ok() {
         // After meshd_sgemm, which calls into it; cc put both archives in OUT_DIR.
         println!("cargo:rustc-link-lib=static:+whole-archive=meshd_avx512");
+        println!("cargo:rustc-cfg=meshd_avx512");
     }
     Ok(())
 }

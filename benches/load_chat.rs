@@ -280,7 +280,7 @@ fn main() {
     rt.block_on(async {
         let config = EngineConfig {
             model: harness::model().into(),
-            model_id: "gemma-3-270m".into(),
+            model_id: None,
             slots: 16,
             ctx_per_slot: 512,
             batch_size: 512,

@@ -200,6 +200,39 @@ pub struct Completion {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelList {
     pub models: Vec<String>,
+    /// What is known of each model, in the order of `models` (newer workers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub info: Vec<ModelInfo>,
+}
+
+/// A served model, as its worker knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ModelInfo {
+    pub id: String,
+    /// Positions one request may use (prompt plus completion): the slot's context.
+    pub context_length: u32,
+    /// The context the model was trained with, from the GGUF (0: unknown).
+    #[serde(default)]
+    pub trained_context_length: u32,
+    /// The weights' quantisation, e.g. `Q4_K_M` (empty: unknown, or no model).
+    #[serde(default)]
+    pub quantization: String,
+    #[serde(default)]
+    pub parameters: u64,
+}
+
+/// A model id from a GGUF's `general.name` or a file stem: lower case, and every run of
+/// characters other than letters, digits, `.` and `_` one `-` (`Gemma 3 270m` → `gemma-3-270m`).
+pub fn model_id_from(name: &str) -> String {
+    let mut id = String::new();
+    for c in name.trim().chars() {
+        if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+            id.push(c.to_ascii_lowercase());
+        } else if !id.ends_with('-') {
+            id.push('-');
+        }
+    }
+    id.trim_matches('-').to_string()
 }
 
 /// The answer of `inference::stats`: an infer worker's engine, for `/v1/engine/stats` and the
@@ -370,6 +403,17 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{e}");
             assert_eq!(e.code, "bad_request");
         }
+    }
+
+    #[test]
+    fn model_ids_are_normalised_names() {
+        assert_eq!(model_id_from("Gemma 3 270m"), "gemma-3-270m");
+        assert_eq!(
+            model_id_from("SmolLM2 135M Instruct"),
+            "smollm2-135m-instruct"
+        );
+        assert_eq!(model_id_from(" a//b  c.gguf "), "a-b-c.gguf");
+        assert_eq!(model_id_from("¿?"), "");
     }
 
     #[test]

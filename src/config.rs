@@ -311,9 +311,11 @@ pub struct Settings {
     /// The GGUF file the infer role serves.
     #[arg(long, required = false)]
     pub model: PathBuf,
-    /// The model name the API reports and accepts.
-    #[arg(long, required = false)]
-    pub model_id: String,
+    /// The model name the API reports and accepts; default: the GGUF's `general.name`,
+    /// normalised (`Gemma 3 270m` → `gemma-3-270m`), else the file's stem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub model_id: Option<String>,
     /// Sequences generated at once (continuous batching).
     #[arg(long, required = false)]
     pub slots: u32,
@@ -481,7 +483,7 @@ impl Settings {
             max_concurrency: 1024,
             generator: GeneratorKind::Llama,
             model: "models/gemma3-270m-q4_k_m.gguf".into(),
-            model_id: "gemma-3-270m".into(),
+            model_id: None,
             slots: 8,
             ctx_per_slot: 2048,
             batch_size: 512,

@@ -75,7 +75,8 @@ struct RoleArgs {
 }
 
 fn main() -> ExitCode {
-    let mut command = Cli::command();
+    let version: &'static str = Box::leak(meshd::engine::build_description().into_boxed_str());
+    let mut command = Cli::command().long_version(version);
     for role in [Role::Gateway, Role::Caller, Role::Infer, Role::Up] {
         command = command.mut_subcommand(role.name(), |sub| config::role_flags(role, sub));
     }

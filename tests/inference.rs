@@ -390,8 +390,63 @@ async fn models_are_listed() {
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["object"], "list");
+    // The id is the GGUF's own `general.name` ("Gemma 3 270m"), normalised; no id is configured.
     assert_eq!(v["data"][0]["id"], "gemma-3-270m");
     assert_eq!(v["data"][0]["object"], "model");
+    assert_eq!(v["data"][0]["quantization"], "Q4_K_M");
+    assert_eq!(v["data"][0]["context_length"], 512);
+    assert_eq!(v["data"][0]["trained_context_length"], 32768);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_gguf_is_served_under_its_own_name_unless_an_id_is_configured() {
+    let second = second_model();
+    let start = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["up", "--http-addr", "127.0.0.1:0", "--threads", "2"];
+        args.extend_from_slice(&["--data-dir", dir.path().to_str().unwrap()]);
+        args.extend_from_slice(&["--model", second.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        (Proc::start(&args, true), dir)
+    };
+    let (smol, _dir) = start(&[]);
+    ready(smol.http()).await;
+    let v = request(smol.http(), "GET", "/v1/models", "").await.json();
+    // SmolLM2's GGUF names itself `smollm2-135m-8k-lc100k-mix1-ep2`: its own words, not ours.
+    let id = v["data"][0]["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("smollm2-135m"), "{v}");
+    assert_eq!(v["data"][0]["quantization"], "Q4_1");
+    let body = json!({"model": id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0});
+    let r = request(
+        smol.http(),
+        "POST",
+        "/v1/chat/completions",
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], id.as_str());
+    let gemma = json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}]});
+    let r = request(
+        smol.http(),
+        "POST",
+        "/v1/chat/completions",
+        &gemma.to_string(),
+    )
+    .await;
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    drop(smol);
+
+    // A configured id wins (here on the echo generator, which loads no model: its id is the
+    // configured one, else the file's stem).
+    let (named, _d2) = start(&["--generator", "echo", "--model-id", "tiny"]);
+    ready(named.http()).await;
+    let v = request(named.http(), "GET", "/v1/models", "").await.json();
+    assert_eq!(v["data"][0]["id"], "tiny");
+    assert!(
+        v["data"][0].get("quantization").is_none(),
+        "echo claims no weights: {v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

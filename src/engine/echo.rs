@@ -99,6 +99,15 @@ impl Generate for Echo {
         &self.config.model_id
     }
 
+    fn model_info(&self) -> crate::api::ModelInfo {
+        crate::api::ModelInfo {
+            id: self.config.model_id.clone(),
+            context_length: self.config.ctx_per_slot,
+            // No model: nothing else is known, and nothing pretends to be.
+            ..crate::api::ModelInfo::default()
+        }
+    }
+
     fn generate(&self, request: &ValidGenerate) -> Result<Generation, EngineError> {
         let words = prompt_words(request.prompt());
         if words.is_empty() {

@@ -24,6 +24,9 @@ pub trait Generate: Send + Sync + 'static {
     /// The model name the API reports and accepts.
     fn model_id(&self) -> &str;
 
+    /// The model's id, context, quantisation and size, for `/v1/models`.
+    fn model_info(&self) -> crate::api::ModelInfo;
+
     /// Formats, tokenizes, checks the context and queues a request. May block for a while (a long
     /// prompt): call it off the async threads.
     fn generate(&self, request: &ValidGenerate) -> Result<Generation, EngineError>;

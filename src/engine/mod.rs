@@ -38,7 +38,11 @@ pub async fn start_generator(
     Ok(match kind {
         GeneratorKind::Llama => Arc::new(Engine::start(config).await?),
         GeneratorKind::Echo => Arc::new(echo::Echo::new(echo::EchoConfig {
-            model_id: config.model_id,
+            // No model is loaded: the configured id, else the file's stem.
+            model_id: config.model_id.clone().unwrap_or_else(|| {
+                let stem = config.model.file_stem().unwrap_or_default();
+                crate::api::model_id_from(&stem.to_string_lossy())
+            }),
             slots: config.slots,
             ctx_per_slot: config.ctx_per_slot,
             max_queued: config.max_queued,
@@ -52,7 +56,8 @@ pub async fn start_generator(
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub model: PathBuf,
-    pub model_id: String,
+    /// `None`: the GGUF's own name (see [`crate::api::model_id_from`]).
+    pub model_id: Option<String>,
     pub slots: u32,
     pub ctx_per_slot: u32,
     pub batch_size: u32,
@@ -158,6 +163,7 @@ pub struct Stats {
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
     model: Arc<LlamaModel>,
+    info: Arc<crate::api::ModelInfo>,
     template: Arc<LlamaChatTemplate>,
     pub stats: Arc<Stats>,
     config: Arc<EngineConfig>,
@@ -238,9 +244,12 @@ impl Engine {
             matmul,
             "model loaded"
         );
+        let info = Arc::new(model_info(&model, &config));
+        tracing::info!(id = %info.id, quantization = %info.quantization, "serving the model");
         Ok(Engine {
             jobs,
             model,
+            info,
             template: Arc::new(template),
             stats,
             config: Arc::new(config),
@@ -248,7 +257,7 @@ impl Engine {
     }
 
     pub fn model_id(&self) -> &str {
-        &self.config.model_id
+        &self.info.id
     }
 
     /// Formats and tokenizes a prompt and checks it fits its slot with `max_tokens` to spare
@@ -337,8 +346,57 @@ impl Engine {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let c = &self.config;
-        self.stats.snapshot(&c.model_id, c.slots, c.ctx_per_slot)
+        self.stats.snapshot(&self.info.id, c.slots, c.ctx_per_slot)
     }
+}
+
+/// What the API says of the loaded model: its id (configured, else the GGUF's `general.name`,
+/// else the file's stem), the slot's context, and what the GGUF records.
+fn model_info(model: &LlamaModel, config: &EngineConfig) -> crate::api::ModelInfo {
+    let meta = |key: &str| model.meta_val_str(key).ok().filter(|v| !v.is_empty());
+    let id = config.model_id.clone().unwrap_or_else(|| {
+        let stem = config.model.file_stem().unwrap_or_default();
+        let named = meta("general.name").map(|n| crate::api::model_id_from(&n));
+        named
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| crate::api::model_id_from(&stem.to_string_lossy()))
+    });
+    let quantization = meta("general.file_type")
+        .and_then(|t| t.parse::<u32>().ok())
+        .map(file_type_name)
+        .unwrap_or_default();
+    crate::api::ModelInfo {
+        id,
+        context_length: config.ctx_per_slot,
+        trained_context_length: model.n_ctx_train(),
+        quantization,
+        parameters: model.n_params(),
+    }
+}
+
+/// The name of a GGUF `general.file_type` (llama.cpp's `llama_ftype`).
+fn file_type_name(t: u32) -> String {
+    let name = match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        other => return format!("type {other}"),
+    };
+    name.to_string()
 }
 
 impl Stats {
@@ -396,6 +454,37 @@ fn stall_for_fault_injection() {
 /// Whether this build carries meshd's patched matmul (x86-64 Linux; see `build.rs`).
 pub fn patched_matmul_built() -> bool {
     cfg!(meshd_sgemm)
+}
+
+/// What `meshd --version` says of this build and this CPU: the matmul kernels compiled in, and
+/// the one `matmul_kernel = "meshd"` runs here.
+pub fn build_description() -> String {
+    let compiled = match (cfg!(meshd_sgemm), cfg!(meshd_avx512)) {
+        (true, true) => "meshd patch (prefetching AVX2 tiles, AVX-512 VNNI kernel)",
+        (true, false) => "meshd patch (prefetching AVX2 tiles)",
+        _ => "llama.cpp's own",
+    };
+    let runs = available_matmul_kernels()
+        .last()
+        .map_or("llama.cpp", |(_, name)| *name);
+    let mut features = Vec::new();
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    if cfg!(feature = "metal") {
+        features.push("metal");
+    }
+    let commit = option_env!("MESHD_BUILD_COMMIT").filter(|c| !c.is_empty());
+    format!(
+        "{}\ncommit: {}\nfeatures: {}\nmatmul compiled in: {compiled}\nmatmul on this CPU: {runs}",
+        env!("CARGO_PKG_VERSION"),
+        commit.unwrap_or("none (a development build; scripts/release names the commit)"),
+        if features.is_empty() {
+            "cpu".to_string()
+        } else {
+            features.join(", ")
+        },
+    )
 }
 
 /// Switches the process's CPU matrix multiply (one switch for the whole process, as llama.cpp's
@@ -496,6 +585,10 @@ pub(crate) fn fit(limit: u32, prompt: u32, wanted: Option<u32>) -> Result<u32, E
 impl Generate for Engine {
     fn model_id(&self) -> &str {
         Engine::model_id(self)
+    }
+
+    fn model_info(&self) -> crate::api::ModelInfo {
+        (*self.info).clone()
     }
 
     fn generate(&self, request: &ValidGenerate) -> Result<Generation, EngineError> {

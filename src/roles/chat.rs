@@ -239,7 +239,24 @@ async fn list_models(call: Call) -> Result<Response, ErrorBody> {
     let data: Vec<Value> = list
         .models
         .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "meshd"}))
+        .enumerate()
+        .map(|(i, id)| {
+            let mut m = json!({"id": id, "object": "model", "created": 0, "owned_by": "meshd"});
+            // Beyond OpenAI's four fields: what the worker knows of the model.
+            if let Some(info) = list.info.get(i).filter(|info| &info.id == id) {
+                m["context_length"] = json!(info.context_length);
+                if info.trained_context_length > 0 {
+                    m["trained_context_length"] = json!(info.trained_context_length);
+                }
+                if !info.quantization.is_empty() {
+                    m["quantization"] = json!(info.quantization);
+                }
+                if info.parameters > 0 {
+                    m["parameters"] = json!(info.parameters);
+                }
+            }
+            m
+        })
         .collect();
     Ok(json_response(&json!({"object": "list", "data": data})))
 }

@@ -22,6 +22,7 @@ pub fn register(worker: Worker, engine: Arc<dyn Generate>) -> Worker {
         .function("inference::models", move |_call| {
             let models = ModelList {
                 models: vec![e2.model_id().to_string()],
+                info: vec![e2.model_info()],
             };
             async move { Ok(Response::payload(protocol::to_payload(&models))) }
         })

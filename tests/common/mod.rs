@@ -32,6 +32,18 @@ pub fn model() -> PathBuf {
     path
 }
 
+/// The second offline model (a different architecture and quantisation), fetched by
+/// `scripts/fetch-model smollm2`.
+pub fn second_model() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model smollm2 first",
+        path.display()
+    );
+    path
+}
+
 /// A `meshd` child process, killed (SIGKILL) when dropped, and by the kernel if the test dies.
 pub struct Proc {
     pub child: Child,
