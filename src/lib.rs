@@ -11,6 +11,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod openai;
 pub mod protocol;
+pub mod pull;
 pub mod roles;
 pub mod state;
 pub mod status;

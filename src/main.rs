@@ -40,6 +40,9 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Fetches models: `meshd model pull NAME|URL`, `meshd model list`.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Prints the live functions and workers of a gateway.
     Status {
         /// The gateway's API address.
@@ -52,6 +55,24 @@ enum Command {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Downloads a model with progress, resumes a partial download, checks its sha256 and only
+    /// then moves it into place.
+    Pull {
+        /// A name from `meshd model list`, or an http(s):// URL of a GGUF file.
+        what: String,
+        /// The file's sha256 (required for a URL; overrides a catalogue entry's).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// A directory (the file keeps its name) or a file path.
+        #[arg(long, short, default_value = "models")]
+        out: PathBuf,
+    },
+    /// The models `meshd model pull` knows by name.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +172,18 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 file.display(),
                 role.name()
             );
+            Ok(())
+        }
+        Command::Model(ModelCommand::List) => {
+            print!("{}", meshd::pull::catalogue());
+            Ok(())
+        }
+        Command::Model(ModelCommand::Pull { what, sha256, out }) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let path = rt.block_on(meshd::pull::pull(meshd::pull::Pull { what, sha256, out }))?;
+            println!("{}", path.display());
             Ok(())
         }
         Command::Status { url, api_key, ca } => {

@@ -53,11 +53,14 @@ resource "aws_ssm_parameter" "api_keys" {
 # ---------------------------------------------------------------------------------------------------------------------
 # The release binary: uploaded from meshd_binary_path to a private bucket, or taken from meshd_binary_url.
 # VMs fetch it through the S3 gateway endpoint and refuse it unless its sha256 matches.
+# The default path is target/dist/meshd, what scripts/release makes: run scripts/release first. It is the stripped
+# target/release/meshd (~14 MB instead of ~140 MB: the release profile keeps line tables), with its debug sections in
+# target/dist/meshd.debug (never uploaded) and its sha256 in target/dist/meshd.sha256, equal to filesha256() below.
 # ---------------------------------------------------------------------------------------------------------------------
 
 locals {
   use_binary_url     = var.meshd_binary_url != ""
-  binary_local_path  = var.meshd_binary_path != "" ? var.meshd_binary_path : "${path.module}/../target/release/meshd"
+  binary_local_path  = var.meshd_binary_path != "" ? var.meshd_binary_path : "${path.module}/../target/dist/meshd"
   binary_sha256      = var.meshd_binary_sha256 != "" ? var.meshd_binary_sha256 : (local.use_binary_url ? "" : filesha256(local.binary_local_path))
   binary_object_key  = "meshd/${local.binary_sha256}/meshd"
   binary_s3_uri      = local.use_binary_url ? "" : "s3://${aws_s3_bucket.artifacts.id}/${local.binary_object_key}"

@@ -229,7 +229,7 @@ variable "tls_gateway_cert_validity_days" {
 
 variable "meshd_binary_path" {
   type        = string
-  description = "Local path of the release binary uploaded to the private artifact bucket. Empty (default): <repo>/target/release/meshd. Ignored when meshd_binary_url is set."
+  description = "Local path of the release binary uploaded to the private artifact bucket. Empty (default): <repo>/target/dist/meshd, the stripped binary scripts/release makes (run scripts/release first). Ignored when meshd_binary_url is set."
   default     = ""
 }
 

@@ -194,7 +194,9 @@ impl Engine {
         };
         if !config.model.is_file() {
             return Err(load_err(
-                "no such file (run scripts/fetch-model, or pass --model PATH)".into(),
+                "no such file: `meshd model pull gemma3-270m` fetches the default model (`meshd model list` \
+                 names others), or pass --model PATH"
+                    .into(),
             ));
         }
         let backend = backend()?;
