@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openai;
 pub mod protocol;
 pub mod pull;
+pub mod repl;
 pub mod roles;
 pub mod state;
 pub mod status;

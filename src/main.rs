@@ -40,6 +40,31 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Talks to a gateway's model from the terminal: streams answers, keeps the conversation
+    /// (`/reset`, `/model NAME`, `/system TEXT`, `/quit`).
+    Chat {
+        /// The gateway's API address.
+        #[arg(long, env = "MESHD_URL", default_value = "http://127.0.0.1:3111")]
+        url: String,
+        /// An API key, when the gateway requires one.
+        #[arg(long, env = "MESHD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// The CA that signed an https:// gateway's certificate.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The model to ask (default: the served one).
+        #[arg(long)]
+        model: Option<String>,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: u32,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        /// A system message sent before the conversation.
+        #[arg(long)]
+        system: Option<String>,
+    },
     /// Fetches models: `meshd model pull NAME|URL`, `meshd model list`.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -173,6 +198,28 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 role.name()
             );
             Ok(())
+        }
+        Command::Chat {
+            url,
+            api_key,
+            ca,
+            model,
+            max_tokens,
+            temperature,
+            system,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(meshd::repl::run(meshd::repl::ChatOptions {
+                url,
+                api_key,
+                ca,
+                model,
+                max_tokens,
+                temperature,
+                system,
+            }))
         }
         Command::Model(ModelCommand::List) => {
             print!("{}", meshd::pull::catalogue());
