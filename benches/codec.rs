@@ -17,6 +17,7 @@ fn invoke() -> Message {
             query: String::new(),
             headers: vec![("content-type".into(), "application/json".into())],
         }),
+        traceparent: None,
     }
 }
 

@@ -2,6 +2,10 @@
 //! infer → gateway `state::incr` with a durable flush → back), next to a bare hyper "hello"
 //! server measured in the same run: the ceiling for a loopback HTTP request on this machine.
 //!
+//! A second `meshd up` exports every span over OTLP/HTTP (to a sink on loopback that answers
+//! 200): the `math+otlp` rows give the cost of OpenTelemetry export, as a ratio to `math` measured
+//! in the same run.
+//!
 //! `cargo bench --bench load_math` (env `SECONDS`, default 5 per point).
 
 mod harness;
@@ -99,6 +103,12 @@ fn main() {
         let up = Arc::new(Up::start(&["--slots", "1"]));
         up.ready().await;
         let hello = hello_server().await;
+        let sink = format!("http://{}", hello_server().await);
+        let traced = Up::start_env(
+            &["--slots", "1"],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", sink.as_str())],
+        );
+        traced.ready().await;
         println!("load_math: {secs} s per point, 2 cores shared by client and server");
         println!(
             "{:<10} {:>4} {:>10} {:>9} {:>9} {:>7} {:>14}",
@@ -114,7 +124,19 @@ fn main() {
                 secs,
             )
             .await;
-            for (name, p) in [("hello", &h), ("math", &m)] {
+            let t = drive(
+                traced.addr,
+                "/math/add-two-numbers",
+                br#"{"a": 1, "b": 2}"#,
+                conc,
+                secs,
+            )
+            .await;
+            println!(
+                "otlp export at c={conc}: {:.1}% of the req/s without it",
+                100.0 * t.rps / m.rps
+            );
+            for (name, p) in [("hello", &h), ("math", &m), ("math+otlp", &t)] {
                 println!(
                     "{name:<10} {conc:>4} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>13.1}%",
                     p.rps,

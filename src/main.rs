@@ -128,7 +128,10 @@ fn main() -> ExitCode {
     }
     let matches = command.get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    match run(cli, &matches) {
+    let result = run(cli, &matches);
+    // Spans still buffered for the OTLP collector go out before the process ends.
+    meshd::telemetry::shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshd: {e:#}");
@@ -145,7 +148,7 @@ fn load(role: Role, args: &RoleArgs, matches: &ArgMatches) -> anyhow::Result<Set
         .transpose()?
         .unwrap_or_default();
     let settings = Settings::load(role, args.config.as_deref(), flags)?;
-    telemetry::init(settings.log_format, &settings.log_level);
+    telemetry::init(settings.log_format, &settings.log_level, role.name());
     Ok(settings)
 }
 

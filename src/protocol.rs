@@ -68,6 +68,10 @@ pub enum Message {
         /// Present when the invocation comes from an HTTP trigger.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         http: Option<HttpRequestHead>,
+        /// The W3C `traceparent` of the span that made the call (when OpenTelemetry export is on),
+        /// so every hop's span joins one trace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// The one answer to a non-streaming invocation, or the head of a streaming one.
     Result {
@@ -441,6 +445,7 @@ mod tests {
                     query: "a=1".into(),
                     headers: vec![("content-type".into(), "application/json".into())],
                 }),
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             },
             Message::Result {
                 id: 7,

@@ -1,27 +1,132 @@
 //! Logging through `tracing`: human-readable by default, JSON lines with `--log-format json`.
 //! Every invocation runs in a span carrying its `trace_id`, so each line of every role names it.
+//!
+//! OpenTelemetry, off by default: with `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, spans are also exported as OTLP/HTTP protobuf to that
+//! collector (Jaeger, Tempo, the OpenTelemetry Collector, X-Ray or Datadog through it), named by
+//! `OTEL_SERVICE_NAME` (default `meshd-<role>`). A W3C `traceparent` travels with every
+//! invocation on the mesh ([`inject`], [`extract`]), so one trace spans gateway → caller →
+//! gateway → infer.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Whether OTLP export is configured in this process's environment.
+pub fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
+}
+
 /// Installs the global subscriber (once per process; later calls are ignored).
-/// `RUST_LOG`, when set, wins over `level`.
-pub fn init(format: LogFormat, level: &str) {
+/// `RUST_LOG`, when set, wins over `level`. `role` names the service when `OTEL_SERVICE_NAME`
+/// does not.
+pub fn init(format: LogFormat, level: &str, role: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let ansi = std::io::stderr().is_terminal();
+    // The log level filters the log lines only: the exported spans are meshd's info spans
+    // (http, route, invoke) whatever the logs show.
+    let otel = otlp_configured().then(|| tracer(role)).flatten();
+    let otel_layer = otel.map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t)
+            // Spans only: log events stay log lines, not span events in the collector.
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.is_span() && m.target().starts_with("meshd") && *m.level() <= tracing::Level::INFO
+            }))
+    });
+    let registry = tracing_subscriber::registry().with(otel_layer);
     let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        LogFormat::Human => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .try_init(),
     };
+}
+
+fn tracer(role: &str) -> Option<opentelemetry_sdk::trace::SdkTracer> {
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("meshd: OTLP export is configured but cannot start: {e}");
+            return None;
+        }
+    };
+    let service = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("meshd-{role}"));
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("meshd");
+    let _ = PROVIDER.set(provider);
+    Some(tracer)
+}
+
+/// Sends the spans still buffered (at exit; bounded by the exporter's own timeout).
+pub fn shutdown() {
+    if let Some(p) = PROVIDER.get() {
+        let _ = p.shutdown();
+    }
+}
+
+/// The W3C `traceparent` of `span`, when OTLP export is on and the span is recorded.
+pub fn inject(span: &tracing::Span) -> Option<String> {
+    PROVIDER.get()?;
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of the remote span named by `traceparent` (no-op when OTLP export is
+/// off or the value is not a valid `traceparent`).
+pub fn extract(span: &tracing::Span, traceparent: Option<&str>) {
+    let (Some(_), Some(tp)) = (PROVIDER.get(), traceparent) else {
+        return;
+    };
+    let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(cx);
 }

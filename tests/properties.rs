@@ -78,6 +78,7 @@ fn message() -> impl Strategy<Value = Message> {
                     query: trace_id.clone(),
                     headers: vec![(trace_id.clone(), function.clone())],
                 }),
+                traceparent: with_http.then(|| format!("00-{trace_id}-01")),
             };
             let result = Message::Result {
                 id,

@@ -36,6 +36,11 @@ pub struct Up {
 
 impl Up {
     pub fn start(extra: &[&str]) -> Up {
+        Up::start_env(extra, &[])
+    }
+
+    /// [`Up::start`] with extra environment variables.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let model = model();
         let mut args = vec![
@@ -51,6 +56,7 @@ impl Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshd"))
             .args(&args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

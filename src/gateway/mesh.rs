@@ -318,6 +318,7 @@ async fn handle(
             timeout_ms,
             trace_id,
             http,
+            traceparent,
         } => {
             if builtins::is_builtin(&function) {
                 let shared = Arc::clone(shared);
@@ -338,21 +339,28 @@ async fn handle(
                 });
                 return Ok(());
             }
-            let routed = shared.registry().dispatch(
-                &function,
-                None,
-                Sink::Remote { worker: me, id },
-                Some((me, id)),
-                shared.opts.queue_depth,
-                |gid| Message::Invoke {
-                    id: gid,
-                    function: function.clone(),
-                    payload,
-                    timeout_ms,
-                    trace_id,
-                    http,
-                },
-            );
+            // The gateway's hop in the trace: a span for the routing, child of the caller's.
+            let route = tracing::info_span!("route", %function, trace_id = %trace_id);
+            crate::telemetry::extract(&route, traceparent.as_deref());
+            let traceparent = crate::telemetry::inject(&route).or(traceparent);
+            let routed = route.in_scope(|| {
+                shared.registry().dispatch(
+                    &function,
+                    None,
+                    Sink::Remote { worker: me, id },
+                    Some((me, id)),
+                    shared.opts.queue_depth,
+                    |gid| Message::Invoke {
+                        id: gid,
+                        function: function.clone(),
+                        payload,
+                        timeout_ms,
+                        trace_id,
+                        http,
+                        traceparent,
+                    },
+                )
+            });
             if let Err(e) = routed {
                 let outcome = Outcome::Error(e);
                 let _ = outbox

@@ -214,6 +214,7 @@ impl Shared {
                 timeout_ms,
                 trace_id: trace_id.to_string(),
                 http,
+                traceparent: crate::telemetry::inject(&tracing::Span::current()),
             },
         )?;
         Ok(LocalCall {

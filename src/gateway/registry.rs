@@ -638,6 +638,7 @@ mod tests {
             timeout_ms: 1000,
             trace_id: "t".into(),
             http: None,
+            traceparent: None,
         }
     }
 

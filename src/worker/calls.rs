@@ -172,6 +172,8 @@ impl Mesh {
             timeout_ms: timeout.as_millis() as u64,
             trace_id: trace_id.to_string(),
             http: None,
+            // Made inside the invocation's span: the callee's span becomes its child.
+            traceparent: crate::telemetry::inject(&tracing::Span::current()),
         };
         let mut conn = self.conn();
         let outbox = conn.outbox.as_ref().ok_or_else(|| {

@@ -37,6 +37,8 @@ pub struct Call {
     pub payload: Bytes,
     pub http: Option<HttpRequestHead>,
     pub trace_id: String,
+    /// The W3C `traceparent` the invocation came with (OpenTelemetry export on).
+    pub traceparent: Option<String>,
     pub deadline: Instant,
     /// Calls other functions through the gateway.
     pub mesh: Mesh,
@@ -434,8 +436,10 @@ impl Worker {
                     timeout_ms,
                     trace_id,
                     http,
+                    traceparent,
                 } => {
                     let call = Call {
+                        traceparent,
                         payload: Bytes::from(payload.into_vec()),
                         http,
                         trace_id,
@@ -497,6 +501,7 @@ impl Worker {
             ));
         }
         let span = tracing::info_span!("invoke", %function, trace_id = %call.trace_id);
+        crate::telemetry::extract(&span, call.traceparent.as_deref());
         let outbox = outbox.clone();
         let running2 = running.clone();
         let deadline = call.deadline;

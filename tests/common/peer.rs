@@ -111,6 +111,7 @@ impl Peer {
             timeout_ms: 10_000,
             trace_id: format!("test-{id}"),
             http: None,
+            traceparent: None,
         })
         .await;
         loop {
