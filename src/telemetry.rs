@@ -49,6 +49,10 @@ pub fn init(format: LogFormat, level: &str, role: &str) {
     let otel_layer = otel.map(|t| {
         tracing_opentelemetry::layer()
             .with_tracer(t)
+            // Less work per span: no busy/idle timing, no source location or thread attributes.
+            .with_tracked_inactivity(false)
+            .with_location(false)
+            .with_threads(false)
             // Spans only: log events stay log lines, not span events in the collector.
             .with_filter(tracing_subscriber::filter::filter_fn(|m| {
                 m.is_span() && m.target().starts_with("meshd") && *m.level() <= tracing::Level::INFO
