@@ -116,22 +116,17 @@ fn main() {
         );
         for conc in [1usize, 32] {
             let h = drive(hello, "/", b"", conc, secs).await;
-            let m = drive(
-                up.addr,
-                "/math/add-two-numbers",
-                br#"{"a": 1, "b": 2}"#,
-                conc,
-                secs,
-            )
-            .await;
-            let t = drive(
-                traced.addr,
-                "/math/add-two-numbers",
-                br#"{"a": 1, "b": 2}"#,
-                conc,
-                secs,
-            )
-            .await;
+            let math = |addr| {
+                drive(
+                    addr,
+                    "/math/add-two-numbers",
+                    br#"{"a": 1, "b": 2}"#,
+                    conc,
+                    secs,
+                )
+            };
+            let m = math(up.addr).await;
+            let t = math(traced.addr).await;
             println!(
                 "otlp export at c={conc}: {:.1}% of the req/s without it",
                 100.0 * t.rps / m.rps

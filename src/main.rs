@@ -43,15 +43,8 @@ enum Command {
     /// Talks to a gateway's model from the terminal: streams answers, keeps the conversation
     /// (`/reset`, `/model NAME`, `/system TEXT`, `/quit`).
     Chat {
-        /// The gateway's API address.
-        #[arg(long, env = "MESHD_URL", default_value = "http://127.0.0.1:3111")]
-        url: String,
-        /// An API key, when the gateway requires one.
-        #[arg(long, env = "MESHD_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// The CA that signed an https:// gateway's certificate.
-        #[arg(long)]
-        ca: Option<PathBuf>,
+        #[command(flatten)]
+        gateway: GatewayClient,
         /// The model to ask (default: the served one).
         #[arg(long)]
         model: Option<String>,
@@ -70,16 +63,23 @@ enum Command {
     Model(ModelCommand),
     /// Prints the live functions and workers of a gateway.
     Status {
-        /// The gateway's API address.
-        #[arg(long, env = "MESHD_URL", default_value = "http://127.0.0.1:3111")]
-        url: String,
-        /// An API key, when the gateway requires one.
-        #[arg(long, env = "MESHD_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// The CA that signed an https:// gateway's certificate.
-        #[arg(long)]
-        ca: Option<PathBuf>,
+        #[command(flatten)]
+        gateway: GatewayClient,
     },
+}
+
+/// How a client command reaches a gateway's API.
+#[derive(Args)]
+struct GatewayClient {
+    /// The gateway's API address.
+    #[arg(long, env = "MESHD_URL", default_value = "http://127.0.0.1:3111")]
+    url: String,
+    /// An API key, when the gateway requires one.
+    #[arg(long, env = "MESHD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The CA that signed an https:// gateway's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -203,9 +203,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Chat {
-            url,
-            api_key,
-            ca,
+            gateway: GatewayClient { url, api_key, ca },
             model,
             max_tokens,
             temperature,
@@ -236,7 +234,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Status { url, api_key, ca } => {
+        Command::Status {
+            gateway: GatewayClient { url, api_key, ca },
+        } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

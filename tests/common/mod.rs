@@ -23,10 +23,16 @@ pub fn bin() -> &'static str {
 
 /// The offline model, fetched by `scripts/fetch-model`.
 pub fn model() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma3-270m-q4_k_m.gguf");
+    model_file("gemma3-270m-q4_k_m.gguf", "scripts/fetch-model")
+}
+
+fn model_file(name: &str, fetch: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run scripts/fetch-model first",
+        "{} is missing: run {fetch} first",
         path.display()
     );
     path
