@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The chat process, killed when dropped (a failing assertion must not leave it behind).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Terminal {
     master: std::fs::File,
     screen: Arc<Mutex<String>>,
@@ -22,7 +32,7 @@ struct Terminal {
 
 impl Terminal {
     /// Starts `meshd ARGS` on the slave side of a new pty.
-    fn spawn(args: &[&str]) -> (Terminal, std::process::Child) {
+    fn spawn(args: &[&str]) -> (Terminal, Child) {
         let (mut master, mut slave) = (0, 0);
         // SAFETY: openpty fills two descriptors it has just opened; nothing else owns them.
         let rc = unsafe {
@@ -63,7 +73,7 @@ impl Terminal {
                 screen,
                 seen: 0,
             },
-            child,
+            Child(child),
         )
     }
 
@@ -153,7 +163,7 @@ async fn a_person_can_chat_from_a_terminal() {
     term.type_line("/quit");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             assert!(status.success());
             break;
         }
