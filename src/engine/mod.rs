@@ -38,11 +38,8 @@ pub async fn start_generator(
     Ok(match kind {
         GeneratorKind::Llama => Arc::new(Engine::start(config).await?),
         GeneratorKind::Echo => Arc::new(echo::Echo::new(echo::EchoConfig {
-            // No model is loaded: the configured id, else the file's stem.
-            model_id: config.model_id.clone().unwrap_or_else(|| {
-                let stem = config.model.file_stem().unwrap_or_default();
-                crate::api::model_id_from(&stem.to_string_lossy())
-            }),
+            // No model is loaded: no GGUF name to take.
+            model_id: config.served_id(None),
             slots: config.slots,
             ctx_per_slot: config.ctx_per_slot,
             max_queued: config.max_queued,
@@ -73,6 +70,21 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// The id the API serves the model under: the configured `model_id`, else the GGUF's
+    /// `general.name` normalised, else the file's stem normalised.
+    fn served_id(&self, gguf_name: Option<&str>) -> String {
+        if let Some(id) = &self.model_id {
+            return id.clone();
+        }
+        gguf_name
+            .map(crate::api::model_id_from)
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| {
+                let stem = self.model.file_stem().unwrap_or_default();
+                crate::api::model_id_from(&stem.to_string_lossy())
+            })
+    }
+
     pub fn from_settings(s: &crate::config::Settings) -> Self {
         EngineConfig {
             model: s.model.clone(),
@@ -356,13 +368,7 @@ impl Engine {
 /// else the file's stem), the slot's context, and what the GGUF records.
 fn model_info(model: &LlamaModel, config: &EngineConfig) -> crate::api::ModelInfo {
     let meta = |key: &str| model.meta_val_str(key).ok().filter(|v| !v.is_empty());
-    let id = config.model_id.clone().unwrap_or_else(|| {
-        let stem = config.model.file_stem().unwrap_or_default();
-        let named = meta("general.name").map(|n| crate::api::model_id_from(&n));
-        named
-            .filter(|id| !id.is_empty())
-            .unwrap_or_else(|| crate::api::model_id_from(&stem.to_string_lossy()))
-    });
+    let id = config.served_id(meta("general.name").as_deref());
     let quantization = meta("general.file_type")
         .and_then(|t| t.parse::<u32>().ok())
         .map(file_type_name)
