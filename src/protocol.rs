@@ -69,7 +69,7 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         http: Option<HttpRequestHead>,
         /// The W3C `traceparent` of the span that made the call (when OpenTelemetry export is on),
-        /// so every hop's span joins one trace.
+        /// so every hop's span joins one trace. The gateway drops one that is not well formed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
     },

@@ -124,6 +124,16 @@ pub fn inject(span: &tracing::Span) -> Option<String> {
     carrier.remove("traceparent")
 }
 
+/// Whether `s` is a W3C `traceparent` of version 00 (`00-<32 hex>-<16 hex>-<2 hex>`, neither id
+/// all zeros): the only form the gateway forwards from one worker to another.
+pub fn is_traceparent(s: &str) -> bool {
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
+    let zero = |p: &str| p.bytes().all(|b| b == b'0');
+    let parts: Vec<&str> = s.split('-').collect();
+    matches!(parts.as_slice(), ["00", trace, span, flags]
+        if hex(trace, 32) && hex(span, 16) && hex(flags, 2) && !zero(trace) && !zero(span))
+}
+
 /// Makes `span` a child of the remote span named by `traceparent` (no-op when OTLP export is
 /// off or the value is not a valid `traceparent`).
 pub fn extract(span: &tracing::Span, traceparent: Option<&str>) {
@@ -133,4 +143,28 @@ pub fn extract(span: &tracing::Span, traceparent: Option<&str>) {
     let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
     let cx = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_traceparent;
+
+    #[test]
+    fn only_a_well_formed_traceparent_passes() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(!is_traceparent(bad), "{bad}");
+        }
+        assert!(!is_traceparent(&"0".repeat(4096)));
+    }
 }

@@ -204,3 +204,44 @@ async fn without_an_endpoint_nothing_is_exported_and_no_traceparent_travels() {
     let _ = call.await;
     assert!(seen.lock().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_traceparent_is_forwarded_only_when_well_formed() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let url = gw.mesh_url();
+    let mut callee = Peer::join(&url, TOKEN, "callee").await;
+    callee.register("probe::f", false).await;
+    let mut caller = Peer::join(&url, TOKEN, "caller").await;
+    // The callee's registration is in place once a round trip on its connection has answered.
+    let barrier = serde_json::json!({"scope": "s", "key": "k"});
+    assert!(matches!(
+        callee.call(1, "state::get", &barrier).await,
+        meshd::protocol::Outcome::Ok { .. }
+    ));
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let lies = ["x".repeat(60_000), "00-zz-zz-zz".to_string()];
+    let sent = std::iter::once(good.to_string()).chain(lies);
+    for (id, tp) in (10u64..).zip(sent) {
+        caller
+            .send(meshd::protocol::Message::Invoke {
+                id,
+                function: "probe::f".into(),
+                payload: serde_bytes::ByteBuf::new(),
+                timeout_ms: 5_000,
+                trace_id: format!("t{id}"),
+                http: None,
+                traceparent: Some(tp.clone()),
+            })
+            .await;
+        let forwarded = loop {
+            match callee.recv().await {
+                Some(meshd::protocol::Message::Invoke { traceparent, .. }) => break traceparent,
+                Some(_) => continue,
+                None => panic!("the invocation never reached the callee"),
+            }
+        };
+        let expected = (tp == good).then(|| good.to_string());
+        assert_eq!(forwarded, expected, "sent {:.40}", tp);
+    }
+}

@@ -341,6 +341,8 @@ async fn handle(
             }
             // The gateway's hop in the trace: a span for the routing, child of the caller's.
             let route = tracing::info_span!("route", %function, trace_id = %trace_id);
+            // A worker's traceparent is forwarded to another worker only when well formed.
+            let traceparent = traceparent.filter(|t| crate::telemetry::is_traceparent(t));
             crate::telemetry::extract(&route, traceparent.as_deref());
             let traceparent = crate::telemetry::inject(&route).or(traceparent);
             let routed = route.in_scope(|| {
