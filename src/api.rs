@@ -183,6 +183,9 @@ pub enum GenerateEvent {
         finish_reason: FinishReason,
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// Prompt tokens whose KV came from the prefix cache (0 from older workers).
+        #[serde(default)]
+        cached_tokens: u32,
     },
 }
 
@@ -194,6 +197,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 /// The answer of `inference::models`.
@@ -249,6 +254,12 @@ pub struct StatsSnapshot {
     pub prompt_tokens_total: u64,
     pub completion_tokens_total: u64,
     pub decode_steps: u64,
+    /// Prompt tokens served from the prefix cache instead of decoded.
+    #[serde(default)]
+    pub cached_tokens_total: u64,
+    /// Tokens the prefix cache holds now.
+    #[serde(default)]
+    pub prefix_cache_tokens: u64,
     /// Seconds from submission to the first generated token.
     #[serde(default)]
     pub ttft: Histogram,

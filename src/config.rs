@@ -133,7 +133,7 @@ impl Role {
             "worker_token_file",
             "max_concurrency",
         ];
-        const ENGINE: [&str; 12] = [
+        const ENGINE: [&str; 13] = [
             "generator",
             "engine_stall_secs",
             "model",
@@ -146,6 +146,7 @@ impl Role {
             "n_gpu_layers",
             "chat_template",
             "max_queued_sequences",
+            "prefix_cache_tokens",
         ];
         static GATEWAY_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
         static CALLER_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
@@ -340,6 +341,10 @@ pub struct Settings {
     /// Requests waiting for a free slot; beyond it, 429.
     #[arg(long, required = false)]
     pub max_queued_sequences: usize,
+    /// Tokens of finished conversations whose KV stays cached so a later prompt that starts the
+    /// same way skips them (least recently used evicted first); 0 turns the cache off.
+    #[arg(long, required = false)]
+    pub prefix_cache_tokens: u32,
 }
 
 /// The id of the flag that takes per-role worker token files (`--worker-token-file-for ROLE=PATH`).
@@ -492,6 +497,7 @@ impl Settings {
             n_gpu_layers: 0,
             chat_template: "gemma".into(),
             max_queued_sequences: 256,
+            prefix_cache_tokens: 8192,
         }
     }
 
@@ -618,6 +624,15 @@ impl Settings {
             }
             if self.ctx_per_slot < 64 {
                 return bad("ctx_per_slot", "must be at least 64");
+            }
+            if self.prefix_cache_tokens > 1 << 20 {
+                return bad("prefix_cache_tokens", "must be at most 1048576");
+            }
+            if u64::from(self.slots) * u64::from(self.ctx_per_slot)
+                + u64::from(self.prefix_cache_tokens)
+                > u64::from(i32::MAX as u32)
+            {
+                return bad("ctx_per_slot", "slots × ctx_per_slot is too large a context");
             }
             if self.batch_size < 32 {
                 return bad("batch_size", "must be at least 32");

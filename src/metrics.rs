@@ -136,7 +136,7 @@ impl Metrics {
 
 fn render_engines(out: &mut String, engines: &[(String, crate::api::StatsSnapshot)]) {
     type Field = fn(&crate::api::StatsSnapshot) -> u64;
-    let families: [(&str, &str, &str, Field); 7] = [
+    let families: [(&str, &str, &str, Field); 9] = [
         (
             "meshd_active_sequences",
             "gauge",
@@ -172,6 +172,18 @@ fn render_engines(out: &mut String, engines: &[(String, crate::api::StatsSnapsho
             "counter",
             "Prompt tokens processed.",
             |s| s.prompt_tokens_total,
+        ),
+        (
+            "meshd_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens served from the prefix cache instead of decoded (hit rate: over meshd_prompt_tokens_total).",
+            |s| s.cached_tokens_total,
+        ),
+        (
+            "meshd_prefix_cache_tokens",
+            "gauge",
+            "Tokens an infer worker's prefix cache holds.",
+            |s| s.prefix_cache_tokens,
         ),
         (
             "meshd_tokens_generated_total",

@@ -390,13 +390,14 @@ impl Shaper {
         }
     }
 
-    fn usage(prompt: u32, completion: u32) -> Value {
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    fn usage(prompt: u32, completion: u32, cached: u32) -> Value {
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+               "prompt_tokens_details": {"cached_tokens": cached}})
     }
 
     /// The whole (non-streamed) answer.
     pub fn full(&self, c: &Completion) -> Value {
-        let usage = Self::usage(c.prompt_tokens, c.completion_tokens);
+        let usage = Self::usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens);
         match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -437,14 +438,14 @@ impl Shaper {
     }
 
     /// The usage chunk sent last when `stream_options.include_usage` is set.
-    pub fn usage_chunk(&self, prompt: u32, completion: u32) -> Value {
+    pub fn usage_chunk(&self, prompt: u32, completion: u32, cached: u32) -> Value {
         let object = match self.kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
         };
         json!({
             "id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [], "usage": Self::usage(prompt, completion),
+            "choices": [], "usage": Self::usage(prompt, completion, cached),
         })
     }
 }
@@ -615,16 +616,20 @@ mod tests {
             finish_reason: FinishReason::Length,
             prompt_tokens: 3,
             completion_tokens: 2,
+            cached_tokens: 1,
         };
         let full = s.full(&c);
         assert_eq!(full["object"], "chat.completion");
         assert_eq!(full["choices"][0]["message"]["content"], "hi");
         assert_eq!(full["usage"]["total_tokens"], 5);
+        assert_eq!(full["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
         let first = s.chunk(Some(""), true, None);
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         let last = s.chunk(None, false, Some(FinishReason::Stop));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
         assert_eq!(last["choices"][0]["delta"], json!({}));
-        assert_eq!(s.usage_chunk(1, 2)["choices"], json!([]));
+        let usage = s.usage_chunk(1, 2, 0);
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     }
 }

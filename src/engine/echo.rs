@@ -245,6 +245,8 @@ impl Job {
             finish_reason: finish,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: completion,
+            // The stand-in keeps no KV: nothing is cached.
+            cached_tokens: 0,
         };
         self.tx.send(done).await.is_ok()
     }
@@ -305,7 +307,8 @@ mod tests {
             Event::Done {
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 4,
-                completion_tokens: 5
+                completion_tokens: 5,
+                cached_tokens: 0,
             }
         );
         let (other, _) = run(&g, &request("four five six", Some(5), &[])).await;

@@ -8,6 +8,7 @@
 
 pub mod echo;
 mod generator;
+mod prefix;
 mod scheduler;
 pub mod text;
 
@@ -67,6 +68,8 @@ pub struct EngineConfig {
     pub max_queued: usize,
     /// Busy with no decode step for this long: the engine is stalled.
     pub stall_limit: std::time::Duration,
+    /// Tokens of finished sequences whose KV is kept for reuse by later prompts; 0: off.
+    pub prefix_cache_tokens: u32,
 }
 
 impl EngineConfig {
@@ -98,6 +101,7 @@ impl EngineConfig {
             chat_template: s.chat_template.clone(),
             max_queued: s.max_queued_sequences,
             stall_limit: std::time::Duration::from_secs(s.engine_stall_secs),
+            prefix_cache_tokens: s.prefix_cache_tokens,
         }
     }
 }
@@ -147,6 +151,8 @@ pub enum Event {
         finish_reason: FinishReason,
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_tokens: u32,
     },
     Error(String),
 }
@@ -167,6 +173,10 @@ pub struct Stats {
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub decode_steps: AtomicU64,
+    /// Prompt tokens served from the prefix cache instead of decoded.
+    pub cached_tokens: AtomicU64,
+    /// Tokens the prefix cache holds now.
+    pub cache_held_tokens: AtomicU64,
     pub ttft: std::sync::Mutex<crate::api::Histogram>,
 }
 
@@ -233,6 +243,7 @@ impl Engine {
         let thread_model = Arc::clone(&model);
         let thread_stats = Arc::clone(&stats);
         let thread_cfg = config.clone();
+        let n_swa = sliding_window(&model);
         std::thread::Builder::new()
             .name("meshd-engine".into())
             .spawn(move || {
@@ -240,6 +251,7 @@ impl Engine {
                     backend,
                     thread_model,
                     thread_cfg,
+                    n_swa,
                     rx,
                     thread_stats,
                     ready_tx,
@@ -382,6 +394,16 @@ fn model_info(model: &LlamaModel, config: &EngineConfig) -> crate::api::ModelInf
     }
 }
 
+/// The attention window of a sliding-window model (Gemma 3: 512), from the GGUF; 0: none.
+fn sliding_window(model: &LlamaModel) -> i32 {
+    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
+    model
+        .meta_val_str(&format!("{arch}.attention.sliding_window"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The name of a GGUF `general.file_type` (llama.cpp's `llama_ftype`).
 fn file_type_name(t: u32) -> String {
     let name = match t {
@@ -431,6 +453,8 @@ impl Stats {
             prompt_tokens_total: get(&self.prompt_tokens),
             completion_tokens_total: get(&self.completion_tokens),
             decode_steps: get(&self.decode_steps),
+            cached_tokens_total: get(&self.cached_tokens),
+            prefix_cache_tokens: get(&self.cache_held_tokens),
             ttft: self.ttft.lock().map(|h| h.clone()).unwrap_or_default(),
         }
     }
@@ -626,7 +650,8 @@ impl Generate for Engine {
     }
 }
 
-/// The context size for `slots` sequences of `ctx_per_slot` positions each.
+/// The context size for `slots` sequences of `ctx_per_slot` positions each, and the prefix
+/// cache's budget beside them.
 fn n_ctx(config: &EngineConfig) -> Option<NonZeroU32> {
-    NonZeroU32::new(config.slots * config.ctx_per_slot)
+    NonZeroU32::new(config.slots * config.ctx_per_slot + config.prefix_cache_tokens)
 }

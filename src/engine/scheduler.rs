@@ -12,6 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::DecodeError;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -19,12 +21,18 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot};
 
+use super::prefix::{PrefixCache, Store};
 use super::text::{Released, StopMatcher, Utf8Buffer};
 use super::{n_ctx, EngineConfig, Event, FinishReason, Job, Sampling, Stats};
 
 struct Seq {
     id: i32,
     prompt: Vec<LlamaToken>,
+    /// Prompt tokens whose KV came from the prefix cache.
+    cached: usize,
+    /// Every token decoded into this sequence's KV so far, position by position: the prompt's
+    /// fed part, then the generated tokens fed back.
+    decoded: Vec<LlamaToken>,
     /// Prompt tokens already decoded.
     fed: usize,
     /// Position of the next token to decode.
@@ -48,6 +56,7 @@ pub(super) fn run(
     backend: &'static LlamaBackend,
     model: Arc<LlamaModel>,
     cfg: EngineConfig,
+    n_swa: i32,
     mut jobs: mpsc::Receiver<Job>,
     stats: Arc<Stats>,
     ready: oneshot::Sender<Result<(), String>>,
@@ -60,7 +69,7 @@ pub(super) fn run(
         .with_n_ctx(n_ctx(&cfg))
         .with_n_batch(cfg.batch_size)
         .with_n_ubatch(cfg.batch_size)
-        .with_n_seq_max(cfg.slots)
+        .with_n_seq_max(cfg.slots + cache_ids(&cfg) as u32)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
         .with_kv_unified(true);
@@ -75,6 +84,12 @@ pub(super) fn run(
     let vocab = model.vocab();
     let budget_max = cfg.batch_size as usize;
     let mut batch = LlamaBatch::new(budget_max, 1);
+    // Sequence ids past the slots' hold the prefix cache's entries.
+    let mut cache = PrefixCache::new(
+        cfg.slots as i32,
+        cache_ids(&cfg),
+        cfg.prefix_cache_tokens as usize,
+    );
     let mut slots: Vec<Option<Seq>> = (0..cfg.slots).map(|_| None).collect();
     // Admission order, so earlier prompts get their chunks first.
     let mut order: Vec<usize> = Vec::new();
@@ -107,11 +122,18 @@ pub(super) fn run(
                 .prompt_tokens
                 .fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
             stats.active.fetch_add(1, Ordering::Relaxed);
+            let id = free as i32;
+            let cached = reuse_prefix(&mut ctx, &mut cache, n_swa, id, &p.tokens);
+            stats
+                .cached_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
             slots[free] = Some(Seq {
-                id: free as i32,
+                id,
+                cached,
+                decoded: p.tokens[..cached].to_vec(),
                 prompt: p.tokens,
-                fed: 0,
-                pos: 0,
+                fed: cached,
+                pos: cached as i32,
                 next: None,
                 logits_at: None,
                 sampler: sampler(&p.sampling, model.n_vocab()),
@@ -129,7 +151,7 @@ pub(super) fn run(
         for &i in &order {
             if slots[i].as_ref().is_some_and(|s| s.events.is_closed()) {
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                free(&mut ctx, &mut slots[i], &stats);
+                free(&mut ctx, &mut slots[i], &stats, Some(&mut cache));
             }
         }
         order.retain(|&i| slots[i].is_some());
@@ -146,6 +168,7 @@ pub(super) fn run(
                 batch
                     .add(tok, seq.pos, &[seq.id], true)
                     .expect("budget checked");
+                seq.decoded.push(tok);
                 seq.logits_at = Some(batch.n_tokens() - 1);
                 seq.pos += 1;
                 budget -= 1;
@@ -171,6 +194,8 @@ pub(super) fn run(
                 }
                 seq.pos += 1;
             }
+            seq.decoded
+                .extend_from_slice(&seq.prompt[seq.fed..seq.fed + n]);
             seq.fed += n;
             budget -= n;
         }
@@ -179,7 +204,19 @@ pub(super) fn run(
         }
 
         super::stall_for_fault_injection();
-        if let Err(e) = ctx.decode(&mut batch) {
+        let mut decoded = ctx.decode(&mut batch);
+        // The cache's entries fill cells the slots may need: give them back, oldest first.
+        while matches!(decoded, Err(DecodeError::NoKvCacheSlot)) {
+            let Some(seq) = cache.evict_oldest() else {
+                break;
+            };
+            let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            decoded = ctx.decode(&mut batch);
+        }
+        stats
+            .cache_held_tokens
+            .store(cache.held() as u64, Ordering::Relaxed);
+        if let Err(e) = decoded {
             tracing::error!(error = %e, tokens = batch.n_tokens(), "decode failed");
             for &i in &order {
                 if let Some(seq) = slots[i].as_ref() {
@@ -187,7 +224,7 @@ pub(super) fn run(
                         .events
                         .try_send(Event::Error(format!("decode failed: {e}")));
                 }
-                free(&mut ctx, &mut slots[i], &stats);
+                free(&mut ctx, &mut slots[i], &stats, None);
             }
             order.clear();
             continue;
@@ -247,10 +284,11 @@ pub(super) fn run(
                     finish_reason: reason,
                     prompt_tokens: seq.prompt.len() as u32,
                     completion_tokens: seq.generated,
+                    cached_tokens: seq.cached as u32,
                 };
                 // Count and free first: a client that has its answer reads settled statistics.
                 stats.completed.fetch_add(1, Ordering::Relaxed);
-                if let Some(seq) = free(&mut ctx, &mut slots[i], &stats) {
+                if let Some(seq) = free(&mut ctx, &mut slots[i], &stats, Some(&mut cache)) {
                     let _ = seq.events.try_send(done);
                 }
             }
@@ -272,16 +310,76 @@ fn send(seq: &mut Seq, text: String) {
 }
 
 /// Frees a slot's KV cache and counts it inactive; hands back its sequence, whose receiver may
-/// still need the last event.
+/// still need the last event. With `cache`, what the sequence decoded is kept there first.
 fn free(
-    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ctx: &mut LlamaContext<'_>,
     slot: &mut Option<Seq>,
     stats: &Stats,
+    cache: Option<&mut PrefixCache>,
 ) -> Option<Seq> {
     let seq = slot.take()?;
+    if let Some(cache) = cache {
+        let (into, evicted) = match cache.store(&seq.decoded) {
+            Store::Into { seq, evicted } => (Some(seq), evicted),
+            Store::Skip { evicted } => (None, evicted),
+        };
+        for e in evicted {
+            let _ = ctx.clear_kv_cache_seq(Some(e as u32), None, None);
+        }
+        if let Some(entry) = into {
+            // In a unified KV cache a copy shares the cells: no data moves.
+            let _ = ctx.copy_kv_cache_seq(seq.id, entry, None, None);
+        }
+        stats
+            .cache_held_tokens
+            .store(cache.held() as u64, Ordering::Relaxed);
+    }
     let _ = ctx.clear_kv_cache_seq(Some(seq.id as u32), None, None);
     stats.active.fetch_sub(1, Ordering::Relaxed);
     Some(seq)
+}
+
+/// Sequence ids the prefix cache may use: as many as llama.cpp allows past the slots, at most 64.
+fn cache_ids(cfg: &EngineConfig) -> usize {
+    if cfg.prefix_cache_tokens == 0 {
+        return 0;
+    }
+    (256usize.saturating_sub(cfg.slots as usize)).min(64)
+}
+
+/// Starts slot `id` from the longest cached prefix of `prompt` and returns its length (0: none).
+/// At least the prompt's last token is decoded again, for its logits. A sliding-window model's
+/// window layers may have given the oldest cells of an entry to other sequences: its prefix is
+/// only usable when the `n_swa` positions before the cut are still held.
+fn reuse_prefix(
+    ctx: &mut LlamaContext<'_>,
+    cache: &mut PrefixCache,
+    n_swa: i32,
+    id: i32,
+    prompt: &[LlamaToken],
+) -> usize {
+    if !cache.enabled() || prompt.len() < 2 {
+        return 0;
+    }
+    let Some((entry, common)) = cache.lookup(&prompt[..prompt.len() - 1]) else {
+        return 0;
+    };
+    if n_swa > 0 {
+        let held_from = ctx.kv_cache_seq_pos_min(entry);
+        if held_from < 0 || held_from > (common as i32 - n_swa).max(0) {
+            tracing::debug!(entry, held_from, common, "cached prefix outside the window");
+            return 0;
+        }
+    }
+    if ctx
+        .copy_kv_cache_seq(entry, id, Some(0), Some(common as u32))
+        .is_err()
+    {
+        cache.forget(entry);
+        let _ = ctx.clear_kv_cache_seq(Some(entry as u32), None, None);
+        return 0;
+    }
+    common
 }
 
 /// The highest logit's token (the first on ties, as llama.cpp's greedy sampler picks).

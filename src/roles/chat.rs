@@ -120,6 +120,7 @@ pub async fn get_response(
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                 } => {
                     return Ok(Completion {
                         model,
@@ -127,6 +128,7 @@ pub async fn get_response(
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     })
                 }
                 GenerateEvent::Start { .. } => {}
@@ -202,11 +204,12 @@ async fn pump_sse(
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 let _ = send(openai::sse(&shaper.chunk(None, false, Some(finish_reason)))).await;
                 if include_usage {
                     let _ = send(openai::sse(
-                        &shaper.usage_chunk(prompt_tokens, completion_tokens),
+                        &shaper.usage_chunk(prompt_tokens, completion_tokens, cached_tokens),
                     ))
                     .await;
                 }

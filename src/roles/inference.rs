@@ -109,11 +109,13 @@ async fn run_inference(engine: Arc<dyn Generate>, call: Call) -> Result<Response
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                 }) => {
                     let done = GenerateEvent::Done {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     };
                     (encode(&done), true)
                 }
