@@ -290,6 +290,8 @@ fn main() {
             chat_template: "gemma".into(),
             max_queued: 64,
             stall_limit: std::time::Duration::from_secs(15),
+            // As `meshd up` runs by default.
+            prefix_cache_tokens: 8192,
         };
         let engine = Engine::start(config).await.unwrap();
         let up = if with_mesh {

@@ -3,8 +3,9 @@
 //! server measured in the same run: the ceiling for a loopback HTTP request on this machine.
 //!
 //! A second `meshd up` exports every span over OTLP/HTTP (to a sink on loopback that answers
-//! 200): the `math+otlp` rows give the cost of OpenTelemetry export, as a ratio to `math` measured
-//! in the same run.
+//! 200), a third samples 1% of requests (`parentbased_traceidratio`, `0.01`): the `math+otlp` and
+//! `math+otlp1%` rows give the cost of OpenTelemetry export, as ratios to `math` measured in the
+//! same run.
 //!
 //! `cargo bench --bench load_math` (env `SECONDS`, default 5 per point).
 
@@ -109,6 +110,15 @@ fn main() {
             &[("OTEL_EXPORTER_OTLP_ENDPOINT", sink.as_str())],
         );
         traced.ready().await;
+        let sampled = Up::start_env(
+            &["--slots", "1"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.as_str()),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
+            ],
+        );
+        sampled.ready().await;
         println!("load_math: {secs} s per point, 2 cores shared by client and server");
         println!(
             "{:<10} {:>4} {:>10} {:>9} {:>9} {:>7} {:>14}",
@@ -127,11 +137,18 @@ fn main() {
             };
             let m = math(up.addr).await;
             let t = math(traced.addr).await;
+            let s = math(sampled.addr).await;
             println!(
-                "otlp export at c={conc}: {:.1}% of the req/s without it",
-                100.0 * t.rps / m.rps
+                "otlp export at c={conc}: {:.1}% of the req/s without it; sampling 1%: {:.1}%",
+                100.0 * t.rps / m.rps,
+                100.0 * s.rps / m.rps
             );
-            for (name, p) in [("hello", &h), ("math", &m), ("math+otlp", &t)] {
+            for (name, p) in [
+                ("hello", &h),
+                ("math", &m),
+                ("math+otlp", &t),
+                ("otlp1%", &s),
+            ] {
                 println!(
                     "{name:<10} {conc:>4} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>13.1}%",
                     p.rps,

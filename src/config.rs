@@ -632,7 +632,10 @@ impl Settings {
                 + u64::from(self.prefix_cache_tokens)
                 > u64::from(i32::MAX as u32)
             {
-                return bad("ctx_per_slot", "slots × ctx_per_slot is too large a context");
+                return bad(
+                    "ctx_per_slot",
+                    "slots × ctx_per_slot is too large a context",
+                );
             }
             if self.batch_size < 32 {
                 return bad("batch_size", "must be at least 32");

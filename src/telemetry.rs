@@ -7,6 +7,13 @@
 //! `OTEL_SERVICE_NAME` (default `meshd-<role>`). A W3C `traceparent` travels with every
 //! invocation on the mesh ([`inject`], [`extract`]), so one trace spans gateway → caller →
 //! gateway → infer.
+//!
+//! Sampling is decided once, where a request enters (the gateway's HTTP edge), by the standard
+//! `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default `parentbased_always_on`; e.g.
+//! `parentbased_traceidratio` with `0.01` keeps 1%), and travels in the `traceparent`'s sampled
+//! flag; an invocation without a sampled `traceparent` is not traced. A request that is not
+//! sampled makes no OpenTelemetry span at all ([`span!`](crate::span) gives its spans a target
+//! the exporter's layer never sees), so sampling cuts the cost, not only the volume.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -23,6 +30,84 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+static SAMPLER: OnceLock<Sampler> = OnceLock::new();
+
+/// The target of the spans the OTLP layer exports; every other span is only logged.
+pub const TRACED: &str = "meshd::traced";
+
+/// An info span named `$name` with `$fields`, exported over OTLP when `$sampled` (see
+/// [`sampled_root`], [`sampled_child`]) and only logged otherwise.
+#[macro_export]
+macro_rules! span {
+    ($sampled:expr, $name:literal, $($fields:tt)*) => {
+        if $sampled {
+            ::tracing::info_span!(target: "meshd::traced", $name, $($fields)*)
+        } else {
+            ::tracing::info_span!($name, $($fields)*)
+        }
+    };
+}
+
+/// The standard sampler settings, read once at [`init`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Sampler {
+    /// A request with a `traceparent` follows its sampled flag.
+    parent_based: bool,
+    /// The share of other requests sampled.
+    ratio: f64,
+}
+
+impl Sampler {
+    fn from_env(sampler: Option<&str>, arg: Option<&str>) -> Sampler {
+        let ratio = || {
+            arg.and_then(|a| a.trim().parse::<f64>().ok())
+                .filter(|r| r.is_finite())
+                .map_or(1.0, |r| r.clamp(0.0, 1.0))
+        };
+        let name = sampler.map(str::trim).filter(|s| !s.is_empty());
+        let (parent_based, ratio) = match name.unwrap_or("parentbased_always_on") {
+            "always_on" => (false, 1.0),
+            "always_off" => (false, 0.0),
+            "traceidratio" => (false, ratio()),
+            "parentbased_always_on" => (true, 1.0),
+            "parentbased_always_off" => (true, 0.0),
+            "parentbased_traceidratio" => (true, ratio()),
+            other => {
+                eprintln!("meshd: OTEL_TRACES_SAMPLER={other} is not supported here; sampling every request");
+                (true, 1.0)
+            }
+        };
+        Sampler {
+            parent_based,
+            ratio,
+        }
+    }
+}
+
+/// Whether a request entering with `traceparent` (from a client; `None`: a new trace) is traced.
+pub fn sampled_root(traceparent: Option<&str>) -> bool {
+    let Some(s) = SAMPLER.get() else {
+        return false;
+    };
+    match traceparent.filter(|t| s.parent_based && is_traceparent(t)) {
+        Some(tp) => flag_sampled(tp),
+        None => s.ratio >= 1.0 || (s.ratio > 0.0 && rand::random::<f64>() < s.ratio),
+    }
+}
+
+/// Whether a hop of an invocation that came with `traceparent` is traced: only when it carries
+/// a sampled one (the decision was made where the request entered).
+pub fn sampled_child(traceparent: Option<&str>) -> bool {
+    SAMPLER.get().is_some() && traceparent.is_some_and(|t| is_traceparent(t) && flag_sampled(t))
+}
+
+fn flag_sampled(traceparent: &str) -> bool {
+    traceparent
+        .rsplit('-')
+        .next()
+        .and_then(|f| u8::from_str_radix(f, 16).ok())
+        .is_some_and(|f| f & 1 == 1)
+}
 
 /// Whether OTLP export is configured in this process's environment.
 pub fn otlp_configured() -> bool {
@@ -53,9 +138,9 @@ pub fn init(format: LogFormat, level: &str, role: &str) {
             .with_tracked_inactivity(false)
             .with_location(false)
             .with_threads(false)
-            // Spans only: log events stay log lines, not span events in the collector.
+            // Sampled spans only: log events stay log lines, not span events in the collector.
             .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.is_span() && m.target().starts_with("meshd") && *m.level() <= tracing::Level::INFO
+                m.is_span() && m.target() == TRACED
             }))
     });
     let registry = tracing_subscriber::registry().with(otel_layer);
@@ -96,7 +181,13 @@ fn tracer(role: &str) -> Option<opentelemetry_sdk::trace::SdkTracer> {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("meshd-{role}"));
+    let _ = SAMPLER.set(Sampler::from_env(
+        std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+        std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
+    ));
     let provider = SdkTracerProvider::builder()
+        // The decision is meshd's (see `sampled_root`): every span that reaches the SDK is kept.
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
         .with_batch_exporter(exporter)
         .with_resource(
             opentelemetry_sdk::Resource::builder()
@@ -116,9 +207,12 @@ pub fn shutdown() {
     }
 }
 
-/// The W3C `traceparent` of `span`, when OTLP export is on and the span is recorded.
+/// The W3C `traceparent` of `span`, when OTLP export is on and the span is sampled.
 pub fn inject(span: &tracing::Span) -> Option<String> {
     PROVIDER.get()?;
+    if span.metadata()?.target() != TRACED {
+        return None;
+    }
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
     carrier.remove("traceparent")
@@ -140,6 +234,9 @@ pub fn extract(span: &tracing::Span, traceparent: Option<&str>) {
     let (Some(_), Some(tp)) = (PROVIDER.get(), traceparent) else {
         return;
     };
+    if span.metadata().is_none_or(|m| m.target() != TRACED) {
+        return;
+    }
     let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
     let cx = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(cx);
@@ -147,7 +244,35 @@ pub fn extract(span: &tracing::Span, traceparent: Option<&str>) {
 
 #[cfg(test)]
 mod tests {
-    use super::is_traceparent;
+    use super::{flag_sampled, is_traceparent, Sampler};
+
+    #[test]
+    fn the_standard_sampler_variables_are_read() {
+        let s = |name: Option<&str>, arg: Option<&str>| Sampler::from_env(name, arg);
+        let on = Sampler {
+            parent_based: true,
+            ratio: 1.0,
+        };
+        assert_eq!(s(None, None), on);
+        assert_eq!(s(Some("parentbased_always_on"), Some("0.5")), on);
+        assert_eq!(
+            s(Some("parentbased_traceidratio"), Some("0.01")),
+            Sampler {
+                parent_based: true,
+                ratio: 0.01
+            }
+        );
+        assert_eq!(s(Some("traceidratio"), Some("7")).ratio, 1.0);
+        assert_eq!(s(Some("traceidratio"), Some("nope")).ratio, 1.0);
+        assert_eq!(s(Some("always_off"), None).ratio, 0.0);
+        assert!(!s(Some("always_on"), None).parent_based);
+        assert!(flag_sampled(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!flag_sampled(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        ));
+    }
 
     #[test]
     fn only_a_well_formed_traceparent_passes() {

@@ -136,7 +136,10 @@ async fn greedy_is_deterministic_and_streaming_equals_non_streaming() {
     for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
         assert_eq!(usage["usage"][k], a.json()["usage"][k], "{k}");
     }
-    assert!(usage["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() < usage["usage"]["prompt_tokens"].as_u64());
+    assert!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64()
+            < usage["usage"]["prompt_tokens"].as_u64()
+    );
     assert!(ev
         .iter()
         .all(|e| e["id"] == ev[0]["id"] && e["object"] == "chat.completion.chunk"));

@@ -102,13 +102,13 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Seen>>>) {
     (url, seen)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_chat_request_is_one_trace_across_every_hop() {
-    let (endpoint, seen) = receiver().await;
-    let env = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+/// Gateway, caller and an echo infer worker, each exporting to `endpoint` with `env` besides.
+async fn traced_mesh(endpoint: &str, env: &[(&str, &str)]) -> (tempfile::TempDir, Vec<Proc>) {
+    let mut env = env.to_vec();
+    env.extend([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-    ];
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway_env(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &[], &env);
     let url = gw.mesh_url();
@@ -121,53 +121,107 @@ async fn one_chat_request_is_one_trace_across_every_hop() {
         "--name",
         "caller",
     ];
-    let _caller = Proc::start_env(&caller_args, false, &env);
-    let _infer = infer_env(&url, "infer", &["--generator", "echo"], &env);
+    let caller = Proc::start_env(&caller_args, false, &env);
+    let infer = infer_env(&url, "infer", &["--generator", "echo"], &env);
     ready(gw.http()).await;
+    (dir, vec![gw, caller, infer])
+}
 
-    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let client_span = "00f067aa0ba902b7";
+/// Sends one chat completion, with `traceparent` when given.
+async fn chat_once(gw: &Proc, traceparent: Option<&str>) {
     let mut c = Client::connect(gw.http()).await.unwrap();
     let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
-    let traceparent = format!("00-{trace}-{client_span}-01");
+    let headers: Vec<(&str, &str)> = traceparent
+        .map(|t| ("traceparent", t))
+        .into_iter()
+        .collect();
     let r = c
-        .send(
-            "POST",
-            "/v1/chat/completions",
-            body.as_bytes(),
-            &[("traceparent", &traceparent)],
-        )
+        .send("POST", "/v1/chat/completions", body.as_bytes(), &headers)
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
+}
 
-    let chain = || -> Option<Vec<Seen>> {
-        let spans: Vec<Seen> = seen
-            .lock()
-            .unwrap()
+/// The spans of `trace` as one chain under the client's span: gateway `http` → caller `invoke`
+/// → gateway `route` → infer `invoke`, each the parent of the next; `None` until all arrived.
+fn chain(seen: &Mutex<Vec<Seen>>, trace: &str, client_span: &str) -> Option<Vec<Seen>> {
+    let spans: Vec<Seen> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.trace_id == trace)
+        .cloned()
+        .collect();
+    let child_of = |parent: &str, service: &str, name: &str| {
+        spans
             .iter()
-            .filter(|s| s.trace_id == trace)
+            .find(|s| s.parent == parent && s.service.contains(service) && s.name == name)
             .cloned()
-            .collect();
-        let child_of = |parent: &str, service: &str, name: &str| {
-            spans
-                .iter()
-                .find(|s| s.parent == parent && s.service.contains(service) && s.name == name)
-                .cloned()
-        };
-        let http = child_of(client_span, "meshd-gateway", "http")?;
-        let caller = child_of(&http.span_id, "meshd-caller", "invoke")?;
-        let route = child_of(&caller.span_id, "meshd-gateway", "route")?;
-        let infer = child_of(&route.span_id, "meshd-infer", "invoke")?;
-        Some(vec![http, caller, route, infer])
     };
+    let http = child_of(client_span, "meshd-gateway", "http")?;
+    let caller = child_of(&http.span_id, "meshd-caller", "invoke")?;
+    let route = child_of(&caller.span_id, "meshd-gateway", "route")?;
+    let infer = child_of(&route.span_id, "meshd-infer", "invoke")?;
+    Some(vec![http, caller, route, infer])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_chat_request_is_one_trace_across_every_hop() {
+    let (endpoint, seen) = receiver().await;
+    let (_dir, procs) = traced_mesh(&endpoint, &[]).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    chat_once(&procs[0], Some(&format!("00-{trace}-{client_span}-01"))).await;
     eventually(Duration::from_secs(20), "the whole chain exported", || {
-        let found = chain().is_some();
+        let found = chain(&seen, trace, client_span).is_some();
         async move { found }
     })
     .await;
-    let chain = chain().unwrap();
+    let chain = chain(&seen, trace, client_span).unwrap();
     println!("one trace across {} hops: {chain:#?}", chain.len());
+}
+
+/// With a ratio sampler at 0, requests that enter without a sampled `traceparent` make no span in
+/// any process; one that enters sampled is still traced across every hop, and one whose
+/// `traceparent` says "not sampled" is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_is_decided_at_the_edge_and_unsampled_requests_export_nothing() {
+    let (endpoint, seen) = receiver().await;
+    let env = [
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0"),
+    ];
+    let (_dir, procs) = traced_mesh(&endpoint, &env).await;
+    for _ in 0..5 {
+        chat_once(&procs[0], None).await;
+    }
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    chat_once(
+        &procs[0],
+        Some(&format!("00-{unsampled}-b7ad6b7169203331-00")),
+    )
+    .await;
+    let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    chat_once(&procs[0], Some(&format!("00-{trace}-{client_span}-01"))).await;
+    eventually(
+        Duration::from_secs(20),
+        "the sampled chain exported",
+        || {
+            let found = chain(&seen, trace, client_span).is_some();
+            async move { found }
+        },
+    )
+    .await;
+    // The batch exporters flush every 100 ms: anything else would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stray: Vec<Seen> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.trace_id != trace)
+        .cloned()
+        .collect();
+    assert!(stray.is_empty(), "spans of unsampled requests: {stray:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,7 +153,10 @@ async fn later_turns_reuse_the_conversation_and_answer_exactly_as_without_the_ca
         .unwrap_or_else(|| panic!("no usage chunk: {text}"))["usage"]
         .clone();
     assert_eq!(usage["prompt_tokens"], a.prompt);
-    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], a.prompt - 1);
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"],
+        a.prompt - 1
+    );
 
     // Text completions too.
     let body = json!({"prompt": "The history of the river Thames begins", "max_tokens": 12, "temperature": 0});
@@ -231,9 +234,9 @@ async fn an_entry_evicted_while_in_use_leaves_the_running_sequence_intact() {
     let words: Vec<&str> = a.text.split_whitespace().collect();
     assert!(
         words.len() >= 10
-            && words
-                .iter()
-                .all(|w| w.trim_matches(|c: char| !c.is_alphabetic()).eq_ignore_ascii_case("pepper")),
+            && words.iter().all(|w| w
+                .trim_matches(|c: char| !c.is_alphabetic())
+                .eq_ignore_ascii_case("pepper")),
         "a sequence whose cached prefix was evicted derailed: {:?}",
         a.text
     );

@@ -396,7 +396,9 @@ fn model_info(model: &LlamaModel, config: &EngineConfig) -> crate::api::ModelInf
 
 /// The attention window of a sliding-window model (Gemma 3: 512), from the GGUF; 0: none.
 fn sliding_window(model: &LlamaModel) -> i32 {
-    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
+    let arch = model
+        .meta_val_str("general.architecture")
+        .unwrap_or_default();
     model
         .meta_val_str(&format!("{arch}.attention.sliding_window"))
         .ok()

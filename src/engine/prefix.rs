@@ -86,7 +86,11 @@ impl PrefixCache {
             e.used = self.clock;
             return Store::Skip { evicted };
         }
-        while let Some(i) = self.entries.iter().position(|e| tokens.starts_with(&e.tokens)) {
+        while let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| tokens.starts_with(&e.tokens))
+        {
             evicted.push(self.remove(i));
         }
         while self.held + tokens.len() > self.budget || self.free_ids.is_empty() {

@@ -88,11 +88,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let trace_id = trace_id_of(&req);
-    let span = tracing::info_span!("http", trace_id = %trace_id, method = %req.method(), path = %req.uri().path());
     let traceparent = req
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok());
+    let sampled = crate::telemetry::sampled_root(traceparent);
+    let span = crate::span!(sampled, "http", trace_id = %trace_id, method = %req.method(), path = %req.uri().path());
     crate::telemetry::extract(&span, traceparent);
     let (route, mut resp) = route(req, &shared, &trace_id)
         .instrument(span.clone())

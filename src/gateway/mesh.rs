@@ -340,9 +340,10 @@ async fn handle(
                 return Ok(());
             }
             // The gateway's hop in the trace: a span for the routing, child of the caller's.
-            let route = tracing::info_span!("route", %function, trace_id = %trace_id);
             // A worker's traceparent is forwarded to another worker only when well formed.
             let traceparent = traceparent.filter(|t| crate::telemetry::is_traceparent(t));
+            let sampled = crate::telemetry::sampled_child(traceparent.as_deref());
+            let route = crate::span!(sampled, "route", %function, trace_id = %trace_id);
             crate::telemetry::extract(&route, traceparent.as_deref());
             let traceparent = crate::telemetry::inject(&route).or(traceparent);
             let routed = route.in_scope(|| {

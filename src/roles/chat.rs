@@ -208,9 +208,11 @@ async fn pump_sse(
             }) => {
                 let _ = send(openai::sse(&shaper.chunk(None, false, Some(finish_reason)))).await;
                 if include_usage {
-                    let _ = send(openai::sse(
-                        &shaper.usage_chunk(prompt_tokens, completion_tokens, cached_tokens),
-                    ))
+                    let _ = send(openai::sse(&shaper.usage_chunk(
+                        prompt_tokens,
+                        completion_tokens,
+                        cached_tokens,
+                    )))
                     .await;
                 }
                 let _ = send(Bytes::from_static(openai::SSE_DONE)).await;

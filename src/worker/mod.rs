@@ -500,7 +500,8 @@ impl Worker {
                 ),
             ));
         }
-        let span = tracing::info_span!("invoke", %function, trace_id = %call.trace_id);
+        let sampled = crate::telemetry::sampled_child(call.traceparent.as_deref());
+        let span = crate::span!(sampled, "invoke", %function, trace_id = %call.trace_id);
         crate::telemetry::extract(&span, call.traceparent.as_deref());
         let outbox = outbox.clone();
         let running2 = running.clone();
