@@ -98,7 +98,7 @@ impl Role {
             "heartbeat_interval_ms",
             "heartbeat_timeout_ms",
         ];
-        const GATEWAY: [&str; 25] = [
+        const GATEWAY: [&str; 26] = [
             "tls_cert",
             "tls_key",
             "mesh_tls_cert",
@@ -120,6 +120,7 @@ impl Role {
             "max_body_bytes",
             "request_timeout_secs",
             "queue_depth",
+            "affinity_slack",
             "max_connections",
             "max_connections_per_ip",
             "max_mesh_connections",
@@ -290,6 +291,10 @@ pub struct Settings {
     /// Invocations of one function in flight at once; beyond it, 429.
     #[arg(long, required = false)]
     pub queue_depth: usize,
+    /// A conversation goes to the infer worker that holds its prefix unless that worker has more
+    /// than this many requests in flight beyond the least-loaded one (then: the least loaded).
+    #[arg(long, required = false)]
+    pub affinity_slack: usize,
     /// Open HTTP connections at once; beyond it new ones are closed.
     #[arg(long, required = false)]
     pub max_connections: usize,
@@ -481,6 +486,7 @@ impl Settings {
             max_body_bytes: 1024 * 1024,
             request_timeout_secs: 300,
             queue_depth: 1024,
+            affinity_slack: 4,
             max_connections: 4096,
             max_connections_per_ip: 1024,
             max_mesh_connections: 1024,

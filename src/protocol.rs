@@ -44,6 +44,10 @@ pub enum Message {
         /// may re-send it to another worker if this one disconnects.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resumable: bool,
+        /// The models this worker serves (an infer worker's); an invocation that names a model
+        /// goes only to a worker that serves it. Empty: the worker takes any.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        models: Vec<String>,
     },
     UnregisterFunction {
         name: String,
@@ -72,6 +76,9 @@ pub enum Message {
         /// so every hop's span joins one trace. The gateway drops one that is not well formed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
+        /// How the gateway should pick the worker, beyond least-loaded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<RouteHint>,
     },
     /// The one answer to a non-streaming invocation, or the head of a streaming one.
     Result {
@@ -116,6 +123,18 @@ pub enum Message {
     /// Any message type this build does not know; ignored by the receiver.
     #[serde(other)]
     Unknown,
+}
+
+/// What a caller tells the gateway about where an invocation should run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteHint {
+    /// Only a worker serving this model may run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Invocations with the same key go to the same worker while the load allows (a hash of a
+    /// conversation's start: that worker holds its prefix in its KV cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<u64>,
 }
 
 /// How a worker's engine is doing, sent with its heartbeats.
@@ -423,6 +442,7 @@ mod tests {
                 name: "math::add".into(),
                 description: None,
                 resumable: true,
+                models: vec!["gemma-3-270m".into()],
             },
             Message::UnregisterFunction {
                 name: "math::add".into(),
@@ -446,6 +466,10 @@ mod tests {
                     headers: vec![("content-type".into(), "application/json".into())],
                 }),
                 traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+                route: Some(RouteHint {
+                    model: Some("gemma-3-270m".into()),
+                    affinity: Some(u64::MAX),
+                }),
             },
             Message::Result {
                 id: 7,

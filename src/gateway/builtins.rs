@@ -1,5 +1,5 @@
 //! The gateway's own functions: `state::get / set / delete / list / incr`, each allowed to a
-//! worker only on the scopes its role's grant names. Their payloads (in [`crate::api`]) are the one
+//! worker only on the scopes its role's grant names, and `mesh::models` (open to every worker). Their payloads (in [`crate::api`]) are the one
 //! place the gateway decodes what it receives.
 
 use super::grants::Identity;
@@ -9,8 +9,12 @@ use crate::api::{
 use crate::protocol::{self, ErrorBody, ErrorCode, Outcome};
 use crate::state::{StateError, StateStore};
 
+/// The models the live workers serve (an [`crate::api::ModelList`] without details): how the
+/// caller's `/v1/models` learns of every model in the mesh, not only one worker's.
+pub const MODELS: &str = "mesh::models";
+
 pub fn is_builtin(function: &str) -> bool {
-    function.starts_with("state::")
+    function.starts_with("state::") || function.starts_with("mesh::")
 }
 
 /// Runs a built-in for a worker of `identity` and shapes its outcome.

@@ -13,7 +13,9 @@ use super::builtins;
 use super::grants::{Identity, Refusal};
 use super::registry::{Reply, Sink, WorkerId};
 use super::Shared;
-use crate::protocol::{ErrorBody, HelloFrame, Message, Outcome, MAX_HELLO_FRAME, PROTOCOL_VERSION};
+use crate::protocol::{
+    self, ErrorBody, HelloFrame, Message, Outcome, MAX_HELLO_FRAME, PROTOCOL_VERSION,
+};
 use crate::transport::{self, Outbox, Outgoing, RecvError};
 
 /// A worker must say `Hello` within this time.
@@ -270,7 +272,10 @@ async fn handle(
     let grant = &peer.identity.grant;
     match msg {
         Message::RegisterFunction {
-            name, resumable, ..
+            name,
+            resumable,
+            models,
+            ..
         } => {
             if builtins::is_builtin(&name) || !grant.may_serve(&name) {
                 return Err(peer.identity.refuse_function(&name));
@@ -279,7 +284,9 @@ async fn handle(
             // moving an invocation could run it twice.
             let resumable = resumable && grant.is_resumable(&name);
             tracing::info!(function = %name, resumable, "function registered");
-            shared.registry().register_function(me, &name, resumable);
+            shared
+                .registry()
+                .register_function(me, &name, resumable, &models);
         }
         Message::UnregisterFunction { name } => shared.registry().unregister_function(me, &name),
         Message::RegisterTrigger {
@@ -319,7 +326,22 @@ async fn handle(
             trace_id,
             http,
             traceparent,
+            route: hint,
         } => {
+            if function == builtins::MODELS {
+                let models = crate::api::ModelList {
+                    models: shared.registry().models(),
+                    info: Vec::new(),
+                };
+                let outcome = Outcome::Ok {
+                    payload: serde_bytes::ByteBuf::from(protocol::to_payload(&models)),
+                    http: None,
+                };
+                let _ = outbox
+                    .send(Outgoing::Msg(Message::Result { id, outcome }))
+                    .await;
+                return Ok(());
+            }
             if builtins::is_builtin(&function) {
                 let shared = Arc::clone(shared);
                 let outbox = outbox.clone();
@@ -353,6 +375,7 @@ async fn handle(
                     Sink::Remote { worker: me, id },
                     Some((me, id)),
                     shared.opts.queue_depth,
+                    hint.as_ref(),
                     |gid| Message::Invoke {
                         id: gid,
                         function: function.clone(),
@@ -361,6 +384,7 @@ async fn handle(
                         trace_id,
                         http,
                         traceparent,
+                        route: hint.clone(),
                     },
                 )
             });

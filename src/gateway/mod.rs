@@ -44,6 +44,8 @@ pub struct GatewayOptions {
     /// How long a trigger outlives the last worker of its function.
     pub trigger_grace: Duration,
     pub queue_depth: usize,
+    /// See `Settings::affinity_slack`.
+    pub affinity_slack: usize,
     /// The HTTP listener's connection budget: in total, and per peer address (0: no cap).
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
@@ -115,6 +117,7 @@ impl GatewayOptions {
             http_body_timeout: Duration::from_secs(s.http_body_timeout_secs),
             trigger_grace: Duration::from_secs(s.trigger_grace_secs),
             queue_depth: s.queue_depth,
+            affinity_slack: s.affinity_slack,
             max_connections: s.max_connections,
             max_connections_per_ip: s.max_connections_per_ip,
             max_mesh_connections: s.max_mesh_connections,
@@ -207,6 +210,7 @@ impl Shared {
             Sink::Local(tx),
             None,
             self.opts.queue_depth,
+            None,
             |id| Message::Invoke {
                 id,
                 function: function.to_string(),
@@ -215,6 +219,7 @@ impl Shared {
                 trace_id: trace_id.to_string(),
                 http,
                 traceparent: crate::telemetry::inject(&tracing::Span::current()),
+                route: None,
             },
         )?;
         Ok(LocalCall {
@@ -468,6 +473,9 @@ pub async fn run(
         registry: Mutex::new(Registry::default()),
         closing: CancellationToken::new(),
     });
+    shared
+        .registry()
+        .set_affinity_slack(shared.opts.affinity_slack);
     for (method, path, function, requires) in shared.state.triggers() {
         // The store holds one function per route: nothing to conflict with.
         let _ = shared

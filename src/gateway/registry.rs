@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Message, Outcome};
+use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Message, Outcome, RouteHint};
 use crate::transport::{Outbox, Outgoing};
 
 pub type WorkerId = u64;
@@ -43,6 +43,8 @@ struct Worker {
     stalled: bool,
     /// Its engine's decode steps, as last reported.
     steps: Option<u64>,
+    /// The models it serves; empty: it takes any invocation.
+    models: Vec<String>,
 }
 
 struct Pending {
@@ -92,7 +94,18 @@ pub struct Departure {
 #[derive(Debug, PartialEq, Eq)]
 pub enum RouteError {
     NoWorker,
-    Overloaded { depth: usize },
+    Overloaded {
+        depth: usize,
+    },
+    /// No worker has ever served this model here.
+    UnknownModel {
+        model: String,
+        served: Vec<String>,
+    },
+    /// Workers served this model, and none is live now.
+    ModelGone {
+        model: String,
+    },
 }
 
 impl RouteError {
@@ -105,6 +118,22 @@ impl RouteError {
             RouteError::Overloaded { depth } => ErrorBody::new(
                 ErrorCode::Overloaded,
                 format!("`{function}` already has {depth} invocations in flight; retry shortly"),
+            ),
+            RouteError::UnknownModel { model, served } => ErrorBody::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "The model `{model}` does not exist; the live workers serve: {}",
+                    if served.is_empty() {
+                        "none".to_string()
+                    } else {
+                        served.join(", ")
+                    }
+                ),
+            )
+            .with_param("model"),
+            RouteError::ModelGone { model } => ErrorBody::new(
+                ErrorCode::NoWorker,
+                format!("no live worker serves the model `{model}` now; retry shortly"),
             ),
         }
     }
@@ -128,6 +157,14 @@ pub struct Registry {
     by_origin: HashMap<(WorkerId, u64), InvocationId>,
     next_id: InvocationId,
     rotation: usize,
+    /// Every model a worker has announced since the gateway started.
+    models_seen: std::collections::HashSet<String>,
+    /// How many more invocations in flight than the least-loaded worker an affinity's worker may
+    /// hold before the invocation goes to the least-loaded one instead.
+    affinity_slack: usize,
+    /// Invocations with an affinity key: sent to their key's worker, or past it for load.
+    pub affinity_kept: u64,
+    pub affinity_overflowed: u64,
 }
 
 /// One line of `meshd status` / the metrics: a function and its workers.
@@ -163,17 +200,49 @@ impl Registry {
                 draining: false,
                 stalled: false,
                 steps: None,
+                models: Vec::new(),
             },
         );
+    }
+
+    pub fn set_affinity_slack(&mut self, slack: usize) {
+        self.affinity_slack = slack;
+    }
+
+    /// The models live workers serve, sorted.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| !w.draining && !w.stalled)
+            .flat_map(|w| w.models.iter().cloned())
+            .collect();
+        models.sort();
+        models.dedup();
+        models
     }
 
     pub fn worker_count(&self) -> usize {
         self.workers.len()
     }
 
-    pub fn register_function(&mut self, worker: WorkerId, function: &str, resumable: bool) {
+    pub fn register_function(
+        &mut self,
+        worker: WorkerId,
+        function: &str,
+        resumable: bool,
+        models: &[String],
+    ) {
         if resumable {
             self.resumable.insert(function.to_string());
+        }
+        if let Some(w) = self.workers.get_mut(&worker) {
+            for m in models {
+                if !w.models.contains(m) {
+                    w.models.push(m.clone());
+                }
+                self.models_seen.insert(m.clone());
+            }
         }
         let list = self.functions.entry(function.to_string()).or_default();
         if !list.contains(&worker) {
@@ -329,10 +398,11 @@ impl Registry {
         sink: Sink,
         origin: Option<(WorkerId, u64)>,
         queue_depth: usize,
+        hint: Option<&RouteHint>,
         invoke: impl FnOnce(InvocationId) -> Message,
     ) -> Result<InvocationId, ErrorBody> {
         let route = match worker {
-            None => self.route(function, sink, origin, queue_depth),
+            None => self.route(function, sink, origin, queue_depth, hint),
             Some(w) => self.route_to(w, function, sink),
         }
         .map_err(|e| e.to_error(function))?;
@@ -357,27 +427,91 @@ impl Registry {
         }
     }
 
-    /// Picks the least-loaded live worker for `function` (ties rotate) and records the invocation.
+    /// Picks a live worker for `function` (one serving the hint's model; the affinity key's
+    /// worker while its load allows; else the least loaded, ties rotating) and records the
+    /// invocation.
     fn route(
         &mut self,
         function: &str,
         sink: Sink,
         origin: Option<(WorkerId, u64)>,
         queue_depth: usize,
+        hint: Option<&RouteHint>,
     ) -> Result<Route, RouteError> {
         let inflight = self.function_inflight.get(function).copied().unwrap_or(0);
-        let candidates: Vec<(WorkerId, usize)> = self
-            .live_workers(function)
-            .map(|(id, w)| (id, w.inflight))
-            .collect();
-        if candidates.is_empty() {
-            return Err(RouteError::NoWorker);
-        }
+        let candidates = self.candidates(function, None, hint)?;
         if inflight >= queue_depth {
             return Err(RouteError::Overloaded { depth: inflight });
         }
-        let worker = self.choose(candidates);
+        let worker = self.choose_for(candidates, hint.and_then(|h| h.affinity));
         Ok(self.record(worker, function, sink, origin))
+    }
+
+    /// The live workers of `function` (but `except`) that may take an invocation with `hint`,
+    /// with their loads.
+    fn candidates(
+        &self,
+        function: &str,
+        except: Option<WorkerId>,
+        hint: Option<&RouteHint>,
+    ) -> Result<Vec<(WorkerId, usize)>, RouteError> {
+        let model = hint.and_then(|h| h.model.as_deref());
+        let live: Vec<(WorkerId, &Worker)> = self
+            .live_workers(function)
+            .filter(|(id, _)| Some(*id) != except)
+            .collect();
+        if live.is_empty() {
+            return Err(RouteError::NoWorker);
+        }
+        let serving: Vec<(WorkerId, usize)> = live
+            .iter()
+            .filter(|(_, w)| {
+                model.is_none_or(|m| w.models.is_empty() || w.models.iter().any(|x| x == m))
+            })
+            .map(|(id, w)| (*id, w.inflight))
+            .collect();
+        match model {
+            Some(m) if serving.is_empty() => Err(if self.models_seen.contains(m) {
+                RouteError::ModelGone {
+                    model: m.to_string(),
+                }
+            } else {
+                RouteError::UnknownModel {
+                    model: m.to_string(),
+                    served: self.models(),
+                }
+            }),
+            _ => Ok(serving),
+        }
+    }
+
+    /// The affinity key's worker (rendezvous hashing over worker names, so a key keeps its worker
+    /// across reconnects and only the keys of a worker that leaves move) unless it holds more
+    /// than `affinity_slack` invocations beyond the least loaded; else the least loaded.
+    fn choose_for(
+        &mut self,
+        candidates: Vec<(WorkerId, usize)>,
+        affinity: Option<u64>,
+    ) -> WorkerId {
+        let Some(key) = affinity else {
+            return self.choose(candidates);
+        };
+        let least = candidates.iter().map(|(_, l)| *l).min().unwrap_or(0);
+        let (home, load) = candidates
+            .iter()
+            .max_by_key(|(id, _)| {
+                let name = self.workers.get(id).map_or("", |w| w.name.as_str());
+                (rendezvous(key, name), *id)
+            })
+            .copied()
+            .expect("candidates is not empty");
+        if load <= least + self.affinity_slack {
+            self.affinity_kept += 1;
+            home
+        } else {
+            self.affinity_overflowed += 1;
+            self.choose(candidates)
+        }
     }
 
     /// The least-loaded candidate; ties rotate.
@@ -563,14 +697,16 @@ impl Registry {
             if matches!(p.sink, Sink::Remote { worker: w, .. } if w == worker) {
                 continue;
             }
-            let elsewhere: Vec<(WorkerId, usize)> = self
-                .live_workers(&p.function)
-                .filter(|(id, _)| *id != worker)
-                .map(|(id, w)| (id, w.inflight))
-                .collect();
+            let hint = match &p.resend {
+                Some(Message::Invoke { route, .. }) => route.clone(),
+                _ => None,
+            };
+            let elsewhere = self
+                .candidates(&p.function, Some(worker), hint.as_ref())
+                .unwrap_or_default();
             match p.resend {
                 Some(mut invoke) if !elsewhere.is_empty() => {
-                    let to = self.choose(elsewhere);
+                    let to = self.choose_for(elsewhere, hint.and_then(|h| h.affinity));
                     let route = self.record(to, &p.function, p.sink, p.origin);
                     if let Message::Invoke { id, .. } = &mut invoke {
                         *id = route.id;
@@ -617,6 +753,21 @@ impl Registry {
     }
 }
 
+/// The rendezvous (highest random weight) score of worker `name` for affinity `key`: FNV-1a over
+/// both, stable across processes and builds.
+fn rendezvous(key: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.to_le_bytes().iter().chain(name.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly for short inputs: finish with a 64-bit avalanche.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,6 +790,7 @@ mod tests {
             trace_id: "t".into(),
             http: None,
             traceparent: None,
+            route: None,
         }
     }
 
@@ -647,10 +799,10 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.add_worker(2, "b".into(), outbox());
-        r.register_function(1, "f", false);
-        r.register_function(2, "f", false);
-        let first = r.route("f", local(), None, 100).unwrap();
-        let second = r.route("f", local(), None, 100).unwrap();
+        r.register_function(1, "f", false, &[]);
+        r.register_function(2, "f", false, &[]);
+        let first = r.route("f", local(), None, 100, None).unwrap();
+        let second = r.route("f", local(), None, 100, None).unwrap();
         assert_ne!(
             first.worker, second.worker,
             "a loaded worker is passed over"
@@ -659,7 +811,7 @@ mod tests {
         r.complete(second.id, second.worker).unwrap();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..4 {
-            let route = r.route("f", local(), None, 100).unwrap();
+            let route = r.route("f", local(), None, 100, None).unwrap();
             seen.insert(route.worker);
             r.complete(route.id, route.worker);
         }
@@ -667,22 +819,118 @@ mod tests {
     }
 
     #[test]
+    fn a_model_goes_only_to_its_workers_and_unknown_or_gone_models_are_told_apart() {
+        let mut r = Registry::default();
+        r.add_worker(1, "gemma".into(), outbox());
+        r.add_worker(2, "smol".into(), outbox());
+        r.register_function(1, "gen", true, &["gemma-3".into()]);
+        r.register_function(2, "gen", true, &["smol".into()]);
+        let hint = |m: &str| RouteHint {
+            model: Some(m.into()),
+            affinity: None,
+        };
+        for _ in 0..4 {
+            let a = r
+                .route("gen", local(), None, 99, Some(&hint("smol")))
+                .unwrap();
+            assert_eq!(a.worker, 2);
+            let b = r
+                .route("gen", local(), None, 99, Some(&hint("gemma-3")))
+                .unwrap();
+            assert_eq!(b.worker, 1);
+        }
+        assert_eq!(r.models(), vec!["gemma-3".to_string(), "smol".to_string()]);
+        let err = r
+            .route("gen", local(), None, 99, Some(&hint("gpt-4")))
+            .err();
+        assert!(
+            matches!(err, Some(RouteError::UnknownModel { ref served, .. }) if served.len() == 2)
+        );
+        assert_eq!(
+            err.unwrap().to_error("gen").code,
+            ErrorCode::ModelNotFound.as_str()
+        );
+        r.remove_worker(2);
+        assert_eq!(
+            r.route("gen", local(), None, 99, Some(&hint("smol"))).err(),
+            Some(RouteError::ModelGone {
+                model: "smol".into()
+            })
+        );
+        assert_eq!(r.models(), vec!["gemma-3".to_string()]);
+    }
+
+    #[test]
+    fn an_affinity_key_keeps_its_worker_until_the_load_is_too_uneven() {
+        let mut r = Registry::default();
+        r.set_affinity_slack(2);
+        for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
+            r.add_worker(id, name.into(), outbox());
+            r.register_function(id, "gen", false, &[]);
+        }
+        let key = |k: u64| RouteHint {
+            model: None,
+            affinity: Some(k),
+        };
+        // Keys spread over the workers, and each keeps its worker while the load is even.
+        let mut homes = std::collections::HashMap::new();
+        for k in 0..30 {
+            let route = r.route("gen", local(), None, 999, Some(&key(k))).unwrap();
+            homes.insert(k, route.worker);
+            r.complete(route.id, route.worker);
+        }
+        let spread: std::collections::HashSet<_> = homes.values().collect();
+        assert_eq!(spread.len(), 3, "30 keys over 3 workers: {homes:?}");
+        for k in 0..30 {
+            let route = r.route("gen", local(), None, 999, Some(&key(k))).unwrap();
+            assert_eq!(route.worker, homes[&k], "key {k} moved");
+            r.complete(route.id, route.worker);
+        }
+        // One key's worker fills up: it takes `slack` more than the others, then the rest
+        // overflow to the least loaded.
+        let home = homes[&7];
+        let mut sent = Vec::new();
+        for _ in 0..6 {
+            let route = r.route("gen", local(), None, 999, Some(&key(7))).unwrap();
+            sent.push((route.id, route.worker));
+        }
+        let homes_share: Vec<bool> = sent.iter().map(|(_, w)| *w == home).collect();
+        // 3 at home (0, 1, 2 ≤ 0 + 2), then one to each other worker (3 > 0 + 2), then home
+        // again (3 ≤ 1 + 2).
+        assert_eq!(homes_share, [true, true, true, false, false, true]);
+        assert_eq!(r.affinity_overflowed, 2);
+        for (id, w) in sent {
+            r.complete(id, w);
+        }
+        // When a worker leaves, only its keys move.
+        let gone = homes[&0];
+        r.remove_worker(gone);
+        for k in 0..30 {
+            let route = r.route("gen", local(), None, 999, Some(&key(k))).unwrap();
+            if homes[&k] != gone {
+                assert_eq!(route.worker, homes[&k], "key {k} moved");
+            }
+            r.complete(route.id, route.worker);
+        }
+    }
+
+    #[test]
     fn no_worker_and_overload_are_told_apart() {
         let mut r = Registry::default();
         assert_eq!(
-            r.route("f", local(), None, 1).err(),
+            r.route("f", local(), None, 1, None).err(),
             Some(RouteError::NoWorker)
         );
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f", false);
-        r.route("f", local(), None, 1).unwrap();
+        r.register_function(1, "f", false, &[]);
+        r.route("f", local(), None, 1, None).unwrap();
         assert_eq!(
-            r.route("f", local(), None, 1).err(),
+            r.route("f", local(), None, 1, None).err(),
             Some(RouteError::Overloaded { depth: 1 })
         );
         r.set_draining(1);
         assert_eq!(
-            r.route("f", local(), None, 9).err(),
+            r.route("f", local(), None, 9, None).err(),
             Some(RouteError::NoWorker)
         );
     }
@@ -692,11 +940,17 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "caller".into(), outbox());
         r.add_worker(2, "infer".into(), outbox());
-        r.register_function(1, "outer", false);
-        r.register_function(2, "inner", false);
-        let outer = r.route("outer", local(), None, 9).unwrap();
+        r.register_function(1, "outer", false, &[]);
+        r.register_function(2, "inner", false, &[]);
+        let outer = r.route("outer", local(), None, 9, None).unwrap();
         let inner = r
-            .route("inner", Sink::Remote { worker: 1, id: 5 }, Some((1, 5)), 9)
+            .route(
+                "inner",
+                Sink::Remote { worker: 1, id: 5 },
+                Some((1, 5)),
+                9,
+                None,
+            )
             .unwrap();
         let d = r.remove_worker(1);
         assert_eq!(d.orphaned.len(), 1);
@@ -715,12 +969,12 @@ mod tests {
         r.add_worker(1, "a".into(), tx_a);
         r.add_worker(2, "b".into(), tx_b);
         let mut inbox = HashMap::from([(1, rx_a), (2, rx_b)]);
-        r.register_function(1, "gen", true);
-        r.register_function(2, "gen", true);
+        r.register_function(1, "gen", true, &[]);
+        r.register_function(2, "gen", true, &[]);
         let invoke = invoke_of("gen");
-        let first = r.route("gen", local(), None, 9).unwrap();
+        let first = r.route("gen", local(), None, 9, None).unwrap();
         r.remember(first.id, &invoke(first.id));
-        let second = r.route("gen", local(), None, 9).unwrap();
+        let second = r.route("gen", local(), None, 9, None).unwrap();
         r.remember(second.id, &invoke(second.id));
         assert_ne!(first.worker, second.worker);
         r.started(second.id, second.worker);
@@ -750,12 +1004,16 @@ mod tests {
         let (tx_b, mut rx_b) = mpsc::channel(8);
         r.add_worker(1, "a".into(), tx_a);
         r.add_worker(2, "b".into(), tx_b);
-        r.register_function(1, "gen", true);
+        r.register_function(1, "gen", true, &[]);
         let invoke = invoke_of("gen");
-        let started = r.dispatch("gen", None, local(), None, 9, invoke).unwrap();
-        let queued = r.dispatch("gen", None, local(), None, 9, invoke).unwrap();
+        let started = r
+            .dispatch("gen", None, local(), None, 9, None, invoke)
+            .unwrap();
+        let queued = r
+            .dispatch("gen", None, local(), None, 9, None, invoke)
+            .unwrap();
         r.started(started, 1);
-        r.register_function(2, "gen", true);
+        r.register_function(2, "gen", true, &[]);
         while rx_a.try_recv().is_ok() {}
         let health = |steps, stalled| Health {
             steps,
@@ -783,7 +1041,7 @@ mod tests {
         );
         // Nothing new goes to it while stalled; it is routable again once it steps.
         for _ in 0..3 {
-            let route = r.route("gen", local(), None, 99).unwrap();
+            let route = r.route("gen", local(), None, 99, None).unwrap();
             assert_eq!(route.worker, 2);
         }
         let status = r.status();
@@ -794,7 +1052,7 @@ mod tests {
         assert!(r.stalled_workers().is_empty());
         let mut seen = std::collections::HashSet::new();
         for _ in 0..4 {
-            seen.insert(r.route("gen", local(), None, 99).unwrap().worker);
+            seen.insert(r.route("gen", local(), None, 99, None).unwrap().worker);
         }
         assert!(seen.contains(&1), "back in routing");
     }
@@ -804,16 +1062,22 @@ mod tests {
         let mut r = Registry::default();
         let (tx, mut rx) = mpsc::channel(1);
         r.add_worker(1, "a".into(), tx);
-        r.register_function(1, "f", false);
+        r.register_function(1, "f", false, &[]);
         let invoke = invoke_of("f");
-        let id = r.dispatch("f", None, local(), None, 9, invoke).unwrap();
+        let id = r
+            .dispatch("f", None, local(), None, 9, None, invoke)
+            .unwrap();
         // Already on the connection: a confirmation queued after this call comes after it.
         let Ok(Outgoing::Msg(Message::Invoke { id: sent, .. })) = rx.try_recv() else {
             panic!("the invoke was not queued")
         };
         assert_eq!(sent, id);
-        let _fills = r.dispatch("f", None, local(), None, 9, invoke).unwrap();
-        let err = r.dispatch("f", None, local(), None, 9, invoke).unwrap_err();
+        let _fills = r
+            .dispatch("f", None, local(), None, 9, None, invoke)
+            .unwrap();
+        let err = r
+            .dispatch("f", None, local(), None, 9, None, invoke)
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::Overloaded.as_str());
         assert_eq!(
             r.status()[0].inflight,
@@ -827,8 +1091,8 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.add_worker(2, "b".into(), outbox());
-        r.register_function(1, "f", false);
-        let route = r.route("f", local(), None, 9).unwrap();
+        r.register_function(1, "f", false, &[]);
+        let route = r.route("f", local(), None, 9, None).unwrap();
         assert!(r.complete(route.id, 2).is_none());
         assert!(r.complete(route.id, 1).is_some());
     }
@@ -837,11 +1101,11 @@ mod tests {
     fn triggers_survive_their_worker_and_readiness_names_the_gap() {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f", false);
+        r.register_function(1, "f", false, &[]);
         r.register_trigger("post", "/x", "f", vec!["g".into()])
             .unwrap();
         assert_eq!(r.unserved_triggers(), ["g"]);
-        r.register_function(1, "g", false);
+        r.register_function(1, "g", false, &[]);
         assert_eq!(r.trigger("POST", "/x"), Ok("f".to_string()));
         assert_eq!(r.trigger("GET", "/x"), Err(true));
         assert_eq!(r.trigger("GET", "/y"), Err(false));
@@ -856,7 +1120,7 @@ mod tests {
         let grace = Duration::from_secs(60);
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f", false);
+        r.register_function(1, "f", false, &[]);
         r.register_trigger("POST", "/x", "f", vec![]).unwrap();
         r.register_trigger("POST", "/x", "f", vec![]).unwrap();
         assert_eq!(
@@ -872,7 +1136,7 @@ mod tests {
         assert!(r.expire_triggers(t0 + grace / 2, grace).is_empty());
         // The worker comes back within the grace: the clock starts again when it leaves again.
         r.add_worker(2, "a".into(), outbox());
-        r.register_function(2, "f", false);
+        r.register_function(2, "f", false, &[]);
         assert!(r.expire_triggers(t0 + grace / 2, grace).is_empty());
         r.remove_worker(2);
         assert!(r.expire_triggers(t0 + grace, grace).is_empty());

@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::api::{Completion, GenerateEvent, GenerateRequest, ModelList};
+use crate::api::{Completion, GenerateEvent, GenerateRequest, ModelList, Prompt};
 use crate::openai::{self, Kind, Shaper};
-use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead};
+use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead, RouteHint};
 use crate::worker::{Call, CallStream, Mesh, Response, Worker};
 
 const INFERENCE: &[&str] = &["inference::run_inference"];
@@ -78,8 +78,9 @@ async fn start(
     deadline: Instant,
 ) -> Result<(CallStream, String), ErrorBody> {
     let mut stream = mesh
-        .call_stream(
+        .call_stream_routed(
             "inference::run_inference",
+            Some(route_hint(req)),
             protocol::to_payload(req),
             trace_id,
             deadline,
@@ -92,6 +93,51 @@ async fn start(
         },
         Some(Err(e)) => Err(e),
         None => Err(broken("ended before it started")),
+    }
+}
+
+/// Where a generation should run: on a worker serving its model, and for a conversation, on the
+/// worker that ran its earlier turns (its KV cache holds them). The affinity key hashes how the
+/// conversation starts (every message up to the first user message, which every later turn
+/// resends unchanged) or, for a text prompt, its first KiB.
+pub fn route_hint(req: &GenerateRequest) -> RouteHint {
+    const PREFIX: usize = 1024;
+    let mut h = Fnv::default();
+    h.write(req.model.as_deref().unwrap_or("").as_bytes());
+    match &req.prompt {
+        Prompt::Text { text } => h.write(&text.as_bytes()[..text.len().min(PREFIX)]),
+        Prompt::Chat { messages } => {
+            let first_user = messages.iter().position(|m| m.role == "user");
+            let end = first_user.map_or(messages.len().min(1), |i| i + 1);
+            for m in &messages[..end] {
+                h.write(m.role.as_bytes());
+                h.write(&[0]);
+                h.write(m.content.as_bytes());
+                h.write(&[0]);
+            }
+        }
+    }
+    RouteHint {
+        model: req.model.clone(),
+        affinity: Some(h.0),
+    }
+}
+
+/// FNV-1a, 64 bits: a hash that is the same in every process and build.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
 }
 
@@ -230,25 +276,33 @@ async fn pump_sse(
     }
 }
 
+/// Every model a live infer worker serves (the gateway knows which), each with what one of its
+/// workers knows of it.
 async fn list_models(call: Call) -> Result<Response, ErrorBody> {
-    let reply = call
-        .mesh
-        .call(
-            "inference::models",
-            Vec::new(),
-            &call.trace_id,
-            call.deadline,
-        )
-        .await?;
-    let list: ModelList = protocol::from_payload(&reply)?;
-    let data: Vec<Value> = list
+    let ask = |function: &'static str, model: Option<String>| {
+        let route = model.map(|m| RouteHint {
+            model: Some(m),
+            affinity: None,
+        });
+        call.mesh
+            .call_routed(function, route, Vec::new(), &call.trace_id, call.deadline)
+    };
+    let served: ModelList = protocol::from_payload(&ask("mesh::models", None).await?)?;
+    let mut infos = Vec::new();
+    for id in &served.models {
+        // A worker that left since is skipped: the list says what is served now.
+        if let Ok(reply) = ask("inference::models", Some(id.clone())).await {
+            let list: ModelList = protocol::from_payload(&reply)?;
+            infos.extend(list.info.into_iter().filter(|i| &i.id == id));
+        }
+    }
+    let data: Vec<Value> = served
         .models
         .iter()
-        .enumerate()
-        .map(|(i, id)| {
+        .map(|id| {
             let mut m = json!({"id": id, "object": "model", "created": 0, "owned_by": "meshd"});
             // Beyond OpenAI's four fields: what the worker knows of the model.
-            if let Some(info) = list.info.get(i).filter(|info| &info.id == id) {
+            if let Some(info) = infos.iter().find(|info| &info.id == id) {
                 m["context_length"] = json!(info.context_length);
                 if info.trained_context_length > 0 {
                     m["trained_context_length"] = json!(info.trained_context_length);

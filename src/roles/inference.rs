@@ -16,6 +16,7 @@ use crate::worker::{Call, Response, Worker};
 pub fn register(worker: Worker, engine: Arc<dyn Generate>) -> Worker {
     let (e1, e2, e3) = (engine.clone(), engine.clone(), engine);
     worker
+        .serving(e1.model_id())
         .resumable_function("inference::run_inference", move |call| {
             run_inference(e1.clone(), call)
         })

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Message, Outcome};
+use crate::protocol::{ErrorBody, ErrorCode, HttpResponseHead, Message, Outcome, RouteHint};
 use crate::transport::{Outbox, Outgoing};
 
 /// An answer to a call this worker made through the gateway.
@@ -161,6 +161,7 @@ impl Mesh {
         function: &str,
         payload: Vec<u8>,
         trace_id: &str,
+        route: Option<RouteHint>,
         timeout: Duration,
     ) -> Result<CallGuard, ErrorBody> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -174,6 +175,7 @@ impl Mesh {
             http: None,
             // Made inside the invocation's span: the callee's span becomes its child.
             traceparent: crate::telemetry::inject(&tracing::Span::current()),
+            route,
         };
         let mut conn = self.conn();
         let outbox = conn.outbox.as_ref().ok_or_else(|| {
@@ -205,9 +207,10 @@ impl Mesh {
         trace_id: &str,
         deadline: Instant,
         what: &str,
+        route: Option<RouteHint>,
     ) -> Result<(CallGuard, Answer), ErrorBody> {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let mut guard = self.send(function, payload, trace_id, timeout)?;
+        let mut guard = self.send(function, payload, trace_id, route, timeout)?;
         match tokio::time::timeout_at(deadline, guard.answers.recv()).await {
             Err(_) => Err(ErrorBody::new(
                 ErrorCode::DeadlineExceeded,
@@ -227,8 +230,21 @@ impl Mesh {
         trace_id: &str,
         deadline: Instant,
     ) -> Result<Bytes, ErrorBody> {
+        self.call_routed(function, None, payload, trace_id, deadline)
+            .await
+    }
+
+    /// [`Mesh::call`] with a hint of where it should run (a model, an affinity key).
+    pub async fn call_routed(
+        &self,
+        function: &str,
+        route: Option<RouteHint>,
+        payload: Vec<u8>,
+        trace_id: &str,
+        deadline: Instant,
+    ) -> Result<Bytes, ErrorBody> {
         let (_guard, answer) = self
-            .first_answer(function, payload, trace_id, deadline, "answer")
+            .first_answer(function, payload, trace_id, deadline, "answer", route)
             .await?;
         match answer {
             Answer::Done(Outcome::Ok { payload, .. }) => Ok(Bytes::from(payload.into_vec())),
@@ -244,8 +260,21 @@ impl Mesh {
         trace_id: &str,
         deadline: Instant,
     ) -> Result<CallStream, ErrorBody> {
+        self.call_stream_routed(function, None, payload, trace_id, deadline)
+            .await
+    }
+
+    /// [`Mesh::call_stream`] with a hint of where it should run (a model, an affinity key).
+    pub async fn call_stream_routed(
+        &self,
+        function: &str,
+        route: Option<RouteHint>,
+        payload: Vec<u8>,
+        trace_id: &str,
+        deadline: Instant,
+    ) -> Result<CallStream, ErrorBody> {
         let (guard, answer) = self
-            .first_answer(function, payload, trace_id, deadline, "start")
+            .first_answer(function, payload, trace_id, deadline, "start", route)
             .await?;
         match answer {
             Answer::Start(http) => Ok(CallStream {

@@ -118,6 +118,8 @@ pub struct Worker {
     beacon: Arc<Beacon>,
     /// An engine's progress, reported with every heartbeat (infer).
     progress: Option<(ProgressProbe, Mutex<StallWatch>)>,
+    /// The models this worker serves, announced with its functions (infer).
+    models: Vec<String>,
 }
 
 /// Longest a connection attempt (TCP, TLS, WebSocket, hello → welcome) may take.
@@ -132,7 +134,14 @@ impl Worker {
             mesh: Mesh::default(),
             beacon: Arc::new(Beacon::default()),
             progress: None,
+            models: Vec::new(),
         }
+    }
+
+    /// Announces that this worker serves `model`: invocations naming another model never come here.
+    pub fn serving(mut self, model: &str) -> Self {
+        self.models.push(model.to_string());
+        self
     }
 
     /// Reports an engine's progress with every heartbeat; busy without a step for `stall_limit`
@@ -295,6 +304,7 @@ impl Worker {
                 name: name.clone(),
                 description: None,
                 resumable: *resumable,
+                models: self.models.clone(),
             })
             .await?;
         }
@@ -437,6 +447,7 @@ impl Worker {
                     trace_id,
                     http,
                     traceparent,
+                    ..
                 } => {
                     let call = Call {
                         traceparent,
