@@ -54,7 +54,7 @@ fn system_prompt() -> String {
 fn question(conversation: usize, turn: usize) -> String {
     // ~150 tokens of new text a turn.
     let mut q = format!("Conversation {conversation}, question {turn}: ");
-    for k in 0..6 {
+    for k in 0..4 {
         q.push_str(&format!(
             "barge {k} left port {} at dawn carrying {} tonnes of grain and must reach the lock before the water falls; ",
             turn * 7 + k,
@@ -79,8 +79,12 @@ async fn chat(addr: SocketAddr, messages: &[Value]) -> (Duration, String, u64, u
         .start("POST", "/v1/chat/completions", body.as_bytes(), &[])
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
+    let status = resp.status();
     let mut stream = resp.into_body();
+    if status != 200 {
+        let body = stream.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        panic!("{addr}: {status}: {}", String::from_utf8_lossy(&body));
+    }
     let (mut first, mut raw) = (None, String::new());
     while let Some(frame) = stream.frame().await {
         if let Ok(data) = frame.unwrap().into_data() {
@@ -173,8 +177,9 @@ impl LlamaServer {
                 &port.to_string(),
             ])
             // The same shape as meshd up's defaults: 4 parallel sequences of 2048 positions, the
-            // Gemma template (the base GGUF carries none).
-            .args(["-np", "4", "-c", "8192", "--chat-template", "gemma"])
+            // Gemma template (the base GGUF carries none; `--no-jinja` selects the built-in one
+            // by name, where the Jinja engine would take "gemma" as template text).
+            .args(["-np", "4", "-c", "8192", "--chat-template", "gemma", "--no-jinja"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -286,6 +286,7 @@ async fn a_workers_traceparent_is_forwarded_only_when_well_formed() {
                 trace_id: format!("t{id}"),
                 http: None,
                 traceparent: Some(tp.clone()),
+                route: None,
             })
             .await;
         let forwarded = loop {

@@ -51,6 +51,7 @@ impl Peer {
             name: function.into(),
             description: None,
             resumable,
+            models: Vec::new(),
         })
         .await;
     }
@@ -112,6 +113,7 @@ impl Peer {
             trace_id: format!("test-{id}"),
             http: None,
             traceparent: None,
+            route: None,
         })
         .await;
         loop {
