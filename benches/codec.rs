@@ -18,6 +18,7 @@ fn invoke() -> Message {
             headers: vec![("content-type".into(), "application/json".into())],
         }),
         traceparent: None,
+        route: None,
     }
 }
 

@@ -292,6 +292,8 @@ fn main() {
             stall_limit: std::time::Duration::from_secs(15),
             // As `meshd up` runs by default.
             prefix_cache_tokens: 8192,
+            upstream_url: None,
+            upstream_key: None,
         };
         let engine = Engine::start(config).await.unwrap();
         let up = if with_mesh {

@@ -82,7 +82,11 @@ async fn chat(addr: SocketAddr, messages: &[Value]) -> (Duration, String, u64, u
     let status = resp.status();
     let mut stream = resp.into_body();
     if status != 200 {
-        let body = stream.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = stream
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         panic!("{addr}: {status}: {}", String::from_utf8_lossy(&body));
     }
     let (mut first, mut raw) = (None, String::new());
@@ -179,7 +183,15 @@ impl LlamaServer {
             // The same shape as meshd up's defaults: 4 parallel sequences of 2048 positions, the
             // Gemma template (the base GGUF carries none; `--no-jinja` selects the built-in one
             // by name, where the Jinja engine would take "gemma" as template text).
-            .args(["-np", "4", "-c", "8192", "--chat-template", "gemma", "--no-jinja"])
+            .args([
+                "-np",
+                "4",
+                "-c",
+                "8192",
+                "--chat-template",
+                "gemma",
+                "--no-jinja",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

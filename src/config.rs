@@ -61,6 +61,11 @@ pub enum GeneratorKind {
     #[serde(rename = "echo")]
     #[value(name = "echo")]
     Echo,
+    /// An OpenAI-compatible server (`upstream_url`: vLLM, SGLang, llama-server, TGI) generates;
+    /// this worker coordinates.
+    #[serde(rename = "openai")]
+    #[value(name = "openai")]
+    Openai,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +139,7 @@ impl Role {
             "worker_token_file",
             "max_concurrency",
         ];
-        const ENGINE: [&str; 13] = [
+        const ENGINE: [&str; 15] = [
             "generator",
             "engine_stall_secs",
             "model",
@@ -148,6 +153,8 @@ impl Role {
             "chat_template",
             "max_queued_sequences",
             "prefix_cache_tokens",
+            "upstream_url",
+            "upstream_key",
         ];
         static GATEWAY_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
         static CALLER_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
@@ -311,8 +318,9 @@ pub struct Settings {
     /// Invocations a worker runs at once; beyond it, the worker answers `overloaded`.
     #[arg(long, required = false)]
     pub max_concurrency: usize,
-    /// `llama.cpp` (the model) or `echo` (filler words, no model: for tests of the mesh).
-    #[arg(long, value_enum, required = false)]
+    /// `llama.cpp` (the model), `openai` (an OpenAI-compatible server at `upstream_url`), or
+    /// `echo` (filler words, no model: for tests of the mesh). `--backend` is the same flag.
+    #[arg(long, value_enum, required = false, alias = "backend")]
     pub generator: GeneratorKind,
     /// The GGUF file the infer role serves.
     #[arg(long, required = false)]
@@ -346,6 +354,14 @@ pub struct Settings {
     /// Requests waiting for a free slot; beyond it, 429.
     #[arg(long, required = false)]
     pub max_queued_sequences: usize,
+    /// The OpenAI-compatible server the `openai` generator forwards to (`http://host:8000`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub upstream_url: Option<String>,
+    /// The API key the upstream server expects (better: `MESHD_UPSTREAM_KEY`, not on the command line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub upstream_key: Option<String>,
     /// Tokens of finished conversations whose KV stays cached so a later prompt that starts the
     /// same way skips them (least recently used evicted first); 0 turns the cache off.
     #[arg(long, required = false)]
@@ -504,6 +520,8 @@ impl Settings {
             chat_template: "gemma".into(),
             max_queued_sequences: 256,
             prefix_cache_tokens: 8192,
+            upstream_url: None,
+            upstream_key: None,
         }
     }
 
@@ -623,6 +641,20 @@ impl Settings {
             || self.max_mesh_connections == 0
         {
             return bad("queue_depth", "limits must be positive");
+        }
+        if matches!(role, Role::Infer | Role::Up) && self.generator == GeneratorKind::Openai {
+            match &self.upstream_url {
+                None => {
+                    return bad(
+                        "upstream_url",
+                        "the openai generator needs the upstream's URL",
+                    )
+                }
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    return bad("upstream_url", "must be an http:// or https:// URL");
+                }
+                Some(_) => {}
+            }
         }
         if matches!(role, Role::Infer | Role::Up) {
             if self.slots == 0 || self.slots > 256 {

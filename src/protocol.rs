@@ -76,9 +76,10 @@ pub enum Message {
         /// so every hop's span joins one trace. The gateway drops one that is not well formed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
-        /// How the gateway should pick the worker, beyond least-loaded.
+        /// How the gateway should pick the worker, beyond least-loaded (boxed: most invocations
+        /// carry none, and every message is as large as its largest variant).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        route: Option<RouteHint>,
+        route: Option<Box<RouteHint>>,
     },
     /// The one answer to a non-streaming invocation, or the head of a streaming one.
     Result {
@@ -466,10 +467,10 @@ mod tests {
                     headers: vec![("content-type".into(), "application/json".into())],
                 }),
                 traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-                route: Some(RouteHint {
+                route: Some(Box::new(RouteHint {
                     model: Some("gemma-3-270m".into()),
                     affinity: Some(u64::MAX),
-                }),
+                })),
             },
             Message::Result {
                 id: 7,

@@ -79,9 +79,11 @@ fn message() -> impl Strategy<Value = Message> {
                     headers: vec![(trace_id.clone(), function.clone())],
                 }),
                 traceparent: with_http.then(|| format!("00-{trace_id}-01")),
-                route: with_http.then(|| meshd::protocol::RouteHint {
-                    model: Some(function.clone()),
-                    affinity: Some(id),
+                route: with_http.then(|| {
+                    Box::new(meshd::protocol::RouteHint {
+                        model: Some(function.clone()),
+                        affinity: Some(id),
+                    })
                 }),
             };
             let result = Message::Result {

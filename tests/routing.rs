@@ -59,7 +59,11 @@ async fn two_models_behind_one_endpoint_each_answer_their_own_requests() {
     .await;
     let ids = model_ids(&gw).await;
     let gemma_id = ids.iter().find(|i| i.starts_with("gemma")).unwrap().clone();
-    let smol_id = ids.iter().find(|i| i.starts_with("smollm2")).unwrap().clone();
+    let smol_id = ids
+        .iter()
+        .find(|i| i.starts_with("smollm2"))
+        .unwrap()
+        .clone();
     let v = request(gw.http(), "GET", "/v1/models", "").await.json();
     for m in v["data"].as_array().unwrap() {
         assert!(m["context_length"].as_u64().unwrap() > 0, "details for {m}");

@@ -11,6 +11,7 @@ mod generator;
 mod prefix;
 mod scheduler;
 pub mod text;
+pub mod upstream;
 
 pub use generator::{Generate, Generation};
 
@@ -38,6 +39,22 @@ pub async fn start_generator(
 ) -> Result<Arc<dyn Generate>, EngineError> {
     Ok(match kind {
         GeneratorKind::Llama => Arc::new(Engine::start(config).await?),
+        GeneratorKind::Openai => {
+            let url = config.upstream_url.clone().ok_or_else(|| {
+                EngineError::Invalid("the openai backend needs --upstream-url".into())
+            })?;
+            Arc::new(
+                upstream::Upstream::start(upstream::UpstreamConfig {
+                    url,
+                    key: config.upstream_key.clone(),
+                    model_id: config.model_id.clone(),
+                    slots: config.slots,
+                    max_queued: config.max_queued,
+                    stall_limit: config.stall_limit,
+                })
+                .await?,
+            )
+        }
         GeneratorKind::Echo => Arc::new(echo::Echo::new(echo::EchoConfig {
             // No model is loaded: no GGUF name to take.
             model_id: config.served_id(None),
@@ -70,6 +87,9 @@ pub struct EngineConfig {
     pub stall_limit: std::time::Duration,
     /// Tokens of finished sequences whose KV is kept for reuse by later prompts; 0: off.
     pub prefix_cache_tokens: u32,
+    /// The OpenAI-compatible server the `openai` backend forwards to, and its key.
+    pub upstream_url: Option<String>,
+    pub upstream_key: Option<String>,
 }
 
 impl EngineConfig {
@@ -102,6 +122,8 @@ impl EngineConfig {
             max_queued: s.max_queued_sequences,
             stall_limit: std::time::Duration::from_secs(s.engine_stall_secs),
             prefix_cache_tokens: s.prefix_cache_tokens,
+            upstream_url: s.upstream_url.clone(),
+            upstream_key: s.upstream_key.clone(),
         }
     }
 }
@@ -125,6 +147,12 @@ pub enum EngineError {
     Decode(String),
     #[error("the inference engine has stopped")]
     Stopped,
+    /// The upstream engine (the `openai` backend) refused the request.
+    #[error("the upstream engine answered {status}: {message}")]
+    Upstream { status: u16, message: String },
+    /// The upstream engine cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A tokenized prompt that fits its slot, ready for [`Engine::submit`].

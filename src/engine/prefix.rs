@@ -201,8 +201,8 @@ mod tests {
         assert_eq!(c.held(), 8);
         // More than the whole budget is never held.
         assert_eq!(c.store(&toks(&[5; 11])), Store::Skip { evicted: vec![] });
-        assert_eq!(c.evict_oldest().is_some(), true);
-        assert_eq!(c.evict_oldest().is_some(), true);
+        assert!(c.evict_oldest().is_some());
+        assert!(c.evict_oldest().is_some());
         assert_eq!(c.evict_oldest(), None);
         assert_eq!(c.held(), 0);
     }

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use super::builtins;
 use super::grants::{Identity, Refusal};
-use super::registry::{Reply, Sink, WorkerId};
+use super::registry::{Pick, Reply, Sink, WorkerId};
 use super::Shared;
 use crate::protocol::{
     self, ErrorBody, HelloFrame, Message, Outcome, MAX_HELLO_FRAME, PROTOCOL_VERSION,
@@ -371,11 +371,10 @@ async fn handle(
             let routed = route.in_scope(|| {
                 shared.registry().dispatch(
                     &function,
-                    None,
+                    Pick::Route(hint.as_deref()),
                     Sink::Remote { worker: me, id },
                     Some((me, id)),
                     shared.opts.queue_depth,
-                    hint.as_ref(),
                     |gid| Message::Invoke {
                         id: gid,
                         function: function.clone(),

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{ErrorBody, ErrorCode, HttpRequestHead, Message, Outcome};
 use crate::state::StateStore;
 use crate::transport::Outgoing;
-use registry::{Registry, Reply, Sink};
+use registry::{Pick, Registry, Reply, Sink};
 
 /// Limits and secrets the gateway enforces, taken from [`Settings`].
 #[derive(Clone, Debug)]
@@ -206,11 +206,10 @@ impl Shared {
         let timeout_ms = self.opts.request_timeout.as_millis() as u64;
         let id = self.registry().dispatch(
             function,
-            worker,
+            worker.map_or(Pick::Route(None), Pick::Worker),
             Sink::Local(tx),
             None,
             self.opts.queue_depth,
-            None,
             |id| Message::Invoke {
                 id,
                 function: function.to_string(),

@@ -56,6 +56,14 @@ struct Pending {
     resend: Option<Message>,
 }
 
+/// How [`Registry::dispatch`] picks the worker.
+pub enum Pick<'a> {
+    /// By the hint (a model, an affinity key), else the least loaded.
+    Route(Option<&'a RouteHint>),
+    /// This one (the metrics' calls to every infer worker).
+    Worker(WorkerId),
+}
+
 /// A worker chosen for an invocation.
 pub struct Route {
     pub id: InvocationId,
@@ -394,16 +402,15 @@ impl Registry {
     pub fn dispatch(
         &mut self,
         function: &str,
-        worker: Option<WorkerId>,
+        worker: Pick<'_>,
         sink: Sink,
         origin: Option<(WorkerId, u64)>,
         queue_depth: usize,
-        hint: Option<&RouteHint>,
         invoke: impl FnOnce(InvocationId) -> Message,
     ) -> Result<InvocationId, ErrorBody> {
         let route = match worker {
-            None => self.route(function, sink, origin, queue_depth, hint),
-            Some(w) => self.route_to(w, function, sink),
+            Pick::Route(hint) => self.route(function, sink, origin, queue_depth, hint),
+            Pick::Worker(w) => self.route_to(w, function, sink),
         }
         .map_err(|e| e.to_error(function))?;
         let msg = invoke(route.id);
@@ -698,7 +705,7 @@ impl Registry {
                 continue;
             }
             let hint = match &p.resend {
-                Some(Message::Invoke { route, .. }) => route.clone(),
+                Some(Message::Invoke { route, .. }) => route.as_deref().cloned(),
                 _ => None,
             };
             let elsewhere = self
@@ -1007,10 +1014,10 @@ mod tests {
         r.register_function(1, "gen", true, &[]);
         let invoke = invoke_of("gen");
         let started = r
-            .dispatch("gen", None, local(), None, 9, None, invoke)
+            .dispatch("gen", Pick::Route(None), local(), None, 9, invoke)
             .unwrap();
         let queued = r
-            .dispatch("gen", None, local(), None, 9, None, invoke)
+            .dispatch("gen", Pick::Route(None), local(), None, 9, invoke)
             .unwrap();
         r.started(started, 1);
         r.register_function(2, "gen", true, &[]);
@@ -1065,7 +1072,7 @@ mod tests {
         r.register_function(1, "f", false, &[]);
         let invoke = invoke_of("f");
         let id = r
-            .dispatch("f", None, local(), None, 9, None, invoke)
+            .dispatch("f", Pick::Route(None), local(), None, 9, invoke)
             .unwrap();
         // Already on the connection: a confirmation queued after this call comes after it.
         let Ok(Outgoing::Msg(Message::Invoke { id: sent, .. })) = rx.try_recv() else {
@@ -1073,10 +1080,10 @@ mod tests {
         };
         assert_eq!(sent, id);
         let _fills = r
-            .dispatch("f", None, local(), None, 9, None, invoke)
+            .dispatch("f", Pick::Route(None), local(), None, 9, invoke)
             .unwrap();
         let err = r
-            .dispatch("f", None, local(), None, 9, None, invoke)
+            .dispatch("f", Pick::Route(None), local(), None, 9, invoke)
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::Overloaded.as_str());
         assert_eq!(

@@ -53,6 +53,17 @@ pub fn engine_error(e: EngineError) -> ErrorBody {
         EngineError::Overloaded { .. } => ErrorBody::new(ErrorCode::Overloaded, msg),
         EngineError::Load { .. } | EngineError::Stopped => ErrorBody::new(ErrorCode::NoWorker, msg),
         EngineError::Decode(_) => ErrorBody::new(ErrorCode::Internal, msg),
+        EngineError::Unavailable(_) => ErrorBody::new(ErrorCode::NoWorker, msg),
+        EngineError::Upstream { status, message } => match status {
+            400 if message.contains("context") => {
+                ErrorBody::new(ErrorCode::ContextLengthExceeded, message).with_param("messages")
+            }
+            400 | 422 => ErrorBody::new(ErrorCode::BadRequest, message),
+            404 => ErrorBody::new(ErrorCode::ModelNotFound, message).with_param("model"),
+            429 | 503 => ErrorBody::new(ErrorCode::Overloaded, message),
+            // Its key refused, or it failed: not the client's doing.
+            _ => ErrorBody::new(ErrorCode::BadWorkerAnswer, msg),
+        },
     }
 }
 

@@ -175,7 +175,7 @@ impl Mesh {
             http: None,
             // Made inside the invocation's span: the callee's span becomes its child.
             traceparent: crate::telemetry::inject(&tracing::Span::current()),
-            route,
+            route: route.map(Box::new),
         };
         let mut conn = self.conn();
         let outbox = conn.outbox.as_ref().ok_or_else(|| {

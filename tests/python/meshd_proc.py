@@ -1,8 +1,10 @@
-"""`meshd up` as a child process for the Python tests: the real binary and the offline model."""
+"""`meshd up` as a child process for the Python tests: the real binary and the offline model; and
+llama.cpp's llama-server (built by scripts/llama-server) as an upstream engine."""
 
 import contextlib
 import os
 import pathlib
+import socket
 import subprocess
 import tempfile
 import time
@@ -44,3 +46,33 @@ def up(*args, api_key=None):
         proc.terminate()
         proc.wait(timeout=30)
         data.cleanup()
+
+
+@contextlib.contextmanager
+def llama_server(*args):
+    """Starts llama-server on the offline model and a free loopback port, with the Gemma
+    template and `ARGS`; yields its base URL once /health is 200."""
+    found = subprocess.run([str(ROOT / "scripts" / "llama-server"), "--path"], capture_output=True, text=True)
+    assert found.returncode == 0, "llama-server is not built: run scripts/llama-server (scripts/test does)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [found.stdout.strip(), "-m", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
+           "--chat-template", "gemma", "--no-jinja", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except Exception:
+                pass
+            assert proc.poll() is None, "llama-server exited"
+            assert time.time() < deadline, "llama-server never became healthy"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

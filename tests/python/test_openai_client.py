@@ -1,5 +1,7 @@
-"""The official `openai` Python client against `meshd up` (real processes, real model)."""
+"""The official `openai` Python client against `meshd up` (real processes, real model): once with
+the built-in engine, once with the `openai` backend in front of a real llama-server."""
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -8,12 +10,24 @@ import urllib.request
 import openai
 import pytest
 
-from meshd_proc import up
+from meshd_proc import llama_server, up
 
 
-@pytest.fixture(scope="module")
-def client():
-    with up("--slots", "4", "--ctx-per-slot", "512") as http:
+@contextlib.contextmanager
+def meshd(backend):
+    if backend == "llama.cpp":
+        with up("--slots", "4", "--ctx-per-slot", "512") as http:
+            yield http
+    else:
+        # The same shape upstream: 4 sequences of 512 positions, served under the same name.
+        with llama_server("-np", "4", "-c", "2048", "-t", "2", "--alias", "gemma-3-270m") as url, \
+                up("--backend", "openai", "--upstream-url", url) as http:
+            yield http
+
+
+@pytest.fixture(scope="module", params=["llama.cpp", "openai"])
+def client(request):
+    with meshd(request.param) as http:
         c = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused-on-loopback", max_retries=0, timeout=60)
         c.meshd_http = http
         yield c

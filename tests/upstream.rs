@@ -1,0 +1,280 @@
+//! The `openai` backend in front of a real llama-server (llama.cpp's own server, built by
+//! `scripts/llama-server`, serving the same Gemma GGUF on loopback): answers pass through exactly,
+//! a client that leaves cancels the upstream request (seen in llama-server's `/slots`), and the
+//! upstream's refusals and absence keep their meaning.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+/// llama-server on a free loopback port: 2 slots of 2048 positions, the Gemma template.
+struct LlamaServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl LlamaServer {
+    fn start() -> LlamaServer {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/llama-server");
+        let out = Command::new(script).arg("--path").output().unwrap();
+        assert!(
+            out.status.success(),
+            "llama-server is not built: run scripts/llama-server (scripts/test does)"
+        );
+        let bin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let model = model();
+        let child = Command::new(bin)
+            .args(["-m", model.to_str().unwrap(), "--host", "127.0.0.1"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "-np",
+                "2",
+                "-c",
+                "4096",
+                "-t",
+                "2",
+            ])
+            .args(["--chat-template", "gemma", "--no-jinja", "--metrics"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        LlamaServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    async fn ready(&self) {
+        eventually(Duration::from_secs(60), "llama-server healthy", || async {
+            match Client::connect(self.addr).await {
+                Ok(mut c) => c.get("/health").await.is_ok_and(|r| r.status == 200),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Slots llama-server is generating in now.
+    async fn busy_slots(&self) -> usize {
+        // A fresh connection: llama-server closes idle keep-alive ones.
+        let v = request(self.addr, "GET", "/slots", "").await.json();
+        v.as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .filter(|s| s["is_processing"] == true)
+            .count()
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `meshd up` whose infer worker forwards to `upstream`.
+fn meshd_over(upstream: &LlamaServer, dir: &std::path::Path) -> Proc {
+    let url = upstream.url();
+    let args = [
+        "up",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--backend",
+        "openai",
+        "--upstream-url",
+        &url,
+    ];
+    Proc::start(&args, true)
+}
+
+fn text_of(v: &Value) -> String {
+    let c = &v["choices"][0];
+    c["message"]["content"]
+        .as_str()
+        .or(c["text"].as_str())
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_pass_through_exactly_and_stream_as_they_come() {
+    let upstream = LlamaServer::start();
+    upstream.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let meshd = meshd_over(&upstream, dir.path());
+    ready(meshd.http()).await;
+
+    let models = request(meshd.http(), "GET", "/v1/models", "").await.json();
+    let direct = request(upstream.addr, "GET", "/v1/models", "").await.json();
+    assert_eq!(
+        models["data"][0]["id"], direct["data"][0]["id"],
+        "served under the upstream's id"
+    );
+
+    // Each prompt once through meshd, then straight to llama-server without its prompt cache:
+    // both computed from scratch, so greedy answers agree exactly (a cached prefix on
+    // llama-server's side may drift: it is not batch-invariant).
+    let direct = |path: &'static str, body: &Value| {
+        let mut body = body.clone();
+        body["cache_prompt"] = json!(false);
+        body["stream"] = json!(false);
+        let addr = upstream.addr;
+        async move { request(addr, "POST", path, &body.to_string()).await.json() }
+    };
+    let chat = json!({"messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 16, "temperature": 0});
+    let via = request(
+        meshd.http(),
+        "POST",
+        "/v1/chat/completions",
+        &chat.to_string(),
+    )
+    .await;
+    assert_eq!(via.status, 200, "{}", via.text());
+    let plain = direct("/v1/chat/completions", &chat).await;
+    assert_eq!(text_of(&via.json()), text_of(&plain));
+    assert_eq!(
+        via.json()["usage"]["prompt_tokens"],
+        plain["usage"]["prompt_tokens"]
+    );
+    assert_eq!(via.json()["usage"]["completion_tokens"], 16);
+
+    // Streamed: the same text, in several chunks, with the usage at the end.
+    let streamed = json!({"messages": [{"role": "user", "content": "Name three lakes."}], "max_tokens": 16,
+                          "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let s = request(
+        meshd.http(),
+        "POST",
+        "/v1/chat/completions",
+        &streamed.to_string(),
+    )
+    .await;
+    let events: Vec<Value> = s
+        .text()
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(deltas.len() > 3, "streamed in pieces: {deltas:?}");
+    assert_eq!(
+        deltas.concat(),
+        text_of(&direct("/v1/chat/completions", &streamed).await)
+    );
+    assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 16);
+
+    let completion = json!({"prompt": "The river Thames", "max_tokens": 8, "temperature": 0});
+    let via = request(
+        meshd.http(),
+        "POST",
+        "/v1/completions",
+        &completion.to_string(),
+    )
+    .await;
+    assert_eq!(
+        text_of(&via.json()),
+        text_of(&direct("/v1/completions", &completion).await)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_the_upstream_request() {
+    let upstream = LlamaServer::start();
+    upstream.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let meshd = meshd_over(&upstream, dir.path());
+    ready(meshd.http()).await;
+
+    // ~1,900 tokens to generate: ~40 s if nobody stopped it.
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0, "stream": true});
+    let mut c = Client::connect(meshd.http()).await.unwrap();
+    let resp = c
+        .start("POST", "/v1/completions", body.to_string().as_bytes(), &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.into_body();
+    let mut chunks = 0;
+    while chunks < 5 {
+        let frame = stream.frame().await.unwrap().unwrap();
+        chunks += usize::from(frame.is_data());
+    }
+    assert_eq!(upstream.busy_slots().await, 1, "the upstream is generating");
+    drop(stream);
+    drop(c);
+    let left = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the upstream slot freed",
+        || async { upstream.busy_slots().await == 0 },
+    )
+    .await;
+    println!(
+        "upstream slot freed {:?} after the client left",
+        left.elapsed()
+    );
+    let stats = request(meshd.http(), "GET", "/v1/engine/stats", "")
+        .await
+        .json();
+    assert_eq!(stats["cancelled"], 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstreams_refusals_and_absence_keep_their_meaning() {
+    let upstream = LlamaServer::start();
+    upstream.ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let meshd = meshd_over(&upstream, dir.path());
+    ready(meshd.http()).await;
+
+    // Past the upstream's context: its 400 is ours, in OpenAI's shape.
+    let long = json!({"prompt": "word ".repeat(3000), "max_tokens": 4});
+    let r = request(meshd.http(), "POST", "/v1/completions", &long.to_string()).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("context"));
+
+    // The upstream gone: 503, with a message that says so.
+    drop(upstream);
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let r = request(
+        meshd.http(),
+        "POST",
+        "/v1/chat/completions",
+        &chat.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "no_worker");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream"));
+}
