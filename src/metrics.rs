@@ -219,6 +219,18 @@ fn render_engines(out: &mut String, engines: &[(String, crate::api::StatsSnapsho
     }
 }
 
+/// Conversations routed to the worker holding their prefix (`kept`) or, past `affinity_slack`,
+/// to the least-loaded one (`overflowed`).
+pub fn render_affinity(out: &mut String, kept: u64, overflowed: u64) {
+    let name = "meshd_affinity_routes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Invocations with an affinity key, by whether they went to their key's worker.\n# TYPE {name} counter"
+    );
+    let _ = writeln!(out, "{name}{{outcome=\"kept\"}} {kept}");
+    let _ = writeln!(out, "{name}{{outcome=\"overflowed\"}} {overflowed}");
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -61,7 +61,13 @@ async fn wait_for_workers(addr: std::net::SocketAddr, function: &str, names: &[&
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_infer_worker_is_declared_dead_within_seconds_and_rejoins_after_sigcont() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    // Identical prompts share an affinity key: without slack they spread by load alone.
+    let gw = gateway_with(
+        dir.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--affinity-slack", "0"],
+    );
     let url = gw.mesh_url();
     let _caller = caller(&url, "caller");
     let a = echo_infer(&url, "infer-a", &["--slots", "2"]);

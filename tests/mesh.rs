@@ -430,7 +430,13 @@ async fn inflight(addr: std::net::SocketAddr, function: &str) -> Vec<(String, u6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_generations_move_to_the_surviving_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    // Identical prompts share an affinity key: without slack they spread by load alone.
+    let gw = gateway_with(
+        dir.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--affinity-slack", "0"],
+    );
     let url = gw.mesh_url();
     let _caller = caller(&url, "caller");
     let mut a = echo_infer(&url, "infer-a", &["--slots", "1"]);

@@ -161,6 +161,10 @@ async fn conversations_stay_on_the_worker_that_holds_their_prefix() {
         }
     }
     let metrics = request(gw.http(), "GET", "/metrics", "").await.text();
+    assert!(
+        metrics.contains("meshd_affinity_routes_total{outcome=\"kept\"} 18"),
+        "every turn went to its conversation's worker: {metrics}"
+    );
     for worker in ["infer-a", "infer-b"] {
         let cached: f64 = metrics
             .lines()

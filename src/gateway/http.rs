@@ -144,9 +144,16 @@ async fn route(
                 let engines = super::engine_stats(shared).await;
                 let text = {
                     let reg = shared.registry();
-                    shared
-                        .metrics
-                        .render(&reg.status(), reg.worker_count(), &engines)
+                    let mut text =
+                        shared
+                            .metrics
+                            .render(&reg.status(), reg.worker_count(), &engines);
+                    crate::metrics::render_affinity(
+                        &mut text,
+                        reg.affinity_kept,
+                        reg.affinity_overflowed,
+                    );
+                    text
                 };
                 let resp = Response::builder()
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4")
