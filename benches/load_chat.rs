@@ -11,7 +11,8 @@
 //! `meshd-avx2` or `llama.cpp`: the CPU matmul kernel, see build.rs), `MESHD_BENCH_MODEL` (another GGUF),
 //! `PAIRS` (default 5): after the table, that many back-to-back pairs of c=1 and c=8 runs, for the
 //! batching gain and the mesh/engine ratios as medians of paired ratios (one table row pair
-//! swings with a shared host). First, `PROMPT_RUNS` (default 5; 0 skips it) times of one
+//! swings with a shared host). `PREFIX_CACHE` (tokens, default 8192 as `meshd up`; 0: off) sizes the
+//! prefix cache of both. First, `PROMPT_RUNS` (default 5; 0 skips it) times of one
 //! ~420-token prompt on the engine alone under each CPU matmul kernel, alternating.
 
 mod harness;
@@ -269,6 +270,7 @@ fn main() {
     let with_mesh = env_or("MESH", 1) != 0;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
     let threads: u32 = env_or("THREADS", cores);
+    let prefix_cache: u32 = env_or("PREFIX_CACHE", 8192);
     let matmul = std::env::var("MATMUL").map_or(MatmulKernel::Meshd, |s| {
         clap::ValueEnum::from_str(&s, false)
             .unwrap_or_else(|_| panic!("MATMUL={s}: use meshd, meshd-avx2 or llama.cpp"))
@@ -290,14 +292,13 @@ fn main() {
             chat_template: "gemma".into(),
             max_queued: 64,
             stall_limit: std::time::Duration::from_secs(15),
-            // As `meshd up` runs by default.
-            prefix_cache_tokens: 8192,
+            prefix_cache_tokens: prefix_cache,
             upstream_url: None,
             upstream_key: None,
         };
         let engine = Engine::start(config).await.unwrap();
         let up = if with_mesh {
-            let up = Up::start(&["--slots", "16", "--ctx-per-slot", "512", "--threads", &threads.to_string(), "--matmul-kernel", matmul.name()]);
+            let up = Up::start(&["--slots", "16", "--ctx-per-slot", "512", "--threads", &threads.to_string(), "--matmul-kernel", matmul.name(), "--prefix-cache-tokens", &prefix_cache.to_string()]);
             up.ready().await;
             Some(Arc::new(up))
         } else {

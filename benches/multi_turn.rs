@@ -9,7 +9,14 @@
 //!
 //! Then the targets: meshd's turn-8 TTFT ≤ 1.2× llama-server's, and ≤ 1.5× its own turn 1.
 //!
-//! `cargo bench --bench multi_turn` (env `TURNS`, default 8; `MESHD_BENCH_MODEL`).
+//! Then routing: 8 conversations, 4 turns, each turn's 8 requests at once, through a gateway with
+//! one infer worker, then two with cache-aware routing (`affinity_slack` 4), then two routed by
+//! load (`affinity_slack` 0: a conversation's worker only when it is no busier than the other):
+//! the prefix-cache hit rate of each (cached / prompt tokens of turns 2..4) and the most requests
+//! of one round that went to one worker.
+//!
+//! `cargo bench --bench multi_turn` (env `TURNS`, default 8; `ROUTING=0` skips the routing part;
+//! `MESHD_BENCH_MODEL`).
 
 mod harness;
 
@@ -283,7 +290,172 @@ fn main() {
                 verdict(vs <= 1.2)
             );
         }
+        if std::env::var("ROUTING").is_ok_and(|v| v == "0") {
+            return;
+        }
+        println!("\nrouting: 8 conversations x 4 turns, each turn's 8 requests at once");
+        println!("{:<28} {:>9} {:>22}", "fleet", "hit rate", "most of a round on one");
+        let mut one = 0.0;
+        for (name, workers, slack) in [
+            ("1 worker", 1, 4),
+            ("2 workers, cache-aware", 2, 4),
+            ("2 workers, by load", 2, 0),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (_roles, addr) = fleet(workers, slack, dir.path());
+            let (rate, worst) = routed(addr, workers).await;
+            if workers == 1 {
+                one = rate;
+            }
+            println!("{name:<28} {:>8.1}% {worst:>22}", 100.0 * rate);
+            if workers == 2 && slack > 0 {
+                println!(
+                    "cache-aware keeps {:.0}% of the one-worker hit rate (target >= 90%) {}",
+                    100.0 * rate / one,
+                    verdict(rate >= 0.9 * one)
+                );
+            }
+        }
     });
+}
+
+/// A `meshd` role as a child process, killed on drop.
+struct Role(Child);
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const TOKEN: &str = "bench-worker-token-0123456789abcdef";
+
+/// A gateway (its HTTP and mesh addresses), a caller, and `workers` infer workers of one
+/// thread each (2 cores are shared).
+fn fleet(workers: usize, slack: usize, dir: &std::path::Path) -> (Vec<Role>, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let bin = env!("CARGO_BIN_EXE_meshd");
+    let slack = slack.to_string();
+    let mut gateway = Command::new(bin)
+        .args([
+            "gateway",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mesh-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--worker-token", TOKEN, "--affinity-slack", &slack])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(gateway.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let field = |k: &str| {
+        line.split(k)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let (http, mesh) = (field("http="), field("mesh="));
+    let url = format!("ws://{mesh}");
+    let model = harness::model();
+    let mut roles = vec![Role(gateway)];
+    let worker = |args: &[&str]| {
+        Role(
+            Command::new(bin)
+                .args(args)
+                .args(["--gateway-url", &url, "--worker-token", TOKEN])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    roles.push(worker(&["caller", "--name", "caller"]));
+    for i in 0..workers {
+        let name = format!("infer-{i}");
+        roles.push(worker(&[
+            "infer",
+            "--name",
+            &name,
+            "--model",
+            &model,
+            "--threads",
+            "1",
+            "--slots",
+            "8",
+        ]));
+    }
+    (roles, http.parse().unwrap())
+}
+
+/// Requests each infer worker completed, from the gateway's metrics.
+async fn completed_by_worker(addr: SocketAddr) -> Vec<(String, u64)> {
+    let mut c = Client::connect(addr).await.unwrap();
+    let text = c.get("/metrics").await.unwrap().text();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("meshd_generations_completed_total{worker=\""))
+        .filter_map(|l| {
+            let (w, n) = l.split_once("\"} ")?;
+            Some((w.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+/// 8 conversations × 4 turns, each turn's requests at once: (hit rate of turns 2.., most
+/// requests of one round on one worker).
+async fn routed(addr: SocketAddr, workers: usize) -> (f64, u64) {
+    for _ in 0..600 {
+        if let Ok(mut c) = Client::connect(addr).await {
+            let ready = c.get("/readyz").await.is_ok_and(|r| r.status == 200);
+            if ready && completed_by_worker(addr).await.len() == workers {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let system = system_prompt();
+    let mut convs: Vec<Vec<Value>> = (0..8)
+        .map(|_| vec![json!({"role": "system", "content": system})])
+        .collect();
+    let (mut cached, mut prompt, mut worst) = (0u64, 0u64, 0u64);
+    for turn in 0..4 {
+        let before = completed_by_worker(addr).await;
+        let asks: Vec<_> = convs
+            .iter_mut()
+            .enumerate()
+            .map(|(c, messages)| {
+                messages.push(json!({"role": "user", "content": question(c, turn)}));
+                let messages = messages.clone();
+                tokio::spawn(async move { chat(addr, &messages).await })
+            })
+            .collect();
+        for (messages, ask) in convs.iter_mut().zip(asks) {
+            let (_, answer, p, c) = ask.await.unwrap();
+            messages.push(json!({"role": "assistant", "content": answer}));
+            if turn > 0 {
+                cached += c;
+                prompt += p;
+            }
+        }
+        let after = completed_by_worker(addr).await;
+        for (w, n) in &after {
+            let was = before.iter().find(|(b, _)| b == w).map_or(0, |(_, n)| *n);
+            worst = worst.max(n - was);
+        }
+    }
+    (cached as f64 / prompt.max(1) as f64, worst)
 }
 
 fn verdict(met: bool) -> &'static str {

@@ -138,6 +138,25 @@ pub struct RouteHint {
     pub affinity: Option<u64>,
 }
 
+/// FNV-1a, 64 bits: a hash that is the same in every process and build (affinity keys, and the
+/// gateway's rendezvous scores).
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
 /// How a worker's engine is doing, sent with its heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {

@@ -138,10 +138,13 @@ pub fn init(format: LogFormat, level: &str, role: &str) {
             .with_tracked_inactivity(false)
             .with_location(false)
             .with_threads(false)
-            // Sampled spans only: log events stay log lines, not span events in the collector.
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.is_span() && m.target() == TRACED
-            }))
+            // Sampled spans only (no event has this target: log events stay log lines). A static
+            // filter, decided once per callsite: a dynamic one would make every log callsite ask
+            // the subscriber again on every call.
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(TRACED, tracing::level_filters::LevelFilter::INFO),
+            )
     });
     let registry = tracing_subscriber::registry().with(otel_layer);
     let _ = match format {

@@ -763,11 +763,10 @@ impl Registry {
 /// The rendezvous (highest random weight) score of worker `name` for affinity `key`: FNV-1a over
 /// both, stable across processes and builds.
 fn rendezvous(key: u64, name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.to_le_bytes().iter().chain(name.as_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut fnv = crate::protocol::Fnv::default();
+    fnv.write(&key.to_le_bytes());
+    fnv.write(name.as_bytes());
+    let mut h = fnv.0;
     // FNV's low bits mix poorly for short inputs: finish with a 64-bit avalanche.
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);

@@ -102,7 +102,7 @@ async fn start(
 /// resends unchanged) or, for a text prompt, its first KiB.
 pub fn route_hint(req: &GenerateRequest) -> RouteHint {
     const PREFIX: usize = 1024;
-    let mut h = Fnv::default();
+    let mut h = protocol::Fnv::default();
     h.write(req.model.as_deref().unwrap_or("").as_bytes());
     match &req.prompt {
         Prompt::Text { text } => h.write(&text.as_bytes()[..text.len().min(PREFIX)]),
@@ -120,24 +120,6 @@ pub fn route_hint(req: &GenerateRequest) -> RouteHint {
     RouteHint {
         model: req.model.clone(),
         affinity: Some(h.0),
-    }
-}
-
-/// FNV-1a, 64 bits: a hash that is the same in every process and build.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
     }
 }
 
