@@ -60,6 +60,8 @@ impl Heartbeat {
 pub struct Progress {
     pub steps: u64,
     pub busy: bool,
+    /// Work the engine holds for others than this worker (an upstream server's other clients).
+    pub backlog: u64,
 }
 
 /// Reads an engine's progress (cheap: atomics).
@@ -98,6 +100,7 @@ impl StallWatch {
             steps: p.steps,
             busy: p.busy,
             stalled,
+            backlog: p.backlog,
         }
     }
 
@@ -246,7 +249,11 @@ mod tests {
         let t0 = Instant::now();
         let s = |secs: u64| t0 + Duration::from_secs(secs);
         let mut w = StallWatch::new(Duration::from_secs(5));
-        let p = |steps, busy| Progress { steps, busy };
+        let p = |steps, busy| Progress {
+            steps,
+            busy,
+            backlog: 0,
+        };
         assert!(!w.observe(p(0, false), s(0)).stalled);
         // Idle for long: never a stall.
         assert!(!w.observe(p(0, false), s(100)).stalled);

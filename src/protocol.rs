@@ -167,6 +167,14 @@ pub struct Health {
     /// Busy with no step for the worker's `engine_stall_secs`: the gateway routes nothing to it
     /// and fails or moves what it had, until it makes progress again.
     pub stalled: bool,
+    /// Requests its engine holds for others (an upstream server shared with other clients): the
+    /// gateway counts them in the worker's load.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub backlog: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How an invocation ended.
@@ -526,6 +534,7 @@ mod tests {
                     steps: 7,
                     busy: true,
                     stalled: false,
+                    backlog: 3,
                 }),
             },
             Message::Pong { nonce: 1 },

@@ -467,6 +467,7 @@ impl Stats {
         crate::liveness::Progress {
             steps: self.decode_steps.load(Ordering::Relaxed),
             busy,
+            backlog: 0,
         }
     }
 

@@ -307,7 +307,13 @@ impl Generate for Upstream {
     }
 
     fn progress(&self) -> crate::liveness::Progress {
-        self.inner.stats.progress()
+        let i = &self.inner;
+        let mut p = i.stats.progress();
+        // What the upstream holds beyond this worker's own requests: other clients' work.
+        let held =
+            i.upstream_running.load(Ordering::Relaxed) + i.upstream_waiting.load(Ordering::Relaxed);
+        p.backlog = held.saturating_sub(i.stats.active.load(Ordering::Relaxed));
+        p
     }
 
     fn stall_limit(&self) -> Duration {

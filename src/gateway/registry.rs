@@ -43,6 +43,8 @@ struct Worker {
     stalled: bool,
     /// Its engine's decode steps, as last reported.
     steps: Option<u64>,
+    /// Work its engine holds for others, as last reported: counted in its load.
+    backlog: usize,
     /// The models it serves; empty: it takes any invocation.
     models: Vec<String>,
 }
@@ -208,6 +210,7 @@ impl Registry {
                 draining: false,
                 stalled: false,
                 steps: None,
+                backlog: 0,
                 models: Vec::new(),
             },
         );
@@ -362,6 +365,7 @@ impl Registry {
     ) -> Option<bool> {
         let w = self.workers.get_mut(&worker)?;
         w.steps = Some(health.steps);
+        w.backlog = usize::try_from(health.backlog).unwrap_or(usize::MAX);
         let was = std::mem::replace(&mut w.stalled, health.stalled);
         (was != health.stalled).then_some(health.stalled)
     }
@@ -475,7 +479,7 @@ impl Registry {
             .filter(|(_, w)| {
                 model.is_none_or(|m| w.models.is_empty() || w.models.iter().any(|x| x == m))
             })
-            .map(|(id, w)| (*id, w.inflight))
+            .map(|(id, w)| (*id, w.inflight.saturating_add(w.backlog)))
             .collect();
         match model {
             Some(m) if serving.is_empty() => Err(if self.models_seen.contains(m) {
@@ -867,6 +871,30 @@ mod tests {
     }
 
     #[test]
+    fn an_engines_backlog_for_others_counts_in_its_load() {
+        use crate::protocol::Health;
+        let mut r = Registry::default();
+        r.add_worker(1, "shared-upstream".into(), outbox());
+        r.add_worker(2, "own".into(), outbox());
+        r.register_function(1, "gen", false, &[]);
+        r.register_function(2, "gen", false, &[]);
+        let busy = Health {
+            steps: 1,
+            busy: true,
+            stalled: false,
+            backlog: 5,
+        };
+        r.set_health(1, busy);
+        for _ in 0..4 {
+            let route = r.route("gen", local(), None, 99, None).unwrap();
+            assert_eq!(route.worker, 2, "worker 1's engine is busy for others");
+        }
+        r.set_health(1, Health { backlog: 0, ..busy });
+        let route = r.route("gen", local(), None, 99, None).unwrap();
+        assert_eq!(route.worker, 1);
+    }
+
+    #[test]
     fn an_affinity_key_keeps_its_worker_until_the_load_is_too_uneven() {
         let mut r = Registry::default();
         r.set_affinity_slack(2);
@@ -1025,6 +1053,7 @@ mod tests {
             steps,
             busy: true,
             stalled,
+            backlog: 0,
         };
         assert_eq!(r.set_health(1, health(5, false)), None, "no change");
         assert_eq!(r.set_health(1, health(5, true)), Some(true), "just stalled");
