@@ -9,6 +9,8 @@
 //! `LEVELS` (concurrencies, default `1,4,8,16`), `MESH=0` (the engine alone, to study batching),
 //! `THREADS` (compute threads, default: every core), `MATMUL` (`meshd`, the default,
 //! `meshd-avx2` or `llama.cpp`: the CPU matmul kernel, see build.rs), `MESHD_BENCH_MODEL` (another GGUF),
+//! `LLAMA` (default 1: when `scripts/llama-server` has built llama.cpp's server, a `llama` row at
+//! each level, same prompts, `-np 16 -c 8192`, and the mesh/llama-server TTFT and tok/s ratios),
 //! `PAIRS` (default 5): after the table, that many back-to-back pairs of c=1 and c=8 runs, for the
 //! batching gain and the mesh/engine ratios as medians of paired ratios (one table row pair
 //! swings with a shared host). `PREFIX_CACHE` (tokens, default 8192 as `meshd up`; 0: off) sizes the
@@ -20,7 +22,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{quantile_ms, Client, Up};
+use harness::{quantile_ms, Client, LlamaServer, Up};
 use http_body_util::BodyExt;
 use meshd::api::{ChatMessage, GenerateRequest, Prompt, Sampling, ValidGenerate};
 use meshd::engine::{
@@ -202,16 +204,17 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
     Run::gather(tasks, start).await
 }
 
-async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
+/// `conc` clients streaming chats to the OpenAI API at `addr` (meshd, or llama-server).
+async fn http_level(addr: std::net::SocketAddr, conc: usize, rounds: usize) -> Run {
     let rounds = per_client(rounds, conc);
-    let addr = up.addr;
     let start = Instant::now();
     let tasks: Vec<_> = (0..conc)
         .map(|c| {
             tokio::spawn(async move {
-                let mut conn = Client::connect(addr).await.unwrap();
                 let mut run = Run::default();
                 for r in 0..rounds {
+                    // A fresh connection a request: llama-server closes idle keep-alive ones.
+                    let mut conn = Client::connect(addr).await.unwrap();
                     let body = serde_json::json!({
                         "messages": [{"role": "user", "content": prompt(c + r * conc)}],
                         "temperature": 0, "max_tokens": MAX_TOKENS, "stream": true,
@@ -254,6 +257,12 @@ async fn mesh_level(up: &Up, conc: usize, rounds: usize) -> Run {
         })
         .collect();
     Run::gather(tasks, start).await
+}
+
+fn median_ms(d: &[Duration]) -> f64 {
+    let mut d = d.to_vec();
+    d.sort();
+    quantile_ms(&d, 0.5)
 }
 
 fn main() {
@@ -304,6 +313,16 @@ fn main() {
         } else {
             None
         };
+        // llama.cpp's server in the same shape, when built (scripts/llama-server): a third row.
+        let llama = match (with_mesh, LlamaServer::binary()) {
+            (true, Some(bin)) if env_or("LLAMA", 1) != 0 => {
+                let threads = threads.to_string();
+                let server = LlamaServer::start(&bin, &["-np", "16", "-c", "8192", "-t", &threads]);
+                server.ready().await;
+                Some(server)
+            }
+            _ => None,
+        };
         println!("load_chat: max_tokens {MAX_TOKENS}, temperature 0, {rounds}+ requests per client ({MIN_REQUESTS}+ per run), {repeats} repeats, {threads} threads, matmul {}", matmul.name());
         let prompt_runs: usize = env_or("PROMPT_RUNS", 5);
         if prompt_runs > 0 {
@@ -317,18 +336,24 @@ fn main() {
         for conc in levels {
             // Engine and mesh alternate `repeats` times: the row shows all of them together, and
             // the mesh/engine column is the median of the per-repeat ratios.
-            let (mut e, mut m, mut ratios) = (Run::default(), Run::default(), Vec::new());
+            let (mut e, mut m, mut l) = (Run::default(), Run::default(), Run::default());
+            let (mut ratios, mut ttft_ratios) = (Vec::new(), Vec::new());
             for _ in 0..repeats {
                 let er = engine_level(&engine, conc, rounds).await;
                 if let Some(up) = &up {
-                    let mr = mesh_level(up, conc, rounds).await;
+                    let mr = http_level(up.addr, conc, rounds).await;
                     ratios.push(mr.tps() / er.tps());
+                    if let Some(server) = &llama {
+                        let lr = http_level(server.addr, conc, rounds).await;
+                        ttft_ratios.push(median_ms(&mr.ttft) / median_ms(&lr.ttft));
+                        l.merge(lr);
+                    }
                     m.merge(mr);
                 }
                 e.merge(er);
             }
             ratios.sort_by(f64::total_cmp);
-            for (name, r) in [("engine", &e), ("mesh", &m)] {
+            for (name, r) in [("engine", &e), ("mesh", &m), ("llama", &l)] {
                 if r.latency.is_empty() {
                     continue;
                 }
@@ -348,6 +373,14 @@ fn main() {
                     quantile_ms(&lat, 0.99),
                     quantile_ms(&ttft, 0.5),
                     quantile_ms(&ttft, 0.99),
+                );
+            }
+            if !ttft_ratios.is_empty() {
+                ttft_ratios.sort_by(f64::total_cmp);
+                println!(
+                    "mesh / llama-server at c={conc}: ttft p50 {:.2}x, tok/s {:.2}x",
+                    ttft_ratios[ttft_ratios.len() / 2],
+                    m.tps() / l.tps()
                 );
             }
             let (which, tps) = if up.is_some() { ("mesh", m.tps()) } else { ("engine", e.tps()) };
@@ -372,8 +405,8 @@ fn main() {
             let e8 = engine_level(&engine, 8, rounds).await.tps();
             push("engine c=8 / c=1 tok/s", e8 / e1);
             if let Some(up) = &up {
-                let m1 = mesh_level(up, 1, rounds).await.tps();
-                let m8 = mesh_level(up, 8, rounds).await.tps();
+                let m1 = http_level(up.addr, 1, rounds).await.tps();
+                let m8 = http_level(up.addr, 8, rounds).await.tps();
                 push("mesh c=8 / c=1 tok/s", m8 / m1);
                 push("mesh/engine at c=1", m1 / e1);
                 push("mesh/engine at c=8", m8 / e8);

@@ -11,11 +11,12 @@
 //!
 //! Then routing: 8 conversations, 4 turns, each turn's 8 requests at once, through a gateway with
 //! one infer worker, then two with cache-aware routing (`affinity_slack` 4), then two routed by
-//! load (`affinity_slack` 0: a conversation's worker only when it is no busier than the other):
+//! load alone (`affinity_slack` 0: least loaded, ties rotate):
 //! the prefix-cache hit rate of each (cached / prompt tokens of turns 2..4) and the most requests
 //! of one round that went to one worker.
 //!
-//! `cargo bench --bench multi_turn` (env `TURNS`, default 8; `ROUTING=0` skips the routing part;
+//! `cargo bench --bench multi_turn` (env `TURNS`, default 8; `ROUTING=0` skips the routing part,
+//! `MULTI_TURN=0` all but it;
 //! `MESHD_BENCH_MODEL`).
 
 mod harness;
@@ -24,7 +25,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{Client, Up};
+use harness::{Client, LlamaServer, Up};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
@@ -151,84 +152,6 @@ async fn run(addr: SocketAddr, turns: usize) -> Vec<Turn> {
     out
 }
 
-/// llama.cpp's server on a free loopback port, killed on drop.
-struct LlamaServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl LlamaServer {
-    fn binary() -> Option<String> {
-        if let Ok(p) = std::env::var("LLAMA_SERVER") {
-            return Some(p);
-        }
-        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/llama-server"))
-            .arg("--path")
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        let path = String::from_utf8(out.stdout).ok()?.trim().to_string();
-        (out.status.success() && !path.is_empty()).then_some(path)
-    }
-
-    fn start(bin: &str) -> LlamaServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let model = harness::model();
-        let child = Command::new(bin)
-            .args([
-                "-m",
-                &model,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            // The same shape as meshd up's defaults: 4 parallel sequences of 2048 positions, the
-            // Gemma template (the base GGUF carries none; `--no-jinja` selects the built-in one
-            // by name, where the Jinja engine would take "gemma" as template text).
-            .args([
-                "-np",
-                "4",
-                "-c",
-                "8192",
-                "--chat-template",
-                "gemma",
-                "--no-jinja",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("llama-server starts");
-        LlamaServer {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    async fn ready(&self) {
-        for _ in 0..600 {
-            if let Ok(mut c) = Client::connect(self.addr).await {
-                if c.get("/health").await.is_ok_and(|r| r.status == 200) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("llama-server never became ready");
-    }
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn main() {
     let turns: usize = std::env::var("TURNS")
         .ok()
@@ -239,6 +162,9 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        if std::env::var("MULTI_TURN").is_ok_and(|v| v == "0") {
+            return routing().await;
+        }
         let mut results: Vec<(&str, Vec<Turn>)> = Vec::new();
         // One server at a time: the others would share the cores.
         for (name, extra) in [
@@ -251,7 +177,7 @@ fn main() {
         }
         match LlamaServer::binary() {
             Some(bin) => {
-                let server = LlamaServer::start(&bin);
+                let server = LlamaServer::start(&bin, &["-np", "4", "-c", "8192"]);
                 server.ready().await;
                 results.push(("llama-server", run(server.addr, turns).await));
             }
@@ -293,30 +219,38 @@ fn main() {
         if std::env::var("ROUTING").is_ok_and(|v| v == "0") {
             return;
         }
-        println!("\nrouting: 8 conversations x 4 turns, each turn's 8 requests at once");
-        println!("{:<28} {:>9} {:>22}", "fleet", "hit rate", "most of a round on one");
-        let mut one = 0.0;
-        for (name, workers, slack) in [
-            ("1 worker", 1, 4),
-            ("2 workers, cache-aware", 2, 4),
-            ("2 workers, by load", 2, 0),
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let (_roles, addr) = fleet(workers, slack, dir.path());
-            let (rate, worst) = routed(addr, workers).await;
-            if workers == 1 {
-                one = rate;
-            }
-            println!("{name:<28} {:>8.1}% {worst:>22}", 100.0 * rate);
-            if workers == 2 && slack > 0 {
-                println!(
-                    "cache-aware keeps {:.0}% of the one-worker hit rate (target >= 90%) {}",
-                    100.0 * rate / one,
-                    verdict(rate >= 0.9 * one)
-                );
-            }
-        }
+        routing().await;
     });
+}
+
+/// The routing part: one worker, two cache-aware, two by load alone.
+async fn routing() {
+    println!("\nrouting: 8 conversations x 4 turns, each turn's 8 requests at once");
+    println!(
+        "{:<28} {:>9} {:>22}",
+        "fleet", "hit rate", "most of a round on one"
+    );
+    let mut one = 0.0;
+    for (name, workers, slack) in [
+        ("1 worker", 1, 4),
+        ("2 workers, cache-aware", 2, 4),
+        ("2 workers, by load", 2, 0),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_roles, addr) = fleet(workers, slack, dir.path());
+        let (rate, worst) = routed(addr, workers).await;
+        if workers == 1 {
+            one = rate;
+        }
+        println!("{name:<28} {:>8.1}% {worst:>22}", 100.0 * rate);
+        if workers == 2 && slack > 0 {
+            println!(
+                "cache-aware keeps {:.0}% of the one-worker hit rate (target >= 90%) {}",
+                100.0 * rate / one,
+                verdict(rate >= 0.9 * one)
+            );
+        }
+    }
 }
 
 /// A `meshd` role as a child process, killed on drop.

@@ -299,7 +299,8 @@ pub struct Settings {
     #[arg(long, required = false)]
     pub queue_depth: usize,
     /// A conversation goes to the infer worker that holds its prefix unless that worker has more
-    /// than this many requests in flight beyond the least-loaded one (then: the least loaded).
+    /// than this many requests in flight beyond the least-loaded one (then: the least loaded);
+    /// 0 routes by load alone.
     #[arg(long, required = false)]
     pub affinity_slack: usize,
     /// Open HTTP connections at once; beyond it new ones are closed.

@@ -61,7 +61,7 @@ async fn wait_for_workers(addr: std::net::SocketAddr, function: &str, names: &[&
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_infer_worker_is_declared_dead_within_seconds_and_rejoins_after_sigcont() {
     let dir = tempfile::tempdir().unwrap();
-    // Identical prompts share an affinity key: without slack they spread by load alone.
+    // Identical prompts share an affinity key: a slack of 0 spreads them by load alone.
     let gw = gateway_with(
         dir.path(),
         "127.0.0.1:0",

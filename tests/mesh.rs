@@ -430,7 +430,7 @@ async fn inflight(addr: std::net::SocketAddr, function: &str) -> Vec<(String, u6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_generations_move_to_the_surviving_worker() {
     let dir = tempfile::tempdir().unwrap();
-    // Identical prompts share an affinity key: without slack they spread by load alone.
+    // Identical prompts share an affinity key: a slack of 0 spreads them by load alone.
     let gw = gateway_with(
         dir.path(),
         "127.0.0.1:0",

@@ -498,13 +498,14 @@ impl Registry {
 
     /// The affinity key's worker (rendezvous hashing over worker names, so a key keeps its worker
     /// across reconnects and only the keys of a worker that leaves move) unless it holds more
-    /// than `affinity_slack` invocations beyond the least loaded; else the least loaded.
+    /// than `affinity_slack` invocations beyond the least loaded; else the least loaded. A slack of
+    /// 0 routes by load alone.
     fn choose_for(
         &mut self,
         candidates: Vec<(WorkerId, usize)>,
         affinity: Option<u64>,
     ) -> WorkerId {
-        let Some(key) = affinity else {
+        let Some(key) = affinity.filter(|_| self.affinity_slack > 0) else {
             return self.choose(candidates);
         };
         let least = candidates.iter().map(|(_, l)| *l).min().unwrap_or(0);
