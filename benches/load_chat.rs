@@ -362,8 +362,8 @@ fn main() {
                 let mut ttft = r.ttft.clone();
                 ttft.sort();
                 let ratio = match ratios.get(ratios.len() / 2) {
-                    Some(r) => format!("{r:.3}"),
-                    None => "-".into(),
+                    Some(r) if name != "llama" => format!("{r:.3}"),
+                    _ => "-".into(),
                 };
                 println!(
                     "{name:<7} {conc:>3} {:>7.2} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {ratio:>11}",
