@@ -84,6 +84,10 @@ pub struct GenerateRequest {
 
 /// Limits every generation request is held to, on both sides of the mesh.
 pub const MAX_MESSAGES: usize = 1024;
+/// The longest model id a request may name or a worker may announce (bytes).
+pub const MAX_MODEL_ID: usize = 256;
+/// The most models one worker may announce.
+pub const MAX_MODELS_PER_WORKER: usize = 8;
 pub const MAX_STOPS: usize = 4;
 pub const MAX_STOP_LEN: usize = 256;
 pub const MAX_TOKENS_LIMIT: u32 = 1 << 20;

@@ -1127,6 +1127,27 @@ mod tests {
     }
 
     #[test]
+    fn the_prefix_cache_budget_and_the_upstream_url_are_checked() {
+        let mut s = Settings::defaults(Role::Infer);
+        s.prefix_cache_tokens = 1 << 20;
+        s.validate(Role::Infer).unwrap();
+        s.prefix_cache_tokens = (1 << 20) + 1;
+        let err = s.validate(Role::Infer).unwrap_err().to_string();
+        assert!(err.contains("prefix_cache_tokens"), "{err}");
+        s.prefix_cache_tokens = 0;
+        s.validate(Role::Infer).unwrap();
+
+        s.generator = GeneratorKind::Openai;
+        let err = s.validate(Role::Infer).unwrap_err().to_string();
+        assert!(err.contains("upstream_url"), "{err}");
+        s.upstream_url = Some("ftp://10.0.0.1".into());
+        let err = s.validate(Role::Infer).unwrap_err().to_string();
+        assert!(err.contains("http://"), "{err}");
+        s.upstream_url = Some("http://10.0.0.1:8000".into());
+        s.validate(Role::Infer).unwrap();
+    }
+
+    #[test]
     fn bare_port_means_every_interface() {
         assert_eq!(resolve_addr(":49134").unwrap().to_string(), "0.0.0.0:49134");
     }

@@ -128,7 +128,9 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
 
     let model = match obj.get("model") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= crate::api::MAX_MODEL_ID => {
+            Some(s.clone())
+        }
         Some(_) => return Err(invalid("`model` must be a non-empty string", "model")),
     };
     let prompt = match kind {

@@ -321,3 +321,88 @@ async fn a_trigger_outlives_its_worker_for_the_grace_period_then_frees_its_route
     drop(third);
     let _ = invoked.await;
 }
+
+/// What an infer worker announces and asks of routing is bounded: more models than a worker may
+/// serve, or a model id past `MAX_MODEL_ID` bytes, is refused by name and disconnected (nothing
+/// of it reaches `/v1/models`); a route hint naming a model id past the limit is a 400, not a
+/// lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_models_and_route_hints_are_bounded() {
+    use meshd::api::{MAX_MODELS_PER_WORKER, MAX_MODEL_ID};
+    let dir = tempfile::tempdir().unwrap();
+    let gw = role_gateway(dir.path(), &[]);
+    // No caller or infer worker: the gateway is not ready (nothing serves its routes), and
+    // this test speaks to it as workers only.
+    let (url, addr) = (gw.mesh_url(), gw.http());
+    let register = |models: Vec<String>| Message::RegisterFunction {
+        name: "inference::models".into(),
+        description: None,
+        resumable: false,
+        models,
+    };
+
+    let mut many = Peer::join(&url, INFER_TOKEN, "many-models").await;
+    let models = (0..=MAX_MODELS_PER_WORKER)
+        .map(|i| format!("m{i}"))
+        .collect();
+    many.send(register(models)).await;
+    let (reason, closed) = many.refusal().await;
+    assert!(
+        reason.contains(&format!("at most {MAX_MODELS_PER_WORKER} models")),
+        "{reason}"
+    );
+    assert!(closed);
+
+    let mut long = Peer::join(&url, INFER_TOKEN, "long-model").await;
+    long.send(register(vec!["x".repeat(MAX_MODEL_ID + 1)]))
+        .await;
+    let (reason, closed) = long.refusal().await;
+    assert!(
+        reason.contains(&format!("1 to {MAX_MODEL_ID} bytes")),
+        "{reason}"
+    );
+    assert!(closed);
+    assert!(metric(addr, "meshd_workers_refused_total{reason=\"models\"} 2").await);
+
+    // Within the limits, the same announcement is taken: the boundary itself is allowed.
+    let mut fine = Peer::join(&url, INFER_TOKEN, "fine").await;
+    fine.send(register(vec!["y".repeat(MAX_MODEL_ID)])).await;
+    // A round trip on the same connection: the registration above is handled by then.
+    let _ = fine
+        .call(1, "state::get", &json!({"scope": "s", "key": "k"}))
+        .await;
+    let served = status_workers(addr, "inference::models").await;
+    assert!(served.iter().any(|w| w.name == "fine"), "{served:?}");
+
+    // A route hint past the limit: answered with a 400 before any routing.
+    let mut caller = Peer::join(&url, CALLER_TOKEN, "lying-caller").await;
+    caller
+        .send(Message::Invoke {
+            id: 9,
+            function: "inference::models".into(),
+            payload: serde_bytes::ByteBuf::new(),
+            timeout_ms: 5_000,
+            trace_id: "t9".into(),
+            http: None,
+            traceparent: None,
+            route: Some(Box::new(meshd::protocol::RouteHint {
+                model: Some("z".repeat(MAX_MODEL_ID + 1)),
+                affinity: Some(1),
+            })),
+        })
+        .await;
+    let outcome = loop {
+        match caller.recv().await {
+            Some(Message::Result { id: 9, outcome }) => break outcome,
+            Some(_) => continue,
+            None => panic!("the gateway closed the caller's connection"),
+        }
+    };
+    match outcome {
+        Outcome::Error(e) => {
+            assert_eq!(e.code, "bad_request", "{e:?}");
+            assert!(e.message.contains(&MAX_MODEL_ID.to_string()), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -283,10 +283,14 @@ async fn handle(
             // The grant decides; the worker's flag says it reports `Started`, without which
             // moving an invocation could run it twice.
             let resumable = resumable && grant.is_resumable(&name);
-            tracing::info!(function = %name, resumable, "function registered");
             shared
                 .registry()
-                .register_function(me, &name, resumable, &models);
+                .register_function(me, &name, resumable, &models)
+                .map_err(|message| Refusal {
+                    reason: "models",
+                    message,
+                })?;
+            tracing::info!(function = %name, resumable, ?models, "function registered");
         }
         Message::UnregisterFunction { name } => shared.registry().unregister_function(me, &name),
         Message::RegisterTrigger {
@@ -337,6 +341,26 @@ async fn handle(
                     payload: serde_bytes::ByteBuf::from(protocol::to_payload(&models)),
                     http: None,
                 };
+                let _ = outbox
+                    .send(Outgoing::Msg(Message::Result { id, outcome }))
+                    .await;
+                return Ok(());
+            }
+            if hint
+                .as_ref()
+                .and_then(|h| h.model.as_ref())
+                .is_some_and(|m| m.len() > crate::api::MAX_MODEL_ID)
+            {
+                let outcome = Outcome::Error(
+                    ErrorBody::new(
+                        crate::protocol::ErrorCode::BadRequest,
+                        format!(
+                            "a route's model id may be at most {} bytes",
+                            crate::api::MAX_MODEL_ID
+                        ),
+                    )
+                    .with_param("model"),
+                );
                 let _ = outbox
                     .send(Outgoing::Msg(Message::Result { id, outcome }))
                     .await;

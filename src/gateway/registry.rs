@@ -58,6 +58,10 @@ struct Pending {
     resend: Option<Message>,
 }
 
+/// Model ids the registry remembers as once served (past it, a model whose workers are gone
+/// answers 404 rather than 503).
+const MAX_MODELS_SEEN: usize = 1024;
+
 /// How [`Registry::dispatch`] picks the worker.
 pub enum Pick<'a> {
     /// By the hint (a model, an affinity key), else the least loaded.
@@ -237,28 +241,56 @@ impl Registry {
         self.workers.len()
     }
 
+    /// Records that `worker` serves `function` (and, for an infer worker, `models`). `Err` names
+    /// the limit a worker's announced models break (nothing is recorded then): each model id
+    /// non-empty and at most `MAX_MODEL_ID` bytes, at most `MAX_MODELS_PER_WORKER` in all.
     pub fn register_function(
         &mut self,
         worker: WorkerId,
         function: &str,
         resumable: bool,
         models: &[String],
-    ) {
+    ) -> Result<(), String> {
+        use crate::api::{MAX_MODELS_PER_WORKER, MAX_MODEL_ID};
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if let Some(bad) = models
+                .iter()
+                .find(|m| m.is_empty() || m.len() > MAX_MODEL_ID)
+            {
+                return Err(format!(
+                    "a model id must be 1 to {MAX_MODEL_ID} bytes (got {})",
+                    bad.len()
+                ));
+            }
+            let mut all = w.models.clone();
+            for m in models {
+                if !all.contains(m) {
+                    all.push(m.clone());
+                }
+            }
+            if all.len() > MAX_MODELS_PER_WORKER {
+                return Err(format!(
+                    "a worker may serve at most {MAX_MODELS_PER_WORKER} models (announced {})",
+                    all.len()
+                ));
+            }
+            // Remembered for 503-not-404 once its workers go; bounded, so a worker that
+            // reconnects with new names each time cannot grow it without end.
+            for m in &all {
+                if self.models_seen.len() < MAX_MODELS_SEEN {
+                    self.models_seen.insert(m.clone());
+                }
+            }
+            w.models = all;
+        }
         if resumable {
             self.resumable.insert(function.to_string());
-        }
-        if let Some(w) = self.workers.get_mut(&worker) {
-            for m in models {
-                if !w.models.contains(m) {
-                    w.models.push(m.clone());
-                }
-                self.models_seen.insert(m.clone());
-            }
         }
         let list = self.functions.entry(function.to_string()).or_default();
         if !list.contains(&worker) {
             list.push(worker);
         }
+        Ok(())
     }
 
     pub fn unregister_function(&mut self, worker: WorkerId, function: &str) {
@@ -810,8 +842,8 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.add_worker(2, "b".into(), outbox());
-        r.register_function(1, "f", false, &[]);
-        r.register_function(2, "f", false, &[]);
+        r.register_function(1, "f", false, &[]).unwrap();
+        r.register_function(2, "f", false, &[]).unwrap();
         let first = r.route("f", local(), None, 100, None).unwrap();
         let second = r.route("f", local(), None, 100, None).unwrap();
         assert_ne!(
@@ -834,8 +866,10 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "gemma".into(), outbox());
         r.add_worker(2, "smol".into(), outbox());
-        r.register_function(1, "gen", true, &["gemma-3".into()]);
-        r.register_function(2, "gen", true, &["smol".into()]);
+        r.register_function(1, "gen", true, &["gemma-3".into()])
+            .unwrap();
+        r.register_function(2, "gen", true, &["smol".into()])
+            .unwrap();
         let hint = |m: &str| RouteHint {
             model: Some(m.into()),
             affinity: None,
@@ -872,13 +906,41 @@ mod tests {
     }
 
     #[test]
+    fn announced_models_are_bounded_and_a_refused_announcement_records_nothing() {
+        use crate::api::{MAX_MODELS_PER_WORKER, MAX_MODEL_ID};
+        let mut r = Registry::default();
+        r.add_worker(1, "a".into(), outbox());
+        let names = |n: usize| (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>();
+        r.register_function(1, "f", false, &names(MAX_MODELS_PER_WORKER - 1))
+            .unwrap();
+        // The limit counts every model the worker announced, over all its registrations.
+        let err = r
+            .register_function(1, "g", false, &["extra-1".into(), "extra-2".into()])
+            .unwrap_err();
+        assert!(err.contains(&MAX_MODELS_PER_WORKER.to_string()), "{err}");
+        assert!(r
+            .register_function(1, "g", false, &[String::new()])
+            .is_err());
+        let long = "x".repeat(MAX_MODEL_ID + 1);
+        assert!(r.register_function(1, "g", false, &[long]).is_err());
+        assert_eq!(r.models().len(), MAX_MODELS_PER_WORKER - 1);
+        assert!(
+            r.live_workers("g").next().is_none(),
+            "nothing of a refusal is kept"
+        );
+        r.register_function(1, "g", false, &["x".repeat(MAX_MODEL_ID)])
+            .unwrap();
+        assert_eq!(r.models().len(), MAX_MODELS_PER_WORKER);
+    }
+
+    #[test]
     fn an_engines_backlog_for_others_counts_in_its_load() {
         use crate::protocol::Health;
         let mut r = Registry::default();
         r.add_worker(1, "shared-upstream".into(), outbox());
         r.add_worker(2, "own".into(), outbox());
-        r.register_function(1, "gen", false, &[]);
-        r.register_function(2, "gen", false, &[]);
+        r.register_function(1, "gen", false, &[]).unwrap();
+        r.register_function(2, "gen", false, &[]).unwrap();
         let busy = Health {
             steps: 1,
             busy: true,
@@ -901,7 +963,7 @@ mod tests {
         r.set_affinity_slack(2);
         for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
             r.add_worker(id, name.into(), outbox());
-            r.register_function(id, "gen", false, &[]);
+            r.register_function(id, "gen", false, &[]).unwrap();
         }
         let key = |k: u64| RouteHint {
             model: None,
@@ -957,7 +1019,7 @@ mod tests {
             Some(RouteError::NoWorker)
         );
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f", false, &[]);
+        r.register_function(1, "f", false, &[]).unwrap();
         r.route("f", local(), None, 1, None).unwrap();
         assert_eq!(
             r.route("f", local(), None, 1, None).err(),
@@ -975,8 +1037,8 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "caller".into(), outbox());
         r.add_worker(2, "infer".into(), outbox());
-        r.register_function(1, "outer", false, &[]);
-        r.register_function(2, "inner", false, &[]);
+        r.register_function(1, "outer", false, &[]).unwrap();
+        r.register_function(2, "inner", false, &[]).unwrap();
         let outer = r.route("outer", local(), None, 9, None).unwrap();
         let inner = r
             .route(
@@ -1004,8 +1066,8 @@ mod tests {
         r.add_worker(1, "a".into(), tx_a);
         r.add_worker(2, "b".into(), tx_b);
         let mut inbox = HashMap::from([(1, rx_a), (2, rx_b)]);
-        r.register_function(1, "gen", true, &[]);
-        r.register_function(2, "gen", true, &[]);
+        r.register_function(1, "gen", true, &[]).unwrap();
+        r.register_function(2, "gen", true, &[]).unwrap();
         let invoke = invoke_of("gen");
         let first = r.route("gen", local(), None, 9, None).unwrap();
         r.remember(first.id, &invoke(first.id));
@@ -1039,7 +1101,7 @@ mod tests {
         let (tx_b, mut rx_b) = mpsc::channel(8);
         r.add_worker(1, "a".into(), tx_a);
         r.add_worker(2, "b".into(), tx_b);
-        r.register_function(1, "gen", true, &[]);
+        r.register_function(1, "gen", true, &[]).unwrap();
         let invoke = invoke_of("gen");
         let started = r
             .dispatch("gen", Pick::Route(None), local(), None, 9, invoke)
@@ -1048,7 +1110,7 @@ mod tests {
             .dispatch("gen", Pick::Route(None), local(), None, 9, invoke)
             .unwrap();
         r.started(started, 1);
-        r.register_function(2, "gen", true, &[]);
+        r.register_function(2, "gen", true, &[]).unwrap();
         while rx_a.try_recv().is_ok() {}
         let health = |steps, stalled| Health {
             steps,
@@ -1098,7 +1160,7 @@ mod tests {
         let mut r = Registry::default();
         let (tx, mut rx) = mpsc::channel(1);
         r.add_worker(1, "a".into(), tx);
-        r.register_function(1, "f", false, &[]);
+        r.register_function(1, "f", false, &[]).unwrap();
         let invoke = invoke_of("f");
         let id = r
             .dispatch("f", Pick::Route(None), local(), None, 9, invoke)
@@ -1127,7 +1189,7 @@ mod tests {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
         r.add_worker(2, "b".into(), outbox());
-        r.register_function(1, "f", false, &[]);
+        r.register_function(1, "f", false, &[]).unwrap();
         let route = r.route("f", local(), None, 9, None).unwrap();
         assert!(r.complete(route.id, 2).is_none());
         assert!(r.complete(route.id, 1).is_some());
@@ -1137,11 +1199,11 @@ mod tests {
     fn triggers_survive_their_worker_and_readiness_names_the_gap() {
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f", false, &[]);
+        r.register_function(1, "f", false, &[]).unwrap();
         r.register_trigger("post", "/x", "f", vec!["g".into()])
             .unwrap();
         assert_eq!(r.unserved_triggers(), ["g"]);
-        r.register_function(1, "g", false, &[]);
+        r.register_function(1, "g", false, &[]).unwrap();
         assert_eq!(r.trigger("POST", "/x"), Ok("f".to_string()));
         assert_eq!(r.trigger("GET", "/x"), Err(true));
         assert_eq!(r.trigger("GET", "/y"), Err(false));
@@ -1156,7 +1218,7 @@ mod tests {
         let grace = Duration::from_secs(60);
         let mut r = Registry::default();
         r.add_worker(1, "a".into(), outbox());
-        r.register_function(1, "f", false, &[]);
+        r.register_function(1, "f", false, &[]).unwrap();
         r.register_trigger("POST", "/x", "f", vec![]).unwrap();
         r.register_trigger("POST", "/x", "f", vec![]).unwrap();
         assert_eq!(
@@ -1172,7 +1234,7 @@ mod tests {
         assert!(r.expire_triggers(t0 + grace / 2, grace).is_empty());
         // The worker comes back within the grace: the clock starts again when it leaves again.
         r.add_worker(2, "a".into(), outbox());
-        r.register_function(2, "f", false, &[]);
+        r.register_function(2, "f", false, &[]).unwrap();
         assert!(r.expire_triggers(t0 + grace / 2, grace).is_empty());
         r.remove_worker(2);
         assert!(r.expire_triggers(t0 + grace, grace).is_empty());
