@@ -22,8 +22,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{quantile_ms, Client, LlamaServer, Up};
-use http_body_util::BodyExt;
+use harness::{quantile_ms, LlamaServer, Up};
 use meshd::api::{ChatMessage, GenerateRequest, Prompt, Sampling, ValidGenerate};
 use meshd::engine::{
     available_matmul_kernels, select_matmul_kernel, Engine, EngineConfig, Event, MatmulKernel,
@@ -213,44 +212,23 @@ async fn http_level(addr: std::net::SocketAddr, conc: usize, rounds: usize) -> R
             tokio::spawn(async move {
                 let mut run = Run::default();
                 for r in 0..rounds {
-                    // A fresh connection a request: llama-server closes idle keep-alive ones.
-                    let mut conn = Client::connect(addr).await.unwrap();
                     let body = serde_json::json!({
                         "messages": [{"role": "user", "content": prompt(c + r * conc)}],
                         "temperature": 0, "max_tokens": MAX_TOKENS, "stream": true,
                         "stream_options": {"include_usage": true},
                     })
                     .to_string();
-                    let t = Instant::now();
-                    let resp = conn
-                        .start("POST", "/v1/chat/completions", body.as_bytes(), &[])
-                        .await
-                        .unwrap();
-                    assert_eq!(resp.status(), 200);
-                    let mut body = resp.into_body();
-                    let mut first = None;
-                    let mut text = String::new();
-                    while let Some(frame) = body.frame().await {
-                        if let Ok(data) = frame.unwrap().into_data() {
-                            let chunk = String::from_utf8_lossy(&data);
-                            if first.is_none()
-                                && chunk.contains("\"content\":\"")
-                                && !chunk.contains("\"content\":\"\"")
-                            {
-                                first = Some(t.elapsed());
-                            }
-                            text.push_str(&chunk);
-                        }
-                    }
-                    let usage = text
+                    let streamed = harness::stream_chat(addr, &body).await;
+                    let usage = streamed
+                        .raw
                         .split("\"completion_tokens\":")
                         .nth(1)
                         .and_then(|s| s.split(|ch: char| !ch.is_ascii_digit()).next())
                         .and_then(|n| n.parse::<u64>().ok())
                         .expect("a usage chunk");
                     run.tokens += usage;
-                    run.latency.push(t.elapsed());
-                    run.ttft.push(first.unwrap_or(t.elapsed()));
+                    run.latency.push(streamed.total);
+                    run.ttft.push(streamed.ttft);
                 }
                 run
             })

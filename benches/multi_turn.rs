@@ -23,10 +23,9 @@ mod harness;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{Client, LlamaServer, Up};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 const CONVERSATIONS: usize = 2;
@@ -80,38 +79,10 @@ async fn chat(addr: SocketAddr, messages: &[Value]) -> (Duration, String, u64, u
         "stream_options": {"include_usage": true},
     })
     .to_string();
-    // A fresh connection each time: llama-server closes idle keep-alive connections.
-    let mut conn = Client::connect(addr).await.unwrap();
-    let t = Instant::now();
-    let resp = conn
-        .start("POST", "/v1/chat/completions", body.as_bytes(), &[])
-        .await
-        .unwrap();
-    let status = resp.status();
-    let mut stream = resp.into_body();
-    if status != 200 {
-        let body = stream
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        panic!("{addr}: {status}: {}", String::from_utf8_lossy(&body));
-    }
-    let (mut first, mut raw) = (None, String::new());
-    while let Some(frame) = stream.frame().await {
-        if let Ok(data) = frame.unwrap().into_data() {
-            let chunk = String::from_utf8_lossy(&data);
-            if first.is_none()
-                && chunk.contains("\"content\":\"")
-                && !chunk.contains("\"content\":\"\"")
-            {
-                first = Some(t.elapsed());
-            }
-            raw.push_str(&chunk);
-        }
-    }
+    let streamed = harness::stream_chat(addr, &body).await;
     let (mut answer, mut prompt, mut cached) = (String::new(), 0, 0);
-    for data in raw
+    for data in streamed
+        .raw
         .split("\n\n")
         .filter_map(|e| e.trim().strip_prefix("data: "))
     {
@@ -128,7 +99,7 @@ async fn chat(addr: SocketAddr, messages: &[Value]) -> (Duration, String, u64, u
                 .unwrap_or(0);
         }
     }
-    (first.unwrap_or(t.elapsed()), answer, prompt, cached)
+    (streamed.ttft, answer, prompt, cached)
 }
 
 /// Runs the conversations on one server, interleaved turn by turn, one request at a time.

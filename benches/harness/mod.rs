@@ -172,6 +172,54 @@ impl Drop for LlamaServer {
     }
 }
 
+/// One streamed chat completion: its time to the first content, its whole time, its SSE text.
+pub struct Streamed {
+    pub ttft: std::time::Duration,
+    pub total: std::time::Duration,
+    pub raw: String,
+}
+
+/// POSTs a streaming `/v1/chat/completions` on a fresh connection (llama-server closes idle
+/// keep-alive ones) and reads it to the end; panics with the body on any status but 200.
+pub async fn stream_chat(addr: SocketAddr, body: &str) -> Streamed {
+    use http_body_util::BodyExt;
+    let mut conn = Client::connect(addr).await.unwrap();
+    let t = std::time::Instant::now();
+    let resp = conn
+        .start("POST", "/v1/chat/completions", body.as_bytes(), &[])
+        .await
+        .unwrap();
+    let status = resp.status();
+    let mut stream = resp.into_body();
+    if status != 200 {
+        let body = stream
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        panic!("{addr}: {status}: {}", String::from_utf8_lossy(&body));
+    }
+    let (mut first, mut raw) = (None, String::new());
+    while let Some(frame) = stream.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            let chunk = String::from_utf8_lossy(&data);
+            if first.is_none()
+                && chunk.contains("\"content\":\"")
+                && !chunk.contains("\"content\":\"\"")
+            {
+                first = Some(t.elapsed());
+            }
+            raw.push_str(&chunk);
+        }
+    }
+    let total = t.elapsed();
+    Streamed {
+        ttft: first.unwrap_or(total),
+        total,
+        raw,
+    }
+}
+
 /// The q-th quantile (0..=1) of sorted durations, in milliseconds.
 pub fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
