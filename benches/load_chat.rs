@@ -295,7 +295,11 @@ fn main() {
         let llama = match (with_mesh, LlamaServer::binary()) {
             (true, Some(bin)) if env_or("LLAMA", 1) != 0 => {
                 let threads = threads.to_string();
-                let server = LlamaServer::start(&bin, &["-np", "16", "-c", "8192", "-t", &threads]);
+                let server = LlamaServer::start(
+                    &bin,
+                    harness::model().as_ref(),
+                    &["-np", "16", "-c", "8192", "-t", &threads],
+                );
                 server.ready().await;
                 Some(server)
             }

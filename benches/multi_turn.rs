@@ -148,7 +148,7 @@ fn main() {
         }
         match LlamaServer::binary() {
             Some(bin) => {
-                let server = LlamaServer::start(&bin, &["-np", "4", "-c", "8192"]);
+                let server = LlamaServer::start(&bin, harness::model().as_ref(), &["-np", "4", "-c", "8192"]);
                 server.ready().await;
                 results.push(("llama-server", run(server.addr, turns).await));
             }

@@ -5,94 +5,41 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-/// llama-server on a free loopback port: 2 slots of 2048 positions, the Gemma template.
-struct LlamaServer {
-    child: Child,
-    addr: SocketAddr,
+/// llama-server on a free loopback port: 2 slots of 2048 positions, the Gemma template, its
+/// `/metrics` on.
+async fn llama_server() -> LlamaServer {
+    let bin = LlamaServer::binary()
+        .expect("llama-server is not built: run scripts/llama-server (scripts/test does)");
+    let args = ["-np", "2", "-c", "4096", "-t", "2", "--metrics"];
+    let server = LlamaServer::start(&bin, &model(), &args);
+    server.ready().await;
+    server
 }
 
-impl LlamaServer {
-    fn start() -> LlamaServer {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/llama-server");
-        let out = Command::new(script).arg("--path").output().unwrap();
-        assert!(
-            out.status.success(),
-            "llama-server is not built: run scripts/llama-server (scripts/test does)"
-        );
-        let bin = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let model = model();
-        let child = Command::new(bin)
-            .args(["-m", model.to_str().unwrap(), "--host", "127.0.0.1"])
-            .args([
-                "--port",
-                &port.to_string(),
-                "-np",
-                "2",
-                "-c",
-                "4096",
-                "-t",
-                "2",
-            ])
-            .args(["--chat-template", "gemma", "--no-jinja", "--metrics"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        LlamaServer {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    async fn ready(&self) {
-        eventually(Duration::from_secs(60), "llama-server healthy", || async {
-            match Client::connect(self.addr).await {
-                Ok(mut c) => c.get("/health").await.is_ok_and(|r| r.status == 200),
-                Err(_) => false,
-            }
-        })
-        .await;
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Slots llama-server is generating in now.
-    async fn busy_slots(&self) -> usize {
-        // A fresh connection: llama-server closes idle keep-alive ones.
-        let v = request(self.addr, "GET", "/slots", "").await.json();
-        v.as_array()
-            .unwrap_or_else(|| panic!("{v}"))
-            .iter()
-            .filter(|s| s["is_processing"] == true)
-            .count()
-    }
+fn url_of(server: &LlamaServer) -> String {
+    format!("http://{}", server.addr)
 }
 
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Slots llama-server is generating in now.
+async fn busy_slots(server: &LlamaServer) -> usize {
+    // A fresh connection: llama-server closes idle keep-alive ones.
+    let v = request(server.addr, "GET", "/slots", "").await.json();
+    v.as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .filter(|s| s["is_processing"] == true)
+        .count()
 }
 
 /// `meshd up` whose infer worker forwards to `upstream`.
 fn meshd_over(upstream: &LlamaServer, dir: &std::path::Path) -> Proc {
-    let url = upstream.url();
+    let url = url_of(upstream);
     let args = [
         "up",
         "--http-addr",
@@ -118,8 +65,7 @@ fn text_of(v: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_pass_through_exactly_and_stream_as_they_come() {
-    let upstream = LlamaServer::start();
-    upstream.ready().await;
+    let upstream = llama_server().await;
     let dir = tempfile::tempdir().unwrap();
     let meshd = meshd_over(&upstream, dir.path());
     ready(meshd.http()).await;
@@ -202,8 +148,7 @@ async fn answers_pass_through_exactly_and_stream_as_they_come() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_cancels_the_upstream_request() {
-    let upstream = LlamaServer::start();
-    upstream.ready().await;
+    let upstream = llama_server().await;
     let dir = tempfile::tempdir().unwrap();
     let meshd = meshd_over(&upstream, dir.path());
     ready(meshd.http()).await;
@@ -223,14 +168,14 @@ async fn a_client_that_leaves_cancels_the_upstream_request() {
         let frame = stream.frame().await.unwrap().unwrap();
         chunks += usize::from(frame.is_data());
     }
-    assert_eq!(upstream.busy_slots().await, 1, "the upstream is generating");
+    assert_eq!(busy_slots(&upstream).await, 1, "the upstream is generating");
     drop(stream);
     drop(c);
     let left = Instant::now();
     eventually(
         Duration::from_secs(10),
         "the upstream slot freed",
-        || async { upstream.busy_slots().await == 0 },
+        || async { busy_slots(&upstream).await == 0 },
     )
     .await;
     println!(
@@ -245,8 +190,7 @@ async fn a_client_that_leaves_cancels_the_upstream_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstreams_refusals_and_absence_keep_their_meaning() {
-    let upstream = LlamaServer::start();
-    upstream.ready().await;
+    let upstream = llama_server().await;
     let dir = tempfile::tempdir().unwrap();
     let meshd = meshd_over(&upstream, dir.path());
     ready(meshd.http()).await;

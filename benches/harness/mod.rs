@@ -10,6 +10,10 @@ use std::time::Duration;
 #[path = "../../tests/common/http.rs"]
 mod http;
 pub use http::Client;
+#[path = "../../tests/common/llama_server.rs"]
+mod llama_server;
+#[allow(unused_imports)]
+pub use llama_server::LlamaServer;
 
 /// The model the harnesses load: `MESHD_BENCH_MODEL`, else the offline test model.
 pub fn model() -> String {
@@ -95,77 +99,6 @@ impl Up {
 }
 
 impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// llama.cpp's server on a free loopback port, killed on drop.
-pub struct LlamaServer {
-    child: Child,
-    pub addr: SocketAddr,
-}
-
-impl LlamaServer {
-    pub fn binary() -> Option<String> {
-        if let Ok(p) = std::env::var("LLAMA_SERVER") {
-            return Some(p);
-        }
-        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/llama-server"))
-            .arg("--path")
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        let path = String::from_utf8(out.stdout).ok()?.trim().to_string();
-        (out.status.success() && !path.is_empty()).then_some(path)
-    }
-
-    /// Starts `bin` on the offline model with the Gemma template and `args` (its slots and context).
-    pub fn start(bin: &str, args: &[&str]) -> LlamaServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let model = model();
-        let child = Command::new(bin)
-            .args([
-                "-m",
-                &model,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            // The Gemma template (the base GGUF carries none; `--no-jinja` selects the built-in
-            // one by name, where the Jinja engine would take "gemma" as template text).
-            .args(["--chat-template", "gemma", "--no-jinja"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("llama-server starts");
-        LlamaServer {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    pub async fn ready(&self) {
-        for _ in 0..600 {
-            if let Ok(mut c) = Client::connect(self.addr).await {
-                if c.get("/health").await.is_ok_and(|r| r.status == 200) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("llama-server never became ready");
-    }
-}
-
-impl Drop for LlamaServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -3,8 +3,11 @@
 #![allow(dead_code)]
 
 mod http;
+mod llama_server;
 mod peer;
 pub use http::{Client, Resp};
+#[allow(unused_imports)]
+pub use llama_server::LlamaServer;
 #[allow(unused_imports)]
 pub use peer::Peer;
 
