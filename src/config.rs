@@ -103,7 +103,7 @@ impl Role {
             "heartbeat_interval_ms",
             "heartbeat_timeout_ms",
         ];
-        const GATEWAY: [&str; 26] = [
+        const GATEWAY: [&str; 34] = [
             "tls_cert",
             "tls_key",
             "mesh_tls_cert",
@@ -130,6 +130,14 @@ impl Role {
             "max_connections_per_ip",
             "max_mesh_connections",
             "max_mesh_connections_per_ip",
+            "state_url",
+            "state_username",
+            "state_password_file",
+            "state_ca_file",
+            "state_wait_replicas",
+            "state_timeout_ms",
+            "requests_per_minute",
+            "tokens_per_minute",
         ];
         const WORKER: [&str; 6] = [
             "gateway_ca",
@@ -223,9 +231,42 @@ pub struct Settings {
     /// Private mesh listener (WebSocket). `:49134` means every interface.
     #[arg(long, required = false)]
     pub mesh_addr: String,
-    /// Where the gateway keeps its sled state.
+    /// Where the gateway keeps its sled state (when `state_url` is not set).
     #[arg(long, required = false)]
     pub data_dir: PathBuf,
+    /// Keep state in Redis instead of sled, shared by every gateway: `redis://HOST:PORT/DB`, or
+    /// `rediss://…` for TLS (Redis, Valkey, ElastiCache, MemoryDB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub state_url: Option<String>,
+    /// The Redis ACL user (with `state_password_file`); without it the password is `default`'s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub state_username: Option<String>,
+    /// A file holding the Redis password (first line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub state_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that verify a `rediss://` server; default: the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub state_ca_file: Option<PathBuf>,
+    /// Redis replicas that must hold each write before it is acknowledged (`WAIT`); 0 trusts
+    /// the server's own policy (AOF `appendfsync always`, MemoryDB's multi-AZ log).
+    #[arg(long, required = false)]
+    pub state_wait_replicas: u32,
+    /// Longest one Redis operation may take (connecting included); past it the request gets 503
+    /// `state_unavailable`.
+    #[arg(long, required = false)]
+    pub state_timeout_ms: u64,
+    /// Requests per minute each API key may make (0: no limit); a key's own `rpm=N` in
+    /// `api_keys_file` overrides it.
+    #[arg(long, required = false)]
+    pub requests_per_minute: u64,
+    /// Tokens per minute each API key may spend, counted as OpenAI does when a request is admitted
+    /// (its estimated prompt plus `max_tokens`; 0: no limit); a key's own `tpm=N` overrides it.
+    #[arg(long, required = false)]
+    pub tokens_per_minute: u64,
     /// Where a worker connects, e.g. `ws://10.20.1.10:49134`.
     #[arg(long, required = false)]
     pub gateway_url: String,
@@ -482,6 +523,14 @@ impl Settings {
                 "/var/lib/meshd"
             }
             .into(),
+            state_url: None,
+            state_username: None,
+            state_password_file: None,
+            state_ca_file: None,
+            state_wait_replicas: 0,
+            state_timeout_ms: 2000,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
             gateway_url: "ws://127.0.0.1:49134".into(),
             name: role.name().into(),
             worker_token: None,
@@ -752,8 +801,10 @@ fn read_token(key: &str, path: &Path) -> Result<String, ConfigError> {
 }
 
 impl Settings {
-    /// The SHA-256 digests of the configured API keys.
-    pub fn api_key_digests(&self) -> Result<Vec<[u8; 32]>, ConfigError> {
+    /// The configured API keys: each one's SHA-256 digest and per-minute limits. A line is
+    /// `KEY` or `sha256:<hex>`, then optionally `rpm=N` and `tpm=N` (0: unlimited), which replace
+    /// `requests_per_minute` / `tokens_per_minute` for that key.
+    pub fn api_keys(&self) -> Result<Vec<ApiKey>, ConfigError> {
         let mut lines: Vec<(String, String)> = self
             .api_keys
             .iter()
@@ -770,18 +821,75 @@ impl Settings {
                     .map(|l| (path.display().to_string(), l.to_string())),
             );
         }
+        let limit = |n: u64| (n > 0).then_some(n);
+        let defaults = crate::state::RateLimits {
+            requests: limit(self.requests_per_minute),
+            tokens: limit(self.tokens_per_minute),
+        };
         lines
             .into_iter()
-            .map(|(origin, line)| match line.strip_prefix("sha256:") {
-                Some(hex) => parse_digest(hex).ok_or_else(|| {
-                    ConfigError::Invalid(format!("{origin}: `sha256:` must be followed by 64 hex digits"))
-                }),
-                // A plain key in a file is hashed; inline keys must be digests (configs get copied).
-                None if origin != "api_keys" => Ok(sha256(line.as_bytes())),
-                None => Err(ConfigError::Invalid(
-                    "api_keys holds `sha256:<hex>` digests, not keys (use api_keys_file for plain keys)".into(),
-                )),
+            .map(|(origin, line)| {
+                let bad = |why: String| ConfigError::Invalid(format!("{origin}: {why}"));
+                let mut words = line.split_whitespace();
+                let key = words.next().unwrap_or("");
+                let digest = match key.strip_prefix("sha256:") {
+                    Some(hex) => parse_digest(hex).ok_or_else(|| {
+                        bad("`sha256:` must be followed by 64 hex digits".into())
+                    })?,
+                    // A plain key in a file is hashed; inline keys must be digests (configs get copied).
+                    None if origin != "api_keys" => sha256(key.as_bytes()),
+                    None => {
+                        return Err(ConfigError::Invalid(
+                            "api_keys holds `sha256:<hex>` digests, not keys (use api_keys_file for plain keys)".into(),
+                        ))
+                    }
+                };
+                let mut limits = defaults;
+                for word in words {
+                    let parsed = word.split_once('=').and_then(|(k, v)| Some((k, v.parse::<u64>().ok()?)));
+                    match parsed {
+                        Some(("rpm", n)) => limits.requests = limit(n),
+                        Some(("tpm", n)) => limits.tokens = limit(n),
+                        _ => {
+                            return Err(bad(format!(
+                                "`{word}` after a key: only `rpm=N` and `tpm=N` may follow it"
+                            )))
+                        }
+                    }
+                }
+                Ok(ApiKey { digest, limits })
             })
+            .collect()
+    }
+
+    /// How the gateway reaches Redis, when `state_url` says so.
+    pub fn redis_options(&self) -> Option<crate::state::RedisOptions> {
+        Some(crate::state::RedisOptions {
+            url: self.state_url.clone()?,
+            username: self.state_username.clone(),
+            password_file: self.state_password_file.clone(),
+            ca_file: self.state_ca_file.clone(),
+            wait_replicas: self.state_wait_replicas,
+            timeout: std::time::Duration::from_millis(self.state_timeout_ms),
+            pool: 4,
+        })
+    }
+}
+
+/// One accepted API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub digest: [u8; 32],
+    pub limits: crate::state::RateLimits,
+}
+
+impl ApiKey {
+    /// The name its rate-limit window goes by: a digest of the digest (the key's own digest
+    /// never leaves the gateway).
+    pub fn subject(&self) -> String {
+        sha256(&self.digest)[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
             .collect()
     }
 }
@@ -1046,10 +1154,41 @@ mod tests {
         let mut s = Settings::defaults(Role::Gateway);
         s.api_keys_file = Some(file);
         s.api_keys = vec![format!("sha256:{}", "ab".repeat(32))];
-        let d = s.api_key_digests().unwrap();
+        let d: Vec<_> = s
+            .api_keys()
+            .unwrap()
+            .into_iter()
+            .map(|k| k.digest)
+            .collect();
         assert_eq!(d, vec![[0xab; 32], sha256(b"k1"), sha256(b"k2")]);
         s.api_keys = vec!["plain".into()];
-        assert!(s.api_key_digests().is_err());
+        assert!(s.api_keys().is_err());
+    }
+
+    #[test]
+    fn a_key_may_carry_its_own_limits_over_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "k1\nk2 rpm=5\nk3 tpm=100 rpm=0\n").unwrap();
+        let mut s = Settings::defaults(Role::Gateway);
+        s.api_keys_file = Some(file.clone());
+        s.requests_per_minute = 60;
+        let limits: Vec<_> = s
+            .api_keys()
+            .unwrap()
+            .into_iter()
+            .map(|k| k.limits)
+            .collect();
+        let l = |requests, tokens| crate::state::RateLimits { requests, tokens };
+        assert_eq!(
+            limits,
+            [l(Some(60), None), l(Some(5), None), l(None, Some(100))]
+        );
+        for bad in ["k1 rpm=x", "k1 rps=5", "k1 rpm=-1"] {
+            std::fs::write(&file, bad).unwrap();
+            let err = s.api_keys().unwrap_err().to_string();
+            assert!(err.contains("rpm=N"), "{bad}: {err}");
+        }
     }
 
     #[test]

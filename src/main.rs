@@ -262,9 +262,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             runtime()?.block_on(async {
                 let listeners = up::bind(&settings).await?;
                 announce(&listeners)?;
-                let state = StateStore::open(&settings.data_dir).with_context(|| {
-                    format!("cannot open state in {}", settings.data_dir.display())
-                })?;
+                let state = StateStore::from_settings(&settings)
+                    .await
+                    .context("cannot open the state store")?;
                 gateway::run(listeners, opts, state, shutdown_signal()).await
             })
         }

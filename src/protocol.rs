@@ -248,6 +248,10 @@ pub enum ErrorCode {
     BadWorkerAnswer,
     NoWorker,
     DeadlineExceeded,
+    /// The state backend (Redis) cannot be reached or did not answer in time.
+    StateUnavailable,
+    /// An API key passed its requests or tokens per minute.
+    RateLimited,
 }
 
 /// One row of the error table.
@@ -264,7 +268,7 @@ const INVALID: &str = "invalid_request_error";
 const SERVER: &str = "server_error";
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         Self::BadRequest,
         Self::ContextLengthExceeded,
         Self::InvalidApiKey,
@@ -283,6 +287,8 @@ impl ErrorCode {
         Self::BadWorkerAnswer,
         Self::NoWorker,
         Self::DeadlineExceeded,
+        Self::StateUnavailable,
+        Self::RateLimited,
     ];
 
     /// The table.
@@ -306,6 +312,8 @@ impl ErrorCode {
             Self::BadWorkerAnswer => ("bad_worker_answer", 502, SERVER),
             Self::NoWorker => ("no_worker", 503, SERVER),
             Self::DeadlineExceeded => ("deadline_exceeded", 504, SERVER),
+            Self::StateUnavailable => ("state_unavailable", 503, SERVER),
+            Self::RateLimited => ("rate_limit_exceeded", 429, "rate_limit_error"),
         };
         ErrorRow { code, status, kind }
     }

@@ -44,7 +44,7 @@ pub async fn run(
     let identities = crate::gateway::grants::Identities::new(None, &roles, &settings.grants())
         .map_err(anyhow::Error::msg)?;
     let url = format!("ws://{}", listeners.mesh.local_addr()?);
-    let state = StateStore::open(&settings.data_dir)?;
+    let state = StateStore::from_settings(&settings).await?;
     let mut opts = GatewayOptions::from_settings(&settings, identities)?;
     // The mesh of `up` never leaves the process's loopback listener: no TLS there.
     opts.secrets.mesh_tls = None;

@@ -58,7 +58,7 @@ async fn dispatch(
             let r: KeyRequest = protocol::from_payload(payload)?;
             allowed(&r.scope)?;
             protocol::to_payload(&ValueReply {
-                value: state.get(&r.scope, &r.key).map_err(state_error)?,
+                value: state.get(&r.scope, &r.key).await.map_err(state_error)?,
             })
         }
         "state::set" => {
@@ -82,6 +82,7 @@ async fn dispatch(
             let limit = r.limit.unwrap_or(crate::state::MAX_LIST);
             let items = state
                 .list(&r.scope, &r.prefix, limit)
+                .await
                 .map_err(state_error)?;
             protocol::to_payload(&ListReply { items })
         }
@@ -109,6 +110,7 @@ fn state_error(e: StateError) -> ErrorBody {
     match e {
         StateError::Invalid(m) => ErrorBody::new(ErrorCode::BadRequest, m),
         StateError::Conflict(m) => ErrorBody::new(ErrorCode::Conflict, m),
+        StateError::Unavailable(m) => ErrorBody::new(ErrorCode::StateUnavailable, m),
         other => ErrorBody::new(ErrorCode::Internal, other.to_string()),
     }
 }

@@ -128,9 +128,10 @@ async fn route(
             _ => {}
         }
     }
-    if let Err(e) = authorize(&req, &shared.secrets().api_keys) {
-        return ("unauthorized".into(), error(&e));
-    }
+    let key = match authorize(&req, &shared.secrets().api_keys) {
+        Ok(key) => key,
+        Err(e) => return ("unauthorized".into(), error(&e)),
+    };
     if req.method() == Method::GET && path == "/readyz" {
         let (ok, body) = super::probe::deep(shared, trace_id).await;
         return (
@@ -188,7 +189,7 @@ async fn route(
             return ("unmatched".into(), error(&err));
         }
     };
-    let resp = invoke(req, shared, &function, trace_id).await;
+    let resp = invoke(req, shared, &function, trace_id, key.as_ref()).await;
     (path, resp)
 }
 
@@ -197,6 +198,7 @@ async fn invoke(
     shared: &Arc<Shared>,
     function: &str,
     trace_id: &str,
+    key: Option<&crate::config::ApiKey>,
 ) -> Response<Body> {
     let limit = shared.opts.max_body_bytes;
     let too_large = || {
@@ -246,6 +248,30 @@ async fn invoke(
             return error(&err);
         }
     };
+    let admission = match key {
+        Some(key) => super::limits::admit(&shared.state, key, &body).await,
+        None => None,
+    };
+    let Some(admission) = admission else {
+        return forward(shared, function, trace_id, parts, body).await;
+    };
+    let mut resp = if admission.allowed {
+        forward(shared, function, trace_id, parts, body).await
+    } else {
+        error(&super::limits::refusal(&admission))
+    };
+    super::limits::headers(&mut resp, &admission);
+    resp
+}
+
+/// Sends the request to its function and makes the answer the response.
+async fn forward(
+    shared: &Arc<Shared>,
+    function: &str,
+    trace_id: &str,
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+) -> Response<Body> {
     let head = HttpRequestHead {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
@@ -353,11 +379,15 @@ impl hyper::body::Body for ReplyBody {
     }
 }
 
-/// Checks `Authorization: Bearer KEY` against the configured digests (constant time).
-fn authorize(req: &Request<Incoming>, keys: &[[u8; 32]]) -> Result<(), ErrorBody> {
-    use subtle::ConstantTimeEq;
+/// Checks `Authorization: Bearer KEY` against the configured digests (constant time); answers
+/// the key that matched (`None` when the API is open).
+fn authorize(
+    req: &Request<Incoming>,
+    keys: &[crate::config::ApiKey],
+) -> Result<Option<crate::config::ApiKey>, ErrorBody> {
+    use subtle::{ConditionallySelectable, ConstantTimeEq};
     if keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let unauthorized = |m: &str| ErrorBody::new(ErrorCode::InvalidApiKey, m);
     let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
@@ -376,11 +406,15 @@ fn authorize(req: &Request<Incoming>, keys: &[[u8; 32]]) -> Result<(), ErrorBody
         .unwrap_or("");
     let digest = crate::config::sha256(key.as_bytes());
     // Compare against every key, so the time taken does not depend on which one matched.
-    let matched = keys
-        .iter()
-        .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&digest));
+    let mut matched = subtle::Choice::from(0);
+    let mut which = 0u32;
+    for (i, k) in keys.iter().enumerate() {
+        let eq = k.digest.ct_eq(&digest);
+        which = u32::conditional_select(&which, &(i as u32), eq);
+        matched |= eq;
+    }
     if bool::from(matched) {
-        Ok(())
+        Ok(Some(keys[which as usize].clone()))
     } else {
         Err(unauthorized("Incorrect API key provided."))
     }

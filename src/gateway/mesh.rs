@@ -315,12 +315,16 @@ async fn handle(
                 });
             }
             tracing::info!(%method, %path, %function, ?requires, "trigger registered");
-            if let Err(e) = shared
-                .state
-                .save_trigger(&method, &path, &function, &requires)
-            {
-                tracing::warn!(error = %e, "cannot remember the trigger");
-            }
+            // Off this connection's loop: a slow state backend never holds up a worker.
+            let state = shared.state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = state
+                    .save_trigger(&method, &path, &function, &requires)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot remember the trigger");
+                }
+            });
         }
         Message::Invoke {
             id,

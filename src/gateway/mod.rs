@@ -8,6 +8,7 @@ pub mod budget;
 pub mod builtins;
 pub mod grants;
 pub mod http;
+mod limits;
 pub mod mesh;
 pub mod probe;
 pub mod registry;
@@ -66,8 +67,8 @@ pub struct GatewayOptions {
 /// already open keep what they were accepted with; every new one gets the new set.
 #[derive(Clone, Debug)]
 pub struct Secrets {
-    /// SHA-256 digests of the accepted API keys; empty means the API is open.
-    pub api_keys: Arc<Vec<[u8; 32]>>,
+    /// The accepted API keys (digests and limits); empty means the API is open.
+    pub api_keys: Arc<Vec<crate::config::ApiKey>>,
     /// HTTPS on the API listener.
     pub http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// wss:// on the mesh listener.
@@ -81,7 +82,7 @@ impl GatewayOptions {
         s: &Settings,
         identities: grants::Identities,
     ) -> Result<Self, crate::config::ConfigError> {
-        let api_keys = s.api_key_digests()?;
+        let api_keys = s.api_keys()?;
         if api_keys.is_empty() {
             let addr = crate::config::resolve_addr(&s.http_addr)
                 .map_err(crate::config::ConfigError::Invalid)?;
@@ -445,7 +446,7 @@ async fn expire_triggers(shared: Arc<Shared>) {
             .expire_triggers(std::time::Instant::now(), grace);
         for (method, path) in gone {
             tracing::info!(%method, %path, ?grace, "trigger removed: no worker served it for the grace period");
-            if let Err(e) = shared.state.forget_trigger(&method, &path) {
+            if let Err(e) = shared.state.forget_trigger(&method, &path).await {
                 tracing::warn!(error = %e, "cannot forget the trigger");
             }
         }
@@ -475,11 +476,19 @@ pub async fn run(
     shared
         .registry()
         .set_affinity_slack(shared.opts.affinity_slack);
-    for (method, path, function, requires) in shared.state.triggers() {
-        // The store holds one function per route: nothing to conflict with.
-        let _ = shared
-            .registry()
-            .register_trigger(&method, &path, &function, requires);
+    tracing::info!(state = %shared.state.describe(), "state store");
+    match shared.state.triggers().await {
+        Ok(triggers) => {
+            for (method, path, function, requires) in triggers {
+                // The store holds one function per route: nothing to conflict with.
+                let _ = shared
+                    .registry()
+                    .register_trigger(&method, &path, &function, requires);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the remembered triggers; they return as workers register")
+        }
     }
     tracing::info!(
         http = %listeners.http.local_addr()?,

@@ -5,11 +5,14 @@
 mod http;
 mod llama_server;
 mod peer;
+mod services;
 pub use http::{Client, Resp};
 #[allow(unused_imports)]
 pub use llama_server::LlamaServer;
 #[allow(unused_imports)]
 pub use peer::Peer;
+#[allow(unused_imports)]
+pub use services::{free_port, Haproxy, Redis};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

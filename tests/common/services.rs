@@ -1,0 +1,163 @@
+//! Real services the tests start for themselves on loopback: redis-server and haproxy (Debian
+//! packages that `scripts/deps --test` installs). Each is killed when dropped.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn spawn(cmd: &mut Command) -> Child {
+    // Die with the test, whatever happens to it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e} (scripts/deps --test installs it)"))
+}
+
+/// A free loopback port (bound, then released for the service to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// redis-server with AOF and `appendfsync always` in its own directory: what it acknowledged
+/// survives `kill -9`.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    /// On a port chosen beforehand (a gateway may already be pointed at it).
+    pub fn start_on(port: u16) -> Redis {
+        let mut r = Redis {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again) on the same port and directory: it replays its AOF.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = spawn(
+            Command::new("redis-server")
+                .args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", ""])
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--dir", self.dir.path().to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        self.child = Some(child);
+        wait_for_port(self.port, "redis-server");
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// One command through redis-cli, its output trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// haproxy in front of HTTP backends: round robin, each checked with `GET /readyz`.
+pub struct Haproxy {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Haproxy {
+    pub fn start(backends: &[SocketAddr]) -> Haproxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("    server gw{i} {a} check inter 200ms fall 2 rise 2\n"))
+            .collect();
+        let config = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &config,
+            format!(
+                "global\n    maxconn 4096\n\
+                 defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    \
+                 retries 0\n\
+                 frontend api\n    bind 127.0.0.1:{port}\n    default_backend gateways\n\
+                 backend gateways\n    balance roundrobin\n    option httpchk GET /readyz\n    \
+                 http-check expect status 200\n{servers}"
+            ),
+        )
+        .unwrap();
+        let check = Command::new("haproxy")
+            .args(["-c", "-q", "-f", config.to_str().unwrap()])
+            .status()
+            .expect("haproxy");
+        assert!(check.success(), "haproxy refused its configuration");
+        let child = spawn(
+            Command::new("haproxy")
+                .args(["-db", "-f", config.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_for_port(port, "haproxy");
+        Haproxy {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+            _dir: dir,
+            config,
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
