@@ -139,9 +139,10 @@ impl Role {
             "requests_per_minute",
             "tokens_per_minute",
         ];
-        const WORKER: [&str; 6] = [
+        const WORKER: [&str; 7] = [
             "gateway_ca",
             "gateway_url",
+            "gateway_urls",
             "name",
             "worker_token",
             "worker_token_file",
@@ -267,9 +268,15 @@ pub struct Settings {
     /// (its estimated prompt plus `max_tokens`; 0: no limit); a key's own `tpm=N` overrides it.
     #[arg(long, required = false)]
     pub tokens_per_minute: u64,
-    /// Where a worker connects, e.g. `ws://10.20.1.10:49134`.
+    /// Where a worker connects, e.g. `ws://10.20.1.10:49134`. Repeat the flag to join several
+    /// gateways; a DNS name joins every address it resolves to (re-resolved every 5 s).
     #[arg(long, required = false)]
     pub gateway_url: String,
+    /// Every gateway a worker joins (replaces `gateway_url` when set): `["wss://gw-a:49134",
+    /// "wss://gw-b:49134"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[arg(skip)]
+    pub gateway_urls: Vec<String>,
     /// A worker's name in logs and `Hello`.
     #[arg(long, required = false)]
     pub name: String,
@@ -427,6 +434,8 @@ pub fn role_flags(role: Role, cmd: clap::Command) -> clap::Command {
     for id in foreign {
         cmd = cmd.mut_arg(id, |a| a.hide(true));
     }
+    // `--gateway-url` repeats: one worker joins several gateways.
+    cmd = cmd.mut_arg("gateway_url", |a| a.action(clap::ArgAction::Append));
     if keys.contains(&ROLE_TOKEN_FILES) {
         cmd = cmd.arg(
             clap::Arg::new(ROLE_TOKEN_FILES)
@@ -472,6 +481,16 @@ pub fn flag_overrides(
                 "--{flag} is not a setting of `meshd {}`",
                 role.name()
             )));
+        }
+        if id == "gateway_url" {
+            // Every one given, so that the flags replace a file's `gateway_urls` too.
+            let urls: Vec<Value> = matches
+                .get_raw(id)
+                .into_iter()
+                .flatten()
+                .map(|v| Value::from(v.to_string_lossy().into_owned()))
+                .collect();
+            dict.insert("gateway_urls".to_string(), Value::from(urls));
         }
         let value = if arg.get_action().takes_values() {
             let raw = matches.get_raw(id).into_iter().flatten().next();
@@ -532,6 +551,7 @@ impl Settings {
             requests_per_minute: 0,
             tokens_per_minute: 0,
             gateway_url: "ws://127.0.0.1:49134".into(),
+            gateway_urls: Vec::new(),
             name: role.name().into(),
             worker_token: None,
             worker_token_file: None,
@@ -628,26 +648,15 @@ impl Settings {
             }
         }
         if matches!(role, Role::Caller | Role::Infer) {
-            let plain = self.gateway_url.strip_prefix("ws://");
-            let tls = self.gateway_url.strip_prefix("wss://");
-            let Some(rest) = plain.or(tls) else {
-                return bad("gateway_url", "must start with ws:// or wss://");
-            };
-            if tls.is_some() && self.gateway_ca.is_none() {
-                return bad(
-                    "gateway_ca",
-                    "a wss:// gateway needs the CA to verify it (gateway_ca)",
-                );
+            let urls = self.gateway_urls();
+            if urls.len() > 16 {
+                return bad("gateway_urls", "at most 16 gateways");
             }
-            let host = rest.split(['/', '?']).next().unwrap_or("");
-            let loopback = resolve_addr(host)
-                .map(|a| a.ip().is_loopback())
-                .unwrap_or(false);
-            if plain.is_some() && !loopback && !self.allow_plaintext {
-                return bad(
-                    "gateway_url",
-                    "ws:// to a non-loopback gateway is plain text: use wss:// with gateway_ca, or set allow_plaintext = true",
-                );
+            for (i, url) in urls.iter().enumerate() {
+                if urls[..i].contains(url) {
+                    return bad("gateway_urls", &format!("{url} is listed twice"));
+                }
+                self.check_gateway_url(url)?;
             }
         }
         if self.max_frame_bytes < 1024 {
@@ -733,6 +742,44 @@ impl Settings {
                 // batch holds would overflow it.
                 return bad("slots", "must not exceed batch_size");
             }
+        }
+        Ok(())
+    }
+
+    /// Every gateway a worker joins: `gateway_urls`, else `gateway_url`.
+    pub fn gateway_urls(&self) -> Vec<String> {
+        if self.gateway_urls.is_empty() {
+            vec![self.gateway_url.clone()]
+        } else {
+            self.gateway_urls.clone()
+        }
+    }
+
+    fn check_gateway_url(&self, url: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("`{key}`: {why}")));
+        let plain = url.strip_prefix("ws://");
+        let tls = url.strip_prefix("wss://");
+        let Some(rest) = plain.or(tls) else {
+            return bad(
+                "gateway_url",
+                &format!("{url} must start with ws:// or wss://"),
+            );
+        };
+        if tls.is_some() && self.gateway_ca.is_none() {
+            return bad(
+                "gateway_ca",
+                "a wss:// gateway needs the CA to verify it (gateway_ca)",
+            );
+        }
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let loopback = resolve_addr(host)
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(false);
+        if plain.is_some() && !loopback && !self.allow_plaintext {
+            return bad(
+                "gateway_url",
+                "ws:// to a non-loopback gateway is plain text: use wss:// with gateway_ca, or set allow_plaintext = true",
+            );
         }
         Ok(())
     }

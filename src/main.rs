@@ -164,7 +164,7 @@ fn worker_options(s: &Settings) -> anyhow::Result<WorkerOptions> {
         .context("a worker needs the mesh token: set worker_token_file (or --worker-token-file)")?;
     Ok(WorkerOptions {
         name: s.name.clone(),
-        gateway_url: s.gateway_url.clone(),
+        gateway_urls: s.gateway_urls(),
         token,
         max_frame_bytes: s.max_frame_bytes,
         max_concurrency: s.max_concurrency,

@@ -117,6 +117,9 @@ pub enum Message {
         /// An infer worker's engine, on every heartbeat it sends.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health: Option<Health>,
+        /// The gateway addresses the worker is joined to (a worker's pings only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gateways: Vec<String>,
     },
     Pong {
         nonce: u64,
@@ -535,6 +538,7 @@ mod tests {
             Message::Ping {
                 nonce: 1,
                 health: None,
+                gateways: vec!["10.0.0.1:49134".into()],
             },
             Message::Ping {
                 nonce: 2,
@@ -544,6 +548,7 @@ mod tests {
                     stalled: false,
                     backlog: 3,
                 }),
+                gateways: vec![],
             },
             Message::Pong { nonce: 1 },
         ]

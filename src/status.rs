@@ -75,9 +75,34 @@ pub fn render(status: &Value) -> String {
     }
     let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
-    rows.iter()
+    let mut out: String = rows
+        .iter()
         .map(|(a, b, c)| format!("{a:<w0$}  {b:>w1$}  {c}\n"))
-        .collect()
+        .collect();
+    // Each worker once, with the gateways it says it is joined to.
+    let mut joined = std::collections::BTreeMap::new();
+    for f in status["functions"].as_array().into_iter().flatten() {
+        for w in f["workers"].as_array().into_iter().flatten() {
+            let gateways: Vec<&str> = w["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if !gateways.is_empty() {
+                let name = format!("{}#{}", w["name"].as_str().unwrap_or("?"), w["id"]);
+                joined.insert(name, gateways.join(", "));
+            }
+        }
+    }
+    if !joined.is_empty() {
+        let w = joined.keys().map(String::len).max().unwrap_or(0).max(6);
+        out.push_str(&format!("\n{:<w$}  JOINED GATEWAYS\n", "WORKER"));
+        for (name, gateways) in joined {
+            out.push_str(&format!("{name:<w$}  {gateways}\n"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -88,13 +113,18 @@ mod tests {
             {"function": "math::add", "inflight": 1, "workers": [
                 {"name": "infer", "id": 2, "inflight": 1, "served": 10, "draining": false},
                 {"name": "infer-b", "id": 3, "inflight": 0, "served": 9, "draining": true},
-                {"name": "infer-c", "id": 4, "inflight": 0, "served": 1, "draining": false, "stalled": true}]}]});
+                {"name": "infer-c", "id": 4, "inflight": 0, "served": 1, "draining": false, "stalled": true,
+                 "gateways": ["10.0.0.1:49134", "10.0.0.2:49134"]}]}]});
         let text = super::render(&v);
         assert!(text.lines().nth(1).unwrap().starts_with("math::add"));
         assert!(
             text.contains(
                 "infer#2 (1 / 10), infer-b#3 (0 / 9) draining, infer-c#4 (0 / 1) STALLED"
             ),
+            "{text}"
+        );
+        assert!(
+            text.contains("infer-c#4  10.0.0.1:49134, 10.0.0.2:49134"),
             "{text}"
         );
     }

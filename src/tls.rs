@@ -89,6 +89,20 @@ pub async fn accept(acceptor: Option<&TlsAcceptor>, tcp: TcpStream) -> io::Resul
 /// Connects to `host:port`, with TLS (verifying `host` against the CA) when `tls` is set.
 pub async fn connect(host: &str, port: u16, tls: Option<&Arc<ClientConfig>>) -> io::Result<BoxIo> {
     let tcp = TcpStream::connect((host, port)).await?;
+    over(tcp, host, tls).await
+}
+
+/// Connects to one address `host` resolved to, verifying the certificate against `host`.
+pub async fn connect_addr(
+    addr: std::net::SocketAddr,
+    host: &str,
+    tls: Option<&Arc<ClientConfig>>,
+) -> io::Result<BoxIo> {
+    let tcp = TcpStream::connect(addr).await?;
+    over(tcp, host, tls).await
+}
+
+async fn over(tcp: TcpStream, host: &str, tls: Option<&Arc<ClientConfig>>) -> io::Result<BoxIo> {
     tcp.set_nodelay(true)?;
     match tls {
         None => Ok(Box::new(tcp)),

@@ -19,7 +19,7 @@ use crate::worker::WorkerOptions;
 fn worker_options(settings: &Settings, name: &str, url: &str, token: &str) -> WorkerOptions {
     WorkerOptions {
         name: name.to_string(),
-        gateway_url: url.to_string(),
+        gateway_urls: vec![url.to_string()],
         token: token.to_string(),
         max_frame_bytes: settings.max_frame_bytes,
         max_concurrency: settings.max_concurrency,

@@ -232,7 +232,11 @@ where
             }
             _ = ticker.tick() => {
                 nonce += 1;
-                let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce, health: None }));
+                let _ = outbox.try_send(Outgoing::Msg(Message::Ping {
+                    nonce,
+                    health: None,
+                    gateways: Vec::new(),
+                }));
                 continue;
             }
         };
@@ -467,10 +471,17 @@ async fn handle(
                 let _ = outbox.send(Outgoing::Msg(Message::Draining {})).await;
             }
         }
-        Message::Ping { nonce, health } => {
+        Message::Ping {
+            nonce,
+            health,
+            gateways,
+        } => {
             let _ = outbox.try_send(Outgoing::Msg(Message::Pong { nonce }));
             if let Some(health) = health {
                 shared.worker_health(me, health);
+            }
+            if !gateways.is_empty() {
+                shared.registry().set_gateways(me, gateways);
             }
         }
         Message::Pong { .. } | Message::Unknown => {}

@@ -47,6 +47,8 @@ struct Worker {
     backlog: usize,
     /// The models it serves; empty: it takes any invocation.
     models: Vec<String>,
+    /// The gateways it says it is joined to.
+    gateways: Vec<String>,
 }
 
 struct Pending {
@@ -200,6 +202,9 @@ pub struct WorkerStatus {
     /// Decode steps of its engine (infer workers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_steps: Option<u64>,
+    /// The gateway addresses the worker says it is joined to (this one among them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
 }
 
 impl Registry {
@@ -216,6 +221,7 @@ impl Registry {
                 steps: None,
                 backlog: 0,
                 models: Vec::new(),
+                gateways: Vec::new(),
             },
         );
     }
@@ -386,6 +392,18 @@ impl Registry {
             .flatten()
             .filter_map(|id| self.workers.get(id).map(|w| (*id, w)))
             .filter(|(_, w)| !w.draining && !w.stalled)
+    }
+
+    /// Records the gateways a worker says it is joined to (at most 16, each at most 256 bytes:
+    /// what a worker says is outside input).
+    pub fn set_gateways(&mut self, worker: WorkerId, mut gateways: Vec<String>) {
+        const MOST: usize = 16;
+        const LONGEST: usize = 256;
+        gateways.truncate(MOST);
+        gateways.retain(|g| g.len() <= LONGEST);
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.gateways = gateways;
+        }
     }
 
     /// Records a worker's engine health. Answers `Some(true)` when it has just stalled (take its
@@ -786,6 +804,7 @@ impl Registry {
                         draining: w.draining,
                         stalled: w.stalled,
                         engine_steps: w.steps,
+                        gateways: w.gateways.clone(),
                     })
                     .collect(),
                 inflight: self.function_inflight.get(f).copied().unwrap_or(0),

@@ -1,6 +1,7 @@
 //! Calls a worker makes through the gateway ([`Mesh`]): one answer or a stream of them, each
 //! cancelled where it runs when its handle is dropped, and failed at once when the connection
-//! to the gateway is lost.
+//! it went out on is lost. A worker joined to several gateways sends a call through the gateway
+//! its invocation came from when that one is still connected, else through any other.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,10 +24,12 @@ enum Answer {
     End(Option<ErrorBody>),
 }
 
-/// Calls functions through the gateway. Cheap to clone; survives reconnects.
+/// Calls functions through the gateways. Cheap to clone; survives reconnects.
 #[derive(Clone, Default)]
 pub struct Mesh {
     inner: Arc<MeshInner>,
+    /// The connection to send through while it is up (the one the invocation came on).
+    prefer: Option<u64>,
 }
 
 #[derive(Default)]
@@ -35,12 +38,25 @@ struct MeshInner {
     next_id: AtomicU64,
 }
 
-/// The connection and the calls waiting on it, under one lock: a call is either registered
+/// The connections and the calls waiting on each, under one lock: a call is either registered
 /// before a disconnect fails it, or sees no connection at all; none is left waiting forever.
 #[derive(Default)]
 struct Conn {
-    outbox: Option<Outbox>,
-    pending: HashMap<u64, mpsc::Sender<Answer>>,
+    /// Open connections by id, in the order they joined.
+    outboxes: Vec<(u64, Outbox)>,
+    /// Calls in flight: the connection each went out on, and where its answers go.
+    pending: HashMap<u64, (u64, mpsc::Sender<Answer>)>,
+    /// Turns among the connections when no preferred one is up.
+    turn: usize,
+}
+
+impl Conn {
+    fn outbox(&self, conn: u64) -> Option<&Outbox> {
+        self.outboxes
+            .iter()
+            .find(|(c, _)| *c == conn)
+            .map(|(_, o)| o)
+    }
 }
 
 /// A call in flight; dropping it cancels the call where it runs.
@@ -107,24 +123,40 @@ impl Mesh {
         self.inner.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn connected(&self, outbox: Outbox) {
-        self.conn().outbox = Some(outbox);
+    /// The same calls, sent through connection `conn` while it is up.
+    pub(super) fn via(&self, conn: u64) -> Mesh {
+        Mesh {
+            inner: Arc::clone(&self.inner),
+            prefer: Some(conn),
+        }
     }
 
-    /// Fails every call in flight: their answers can no longer arrive.
-    pub(super) fn disconnected(&self) {
+    pub(super) fn connected(&self, id: u64, outbox: Outbox) {
+        self.conn().outboxes.push((id, outbox));
+    }
+
+    /// Fails every call in flight on connection `id`: their answers can no longer arrive.
+    pub(super) fn disconnected(&self, id: u64) {
         let mut conn = self.conn();
-        conn.outbox = None;
-        for (_, tx) in conn.pending.drain() {
-            let _ = tx.try_send(Answer::Done(Outcome::Error(lost())));
+        conn.outboxes.retain(|(c, _)| *c != id);
+        let lost_calls: Vec<u64> = conn
+            .pending
+            .iter()
+            .filter(|(_, (c, _))| *c == id)
+            .map(|(call, _)| *call)
+            .collect();
+        for call in lost_calls {
+            if let Some((_, tx)) = conn.pending.remove(&call) {
+                let _ = tx.try_send(Answer::Done(Outcome::Error(lost())));
+            }
         }
     }
 
     /// Stops call `id` where it runs, unless it has already ended.
     fn cancel(&self, id: u64) {
         let mut conn = self.conn();
-        if conn.pending.remove(&id).is_some() {
-            if let Some(outbox) = &conn.outbox {
+        if let Some((via, _)) = conn.pending.remove(&id) {
+            if let Some(outbox) = conn.outbox(via) {
                 let _ = outbox.try_send(Outgoing::Msg(Message::Cancel { id }));
             }
         }
@@ -143,9 +175,9 @@ impl Mesh {
         let tx = {
             let mut conn = self.conn();
             if last {
-                conn.pending.remove(&id)
+                conn.pending.remove(&id).map(|(_, tx)| tx)
             } else {
-                conn.pending.get(&id).cloned()
+                conn.pending.get(&id).map(|(_, tx)| tx.clone())
             }
         };
         if let Some(tx) = tx {
@@ -178,19 +210,27 @@ impl Mesh {
             route: route.map(Box::new),
         };
         let mut conn = self.conn();
-        let outbox = conn.outbox.as_ref().ok_or_else(|| {
-            ErrorBody::new(
-                ErrorCode::NoWorker,
-                "this worker is not connected to the gateway",
-            )
-        })?;
+        let via = match self.prefer.filter(|p| conn.outbox(*p).is_some()) {
+            Some(p) => p,
+            None if conn.outboxes.is_empty() => {
+                return Err(ErrorBody::new(
+                    ErrorCode::NoWorker,
+                    "this worker is not connected to any gateway",
+                ))
+            }
+            None => {
+                conn.turn = conn.turn.wrapping_add(1);
+                conn.outboxes[conn.turn % conn.outboxes.len()].0
+            }
+        };
+        let outbox = conn.outbox(via).expect("chosen among the open connections");
         outbox.try_send(Outgoing::Msg(msg)).map_err(|_| {
             ErrorBody::new(
                 ErrorCode::Overloaded,
                 "the connection to the gateway is saturated",
             )
         })?;
-        conn.pending.insert(id, tx);
+        conn.pending.insert(id, (via, tx));
         Ok(CallGuard {
             id,
             mesh: self.clone(),

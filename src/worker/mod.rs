@@ -1,11 +1,18 @@
 //! The worker side of the mesh, shared by every role that connects out to a gateway: connect with
 //! jittered backoff, authenticate, register functions and triggers (again after every reconnect),
 //! run invocations concurrently, and call other functions through the gateway ([`Mesh`]).
+//!
+//! A worker joins every gateway it is given, each on a link of its own: it registers on each,
+//! answers each gateway's invocations on that gateway's connection, and reports on every link the
+//! work it holds for the others, so each gateway routes by the worker's true load. A gateway URL
+//! whose host is a DNS name is resolved again every few seconds, with one link per address: a
+//! fleet of gateways behind one name is joined whole, and follows the name as it changes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,7 +103,8 @@ struct Trigger {
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
     pub name: String,
-    pub gateway_url: String,
+    /// Every gateway to join: `ws://` or `wss://` URLs; a DNS name joins each of its addresses.
+    pub gateway_urls: Vec<String>,
     pub token: String,
     pub max_frame_bytes: usize,
     pub max_concurrency: usize,
@@ -120,10 +128,17 @@ pub struct Worker {
     progress: Option<(ProgressProbe, Mutex<StallWatch>)>,
     /// The models this worker serves, announced with its functions (infer).
     models: Vec<String>,
+    /// The links that have joined a gateway: where each goes, and the invocations it runs.
+    links: Mutex<BTreeMap<u64, (String, Running)>>,
+    next_link: AtomicU64,
 }
 
 /// Longest a connection attempt (TCP, TLS, WebSocket, hello → welcome) may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a gateway URL's host name is resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// Most addresses one gateway URL joins (a DNS answer is outside input).
+const MAX_ADDRESSES: usize = 16;
 
 impl Worker {
     pub fn new(opts: WorkerOptions) -> Self {
@@ -135,7 +150,25 @@ impl Worker {
             beacon: Arc::new(Beacon::default()),
             progress: None,
             models: Vec::new(),
+            links: Mutex::new(BTreeMap::new()),
+            next_link: AtomicU64::new(0),
         }
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (String, Running)>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Invocations running on every link.
+    fn active(&self) -> usize {
+        self.links().values().map(|(_, r)| r.len()).sum()
+    }
+
+    /// Where the joined links go, for the gateways' status.
+    fn joined(&self) -> Vec<String> {
+        let mut at: Vec<String> = self.links().values().map(|(at, _)| at.clone()).collect();
+        at.sort();
+        at
     }
 
     /// Announces that this worker serves `model`: invocations naming another model never come here.
@@ -156,12 +189,19 @@ impl Worker {
         Arc::clone(&self.beacon)
     }
 
-    /// Beats the beacon and takes one reading of the engine, if any.
-    fn health(&self) -> Option<Health> {
+    /// Beats the beacon and takes one reading of the engine, if any, as link `link` reports it:
+    /// the work it holds for other gateways counts as backlog, so each gateway sees it.
+    fn health(&self, link: Option<u64>) -> Option<Health> {
         self.beacon.beat();
         let (probe, watch) = self.progress.as_ref()?;
+        let others = link.map_or(0, |link| {
+            let links = self.links();
+            let mine = links.get(&link).map_or(0, |(_, r)| r.len());
+            links.values().map(|(_, r)| r.len()).sum::<usize>() - mine
+        });
         let mut watch = watch.lock().unwrap_or_else(|e| e.into_inner());
-        let health = watch.observe(probe(), std::time::Instant::now());
+        let mut health = watch.observe(probe(), std::time::Instant::now());
+        health.backlog = health.backlog.saturating_add(others as u64);
         if self.beacon.set_stalled(health.stalled) != health.stalled {
             if health.stalled {
                 let secs = watch.limit().as_secs();
@@ -173,7 +213,7 @@ impl Worker {
                 tracing::info!(worker = %self.opts.name, steps = health.steps, "engine progressing again");
                 notify(&format!(
                     "STATUS=engine progressing again; serving {}",
-                    self.opts.gateway_url
+                    self.opts.gateway_urls.join(", ")
                 ));
             }
         }
@@ -248,26 +288,94 @@ impl Worker {
     }
 
     async fn run_until(self: Arc<Self>, stop: CancellationToken) {
+        let follows: Vec<_> = self
+            .opts
+            .gateway_urls
+            .iter()
+            .map(|url| tokio::spawn(Arc::clone(&self).follow(url.clone(), stop.clone())))
+            .collect();
+        for f in follows {
+            let _ = f.await;
+        }
+    }
+
+    /// Keeps a link to every address `url`'s host resolves to, resolving it again every
+    /// [`RESOLVE_EVERY`]: a new address is joined, one gone from the answer is drained and left.
+    async fn follow(self: Arc<Self>, url: String, stop: CancellationToken) {
+        let mut links: HashMap<SocketAddr, (CancellationToken, tokio::task::JoinHandle<()>)> =
+            HashMap::new();
+        let mut retired = Vec::new();
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match resolve(&url).await {
+                Ok(addrs) => {
+                    wait = RESOLVE_EVERY;
+                    let gone: Vec<SocketAddr> = links
+                        .keys()
+                        .filter(|a| !addrs.contains(a))
+                        .copied()
+                        .collect();
+                    for addr in gone {
+                        tracing::info!(worker = %self.opts.name, %url, %addr, "the gateway address is gone from the name; leaving it");
+                        let (token, handle) = links.remove(&addr).expect("listed");
+                        token.cancel();
+                        retired.push(handle);
+                    }
+                    for addr in addrs {
+                        links.entry(addr).or_insert_with(|| {
+                            let token = stop.child_token();
+                            let link = Arc::clone(&self).link(url.clone(), addr, token.clone());
+                            (token, tokio::spawn(link))
+                        });
+                    }
+                }
+                // Addresses already joined stay joined; with none yet, try again soon.
+                Err(why) => {
+                    tracing::warn!(worker = %self.opts.name, %url, reason = %why, "cannot resolve the gateway");
+                    notify(&format!("STATUS=cannot resolve {url}: {why}"));
+                    if links.is_empty() {
+                        wait = (wait * 2).min(RESOLVE_EVERY);
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        for (_, (_, handle)) in links {
+            let _ = handle.await;
+        }
+        for handle in retired {
+            let _ = handle.await;
+        }
+    }
+
+    /// One gateway address: stays joined (reconnecting with backoff) until `stop`.
+    async fn link(self: Arc<Self>, url: String, addr: SocketAddr, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            self.health();
-            let session = self.session(&stop).await;
-            self.health();
+            self.health(None);
+            let session = self.session(&url, addr, &stop).await;
+            self.health(None);
             match session {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Lost(why)) => {
-                    tracing::warn!(worker = %self.opts.name, reason = %why, "lost the gateway; reconnecting");
-                    notify(&format!("STATUS=lost the gateway ({why}); reconnecting"));
+                    tracing::warn!(worker = %self.opts.name, %addr, reason = %why, "lost the gateway; reconnecting");
+                    notify(&format!(
+                        "STATUS=lost the gateway {addr} ({why}); reconnecting"
+                    ));
                     backoff = Duration::from_millis(100);
                 }
                 // Refused after joining (a registration outside this token's grant): a
                 // configuration error that a quick retry will not fix, so the backoff grows.
                 Ok(SessionEnd::Refused(why)) => {
-                    tracing::error!(worker = %self.opts.name, reason = %why, retry_in = ?backoff, "refused by the gateway");
+                    tracing::error!(worker = %self.opts.name, %addr, reason = %why, retry_in = ?backoff, "refused by the gateway");
                     notify(&format!("STATUS=refused by the gateway: {why}"));
                 }
                 Err(why) => {
-                    tracing::warn!(worker = %self.opts.name, reason = %why, retry_in = ?backoff, "cannot join the mesh");
+                    tracing::warn!(worker = %self.opts.name, %addr, reason = %why, retry_in = ?backoff, "cannot join the mesh");
                     notify(&format!("STATUS=cannot join the mesh: {why}"));
                 }
             }
@@ -282,12 +390,17 @@ impl Worker {
     }
 
     /// One connection, from handshake to loss or shutdown.
-    async fn session(self: &Arc<Self>, stop: &CancellationToken) -> Result<SessionEnd, String> {
+    async fn session(
+        self: &Arc<Self>,
+        url: &str,
+        addr: SocketAddr,
+        stop: &CancellationToken,
+    ) -> Result<SessionEnd, String> {
         let (mut stream, outbox, writer) = tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok(SessionEnd::Shutdown),
-            joined = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()) => {
-                joined.map_err(|_| format!("no welcome from {} within {} s", self.opts.gateway_url, HANDSHAKE_TIMEOUT.as_secs()))??
+            joined = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(url, addr)) => {
+                joined.map_err(|_| format!("no welcome from {url} ({addr}) within {} s", HANDSHAKE_TIMEOUT.as_secs()))??
             }
         };
         let send = |m: Message| {
@@ -317,18 +430,21 @@ impl Worker {
             })
             .await?;
         }
-        self.mesh.connected(outbox.clone());
+        let link = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let running = Running::default();
+        self.links()
+            .insert(link, (addr.to_string(), running.clone()));
+        self.mesh.connected(link, outbox.clone());
         // Registered: tell systemd (again after a reconnect, which it ignores).
         notify(&format!(
-            "READY=1\nSTATUS=joined {} as {}; serving {} functions",
-            self.opts.gateway_url,
+            "READY=1\nSTATUS=joined {url} ({addr}) as {}; serving {} functions",
             self.opts.name,
             self.functions.len()
         ));
         self.beacon.set_ready();
-        let running = Running::default();
-        let end = self.serve(&mut stream, &outbox, &running, stop).await;
-        self.mesh.disconnected();
+        let end = self.serve(link, &mut stream, &outbox, &running, stop).await;
+        self.mesh.disconnected(link);
+        self.links().remove(&link);
         running.abort_all();
         if matches!(end, SessionEnd::Shutdown) {
             // The close is queued behind the last answers: let the writer put them all on the
@@ -338,20 +454,23 @@ impl Worker {
         Ok(end)
     }
 
-    /// Connects, says hello, and waits for the welcome.
-    async fn handshake(&self) -> Result<(WsReader, Outbox, tokio::task::JoinHandle<()>), String> {
+    /// Connects to one address of `url`, says hello, and waits for the welcome.
+    async fn handshake(
+        &self,
+        url: &str,
+        addr: SocketAddr,
+    ) -> Result<(WsReader, Outbox, tokio::task::JoinHandle<()>), String> {
         let config = transport::ws_config(self.opts.max_frame_bytes);
-        let url = &self.opts.gateway_url;
-        let (secure, host, port) = crate::tls::endpoint(url, "wss")?;
+        let (secure, host, _) = crate::tls::endpoint(url, "wss")?;
         let tls = if secure {
             Some(self.opts.tls.as_ref().ok_or("wss:// needs gateway_ca")?)
         } else {
             None
         };
-        let io = crate::tls::connect(&host, port, tls)
+        let io = crate::tls::connect_addr(addr, &host, tls)
             .await
-            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-        let (ws, _) = tokio_tungstenite::client_async_with_config(url.as_str(), io, Some(config))
+            .map_err(|e| format!("cannot connect to {url} ({addr}): {e}"))?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, io, Some(config))
             .await
             .map_err(|e| format!("websocket handshake with {url} failed: {e}"))?;
         let (sink, mut stream) = ws.split();
@@ -368,7 +487,7 @@ impl Worker {
         let max = self.opts.max_frame_bytes;
         match transport::recv(&mut stream, max).await {
             Ok(Message::Welcome { worker_id }) => {
-                tracing::info!(worker = %self.opts.name, %worker_id, url = %self.opts.gateway_url, "joined the mesh");
+                tracing::info!(worker = %self.opts.name, %worker_id, %url, %addr, "joined the mesh");
                 Ok((stream, outbox, writer))
             }
             Ok(Message::Refused { reason }) => Err(format!("refused by the gateway: {reason}")),
@@ -379,6 +498,7 @@ impl Worker {
 
     async fn serve<S>(
         self: &Arc<Self>,
+        link: u64,
         stream: &mut futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<S>>,
         outbox: &Outbox,
         running: &Running,
@@ -426,8 +546,9 @@ impl Worker {
                 }
                 _ = ticker.tick() => {
                     nonce += 1;
-                    let health = self.health();
-                    let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce, health }));
+                    let health = self.health(Some(link));
+                    let gateways = self.joined();
+                    let _ = outbox.try_send(Outgoing::Msg(Message::Ping { nonce, health, gateways }));
                     continue;
                 }
                 r = transport::recv(stream, max) => r,
@@ -455,7 +576,7 @@ impl Worker {
                         http,
                         trace_id,
                         deadline: Instant::now() + Duration::from_millis(timeout_ms),
-                        mesh: self.mesh.clone(),
+                        mesh: self.mesh.via(link),
                         started: Started::default(),
                     };
                     self.start(id, &function, call, outbox, running);
@@ -502,7 +623,7 @@ impl Worker {
                 format!("`{function}` is not served by worker {}", self.opts.name),
             ));
         };
-        if running.len() >= self.opts.max_concurrency {
+        if self.active() >= self.opts.max_concurrency {
             return refuse(ErrorBody::new(
                 ErrorCode::Overloaded,
                 format!(
@@ -533,6 +654,25 @@ impl Worker {
         );
         running.insert(id, task.abort_handle());
     }
+}
+
+/// The addresses a gateway URL's host names now: those of the first answer's family (so
+/// `localhost` is one gateway, not two), deduplicated, at most [`MAX_ADDRESSES`].
+async fn resolve(url: &str) -> Result<Vec<SocketAddr>, String> {
+    let (_, host, port) = crate::tls::endpoint(url, "wss")?;
+    let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let first = found
+        .first()
+        .ok_or_else(|| format!("{host} resolves to no address"))?;
+    let v4 = first.is_ipv4();
+    let mut addrs: Vec<SocketAddr> = found.into_iter().filter(|a| a.is_ipv4() == v4).collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs.truncate(MAX_ADDRESSES);
+    Ok(addrs)
 }
 
 /// Sends a function's answer, streaming it when it streams.

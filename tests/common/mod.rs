@@ -73,9 +73,26 @@ impl Proc {
 
     /// [`Proc::start`] with extra environment variables.
     pub fn start_env(args: &[&str], listens: bool, env: &[(&str, &str)]) -> Proc {
+        Proc::start_wrapped(&[], args, listens, env)
+    }
+
+    /// `WRAPPER… meshd ARGS` (say, `unshare -m …`): the wrapper must end by exec'ing meshd.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        args: &[&str],
+        listens: bool,
+        env: &[(&str, &str)],
+    ) -> Proc {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("stderr.log");
-        let mut cmd = Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

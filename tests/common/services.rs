@@ -127,7 +127,7 @@ impl Haproxy {
             format!(
                 "global\n    maxconn 4096\n\
                  defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    \
-                 retries 0\n\
+                 retries 2\n    option redispatch 1\n\
                  frontend api\n    bind 127.0.0.1:{port}\n    default_backend gateways\n\
                  backend gateways\n    balance roundrobin\n    option httpchk GET /readyz\n    \
                  http-check expect status 200\n{servers}"
