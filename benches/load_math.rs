@@ -14,59 +14,12 @@ mod harness;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use harness::{quantile_ms, Client, Up};
+use harness::{drive, Up};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-
-struct Point {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    errors: usize,
-}
-
-async fn drive(
-    addr: SocketAddr,
-    path: &'static str,
-    body: &'static [u8],
-    conc: usize,
-    secs: f64,
-) -> Point {
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = (0..conc)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut c = Client::connect(addr).await.unwrap();
-                let (mut lat, mut errors) = (Vec::new(), 0);
-                while Instant::now() < end {
-                    let t = Instant::now();
-                    match c.send("POST", path, body, &[]).await {
-                        Ok(r) if r.status == 200 => lat.push(t.elapsed()),
-                        _ => errors += 1,
-                    }
-                }
-                (lat, errors)
-            })
-        })
-        .collect();
-    let (mut lat, mut errors) = (Vec::new(), 0);
-    for t in tasks {
-        let (l, e) = t.await.unwrap();
-        lat.extend(l);
-        errors += e;
-    }
-    lat.sort();
-    Point {
-        rps: lat.len() as f64 / secs,
-        p50: quantile_ms(&lat, 0.5),
-        p99: quantile_ms(&lat, 0.99),
-        errors,
-    }
-}
 
 async fn hello_server() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -5,15 +5,14 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-#[path = "../../tests/common/http.rs"]
-mod http;
-pub use http::Client;
-#[path = "../../tests/common/llama_server.rs"]
-mod llama_server;
+/// The tests' helpers: processes on loopback (meshd roles, redis-server, haproxy), the client.
+#[path = "../../tests/common/mod.rs"]
+pub mod common;
+pub use common::Client;
 #[allow(unused_imports)]
-pub use llama_server::LlamaServer;
+pub use common::LlamaServer;
 
 /// The model the harnesses load: `MESHD_BENCH_MODEL`, else the offline test model.
 pub fn model() -> String {
@@ -160,4 +159,52 @@ pub fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[i].as_secs_f64() * 1000.0
+}
+
+/// One load point: requests per second, latency quantiles, failed requests.
+pub struct Point {
+    pub rps: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub errors: usize,
+}
+
+/// `conc` keep-alive clients sending `body` to `path` for `secs` seconds.
+pub async fn drive(
+    addr: SocketAddr,
+    path: &'static str,
+    body: &'static [u8],
+    conc: usize,
+    secs: f64,
+) -> Point {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await.unwrap();
+                let (mut lat, mut errors) = (Vec::new(), 0);
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    match c.send("POST", path, body, &[]).await {
+                        Ok(r) if r.status == 200 => lat.push(t.elapsed()),
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        lat.extend(l);
+        errors += e;
+    }
+    lat.sort();
+    Point {
+        rps: lat.len() as f64 / secs,
+        p50: quantile_ms(&lat, 0.5),
+        p99: quantile_ms(&lat, 0.99),
+        errors,
+    }
 }
