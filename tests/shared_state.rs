@@ -93,6 +93,33 @@ async fn redis_with_a_password_and_wait_for_replicas() {
     assert!(err.contains("state_ca_file"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_verifies_the_server_against_the_configured_ca() {
+    let pki = Pki::new();
+    let redis = Redis::start_tls(
+        pki.path("gateway.pem").into(),
+        pki.path("gateway-key.pem").into(),
+    );
+    assert!(redis.url().starts_with("rediss://"));
+    let s = StateStore::connect_redis(RedisOptions {
+        ca_file: Some(pki.path("ca.pem").into()),
+        ..options(&redis.url())
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.incr("m", "t", 2).await.unwrap(), 2);
+    assert!(s.describe().contains("rediss://"), "{}", s.describe());
+    // A server whose certificate the configured CA did not sign is never spoken to.
+    let s = StateStore::connect_redis(RedisOptions {
+        ca_file: Some(pki.path("other-ca.pem").into()),
+        ..options(&redis.url())
+    })
+    .await
+    .unwrap();
+    let err = s.incr("m", "t", 2).await.unwrap_err().to_string();
+    assert!(err.contains("unavailable"), "{err}");
+}
+
 /// A gateway on Redis, with a caller and an echo infer worker.
 fn redis_mesh(redis: &Redis, http: &str, mesh: &str, extra: &[&str]) -> (Proc, Proc, Proc) {
     let dir = tempfile::tempdir().unwrap();

@@ -42,6 +42,8 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// TLS only (`rediss://`): the certificate and key it serves.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Redis {
@@ -55,21 +57,55 @@ impl Redis {
             child: None,
             port,
             dir: tempfile::tempdir().unwrap(),
+            tls: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Serving TLS only, with `cert` and `key` (clients are not asked for certificates).
+    pub fn start_tls(cert: PathBuf, key: PathBuf) -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            tls: Some((cert, key)),
         };
         r.restart();
         r
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Starts it (again) on the same port and directory: it replays its AOF.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let port = self.port.to_string();
+        let listen: Vec<&str> = match &self.tls {
+            None => vec!["--port", &port],
+            Some((cert, key)) => vec![
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ],
+        };
         let child = spawn(
             Command::new("redis-server")
-                .args(["--port", &self.port.to_string()])
+                .args(&listen)
                 .args(["--bind", "127.0.0.1", "--save", ""])
                 .args(["--appendonly", "yes", "--appendfsync", "always"])
                 .args(["--dir", self.dir.path().to_str().unwrap()])

@@ -1,5 +1,6 @@
-"""`meshd up` as a child process for the Python tests: the real binary and the offline model; and
-llama.cpp's llama-server (built by scripts/llama-server) as an upstream engine."""
+"""`meshd up` as a child process for the Python tests: the real binary and the offline model;
+llama.cpp's llama-server (built by scripts/llama-server) as an upstream engine; and redis-server
+(scripts/deps --test installs it) as the state backend."""
 
 import contextlib
 import os
@@ -76,3 +77,31 @@ def llama_server(*args):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def redis_server():
+    """Starts redis-server on a free loopback port (AOF, `appendfsync always`, its own directory);
+    yields its `redis://` URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tempfile.TemporaryDirectory()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "yes", "--appendfsync", "always", "--dir", data.name],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "redis-server exited"
+                assert time.time() < deadline, "redis-server never listened"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        data.cleanup()
