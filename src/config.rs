@@ -103,7 +103,7 @@ impl Role {
             "heartbeat_interval_ms",
             "heartbeat_timeout_ms",
         ];
-        const GATEWAY: [&str; 34] = [
+        const GATEWAY: [&str; 35] = [
             "tls_cert",
             "tls_key",
             "mesh_tls_cert",
@@ -136,6 +136,7 @@ impl Role {
             "state_ca_file",
             "state_wait_replicas",
             "state_timeout_ms",
+            "state_cluster",
             "requests_per_minute",
             "tokens_per_minute",
         ];
@@ -260,6 +261,10 @@ pub struct Settings {
     /// `state_unavailable`.
     #[arg(long, required = false)]
     pub state_timeout_ms: u64,
+    /// `state_url` is one node of a cluster-mode deployment (MemoryDB always is; a Redis or
+    /// Valkey Cluster): the client learns the others and routes each step to its slot.
+    #[arg(long)]
+    pub state_cluster: bool,
     /// Requests per minute each API key may make (0: no limit); a key's own `rpm=N` in
     /// `api_keys_file` overrides it.
     #[arg(long, required = false)]
@@ -548,6 +553,7 @@ impl Settings {
             state_ca_file: None,
             state_wait_replicas: 0,
             state_timeout_ms: 2000,
+            state_cluster: false,
             requests_per_minute: 0,
             tokens_per_minute: 0,
             gateway_url: "ws://127.0.0.1:49134".into(),
@@ -919,6 +925,7 @@ impl Settings {
             wait_replicas: self.state_wait_replicas,
             timeout: std::time::Duration::from_millis(self.state_timeout_ms),
             pool: 4,
+            cluster: self.state_cluster,
         })
     }
 }

@@ -20,6 +20,7 @@ fn options(url: &str) -> RedisOptions {
         wait_replicas: 0,
         timeout: Duration::from_millis(1000),
         pool: 2,
+        cluster: false,
     }
 }
 
@@ -42,6 +43,46 @@ async fn redis_keeps_the_same_contract_as_sled() {
         .parse()
         .unwrap();
     assert!((86_000..=86_400).contains(&ttl), "ttl {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_keeps_the_same_contract() {
+    let cluster = RedisCluster::start();
+    let s = StateStore::connect_redis(RedisOptions {
+        cluster: true,
+        ..options(&cluster.url())
+    })
+    .await
+    .unwrap();
+    assert!(
+        s.describe().starts_with("redis cluster at"),
+        "{}",
+        s.describe()
+    );
+    contract::scoped_keys(&s).await;
+    contract::idempotent_increments(&s).await;
+    contract::refusals_change_nothing(&s).await;
+    contract::triggers(&s).await;
+    contract::concurrent_increments(&s).await;
+    contract::rate_limits(&s).await;
+    // The scopes really were spread over the nodes, each step within one slot.
+    let holding = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["dbsize"]) != "0")
+        .count();
+    assert!(holding >= 2, "the keys sit on {holding} node(s)");
+    // WAIT means nothing through a cluster client: refused at once.
+    let err = StateStore::connect_redis(RedisOptions {
+        cluster: true,
+        wait_replicas: 1,
+        ..options(&cluster.url())
+    })
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("state_wait_replicas"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, Script};
 use serde_json::Value;
 
@@ -54,6 +55,48 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// Connections kept open, used in turn (each is pipelined).
     pub pool: usize,
+    /// A cluster-mode deployment (MemoryDB, a Redis Cluster): `url` is one node; the client
+    /// learns the rest and routes each step to its slot's primary.
+    pub cluster: bool,
+}
+
+/// One pipelined connection: to a single server, or to a whole cluster. Both reconnect by
+/// themselves.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -62,7 +105,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    pool: Vec<ConnectionManager>,
+    pool: Vec<Conn>,
     next: AtomicUsize,
     wait_replicas: u32,
     timeout: Duration,
@@ -204,34 +247,64 @@ impl RedisStore {
         }
         info = info.set_redis_settings(settings);
         let secure = opts.url.starts_with("rediss://");
-        let client = match (&opts.ca_file, secure) {
-            (Some(ca), true) => {
-                let root = std::fs::read(ca).map_err(|e| {
-                    invalid(format!("cannot read state_ca_file {}: {e}", ca.display()))
-                })?;
-                let certs = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root),
-                };
-                redis::Client::build_with_tls(info, certs)
-            }
+        let root = match (&opts.ca_file, secure) {
+            (Some(ca), true) => Some(std::fs::read(ca).map_err(|e| {
+                invalid(format!("cannot read state_ca_file {}: {e}", ca.display()))
+            })?),
             (Some(_), false) => {
                 return Err(invalid(
                     "state_ca_file is set but state_url is not rediss:// (TLS)".into(),
                 ))
             }
-            (None, _) => redis::Client::open(info),
-        }
-        .map_err(|e| invalid(format!("state_url: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(opts.timeout))
-            .set_response_timeout(Some(opts.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let pool = (0..opts.pool.max(1))
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
-            .collect::<Result<Vec<_>, _>>()
+            (None, _) => None,
+        };
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: root.clone(),
+        };
+        let pool = if opts.cluster {
+            if opts.wait_replicas > 0 {
+                return Err(invalid(
+                    "state_wait_replicas does not apply to a cluster (its own log or replication is the policy)"
+                        .into(),
+                ));
+            }
+            let mut builder = redis::cluster::ClusterClientBuilder::new(vec![info])
+                .connection_timeout(opts.timeout)
+                .response_timeout(opts.timeout)
+                .retries(2);
+            if root.is_some() {
+                builder = builder.certs(certs());
+            }
+            let client = builder
+                .build()
+                .map_err(|e| invalid(format!("state_url: {e}")))?;
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(opts.timeout)
+                .set_response_timeout(opts.timeout);
+            // One cluster connection multiplexes every node; more add nothing.
+            vec![Conn::Cluster(
+                client.get_pending_async_connection_with_config(config),
+            )]
+        } else {
+            let client = match root {
+                Some(_) => redis::Client::build_with_tls(info, certs()),
+                None => redis::Client::open(info),
+            }
             .map_err(|e| invalid(format!("state_url: {e}")))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(opts.timeout))
+                .set_response_timeout(Some(opts.timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            (0..opts.pool.max(1))
+                .map(|_| {
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                        .map(Conn::Single)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(format!("state_url: {e}")))?
+        };
         let host = opts
             .url
             .split_once("://")
@@ -242,6 +315,11 @@ impl RedisStore {
         } else {
             "the server's own durability policy".to_string()
         };
+        let kind = if opts.cluster {
+            "redis cluster"
+        } else {
+            "redis"
+        };
         let store = RedisStore {
             inner: Arc::new(Inner {
                 pool,
@@ -249,7 +327,7 @@ impl RedisStore {
                 wait_replicas: opts.wait_replicas,
                 timeout: opts.timeout,
                 describe: format!(
-                    "redis at {}{host} (acknowledged under {policy})",
+                    "{kind} at {}{host} (acknowledged under {policy})",
                     if secure { "rediss://" } else { "redis://" }
                 ),
                 scripts: Scripts {
@@ -305,7 +383,7 @@ impl RedisStore {
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed);
         self.inner.pool[i % self.inner.pool.len()].clone()
     }
@@ -328,7 +406,7 @@ impl RedisStore {
     /// acknowledged only once that many replicas have it.
     async fn write<T, F, Fut>(&self, op: F) -> Result<T, StateError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.conn();

@@ -12,7 +12,7 @@ pub use llama_server::LlamaServer;
 #[allow(unused_imports)]
 pub use peer::Peer;
 #[allow(unused_imports)]
-pub use services::{free_port, Haproxy, Redis};
+pub use services::{free_port, Haproxy, Redis, RedisCluster};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

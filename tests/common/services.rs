@@ -44,6 +44,7 @@ pub struct Redis {
     dir: tempfile::TempDir,
     /// TLS only (`rediss://`): the certificate and key it serves.
     tls: Option<(PathBuf, PathBuf)>,
+    cluster: bool,
 }
 
 impl Redis {
@@ -58,7 +59,22 @@ impl Redis {
             port,
             dir: tempfile::tempdir().unwrap(),
             tls: None,
+            cluster: false,
         };
+        r.restart();
+        r
+    }
+
+    /// A node of a Redis Cluster (`cluster-enabled yes`), not yet part of one.
+    fn cluster_node() -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            tls: None,
+            cluster: false,
+        };
+        r.cluster = true;
         r.restart();
         r
     }
@@ -70,6 +86,7 @@ impl Redis {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             tls: Some((cert, key)),
+            cluster: false,
         };
         r.restart();
         r
@@ -103,9 +120,15 @@ impl Redis {
                 "no",
             ],
         };
+        let cluster = if self.cluster {
+            vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+        } else {
+            vec![]
+        };
         let child = spawn(
             Command::new("redis-server")
                 .args(&listen)
+                .args(&cluster)
                 .args(["--bind", "127.0.0.1", "--save", ""])
                 .args(["--appendonly", "yes", "--appendfsync", "always"])
                 .args(["--dir", self.dir.path().to_str().unwrap()])
@@ -131,6 +154,45 @@ impl Redis {
             .output()
             .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// A Redis Cluster of three primaries (no replicas): every slot served, keys spread by slot.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3).map(|_| Redis::cluster_node()).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            while !n.cli(&["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "the cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// One node's URL: the client learns the rest.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
     }
 }
 
