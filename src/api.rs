@@ -80,7 +80,23 @@ pub struct GenerateRequest {
     #[serde(default)]
     pub stop: Vec<String>,
     pub sampling: Sampling,
+    /// Constrained decoding: the output always parses as JSON (and validates, for a schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<OutputFormat>,
 }
+
+/// What `response_format` asks the output to be.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid under `schema` (the JSON Schema, as JSON text).
+    JsonSchema { name: String, schema: String },
+}
+
+/// The largest JSON schema a request may carry (bytes of JSON).
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 
 /// Limits every generation request is held to, on both sides of the mesh.
 pub const MAX_MESSAGES: usize = 1024;
@@ -112,6 +128,9 @@ impl ValidGenerate {
     }
     pub fn sampling(&self) -> &Sampling {
         &self.0.sampling
+    }
+    pub fn format(&self) -> Option<&OutputFormat> {
+        self.0.format.as_ref()
     }
 }
 
@@ -167,6 +186,23 @@ impl TryFrom<GenerateRequest> for ValidGenerate {
         }
         if !(0..=1_000_000).contains(&s.top_k) {
             return Err(bad("`top_k` must be between 0 and 1000000".into(), "top_k"));
+        }
+        if let Some(OutputFormat::JsonSchema { name, schema }) = &r.format {
+            if schema.len() > MAX_SCHEMA_BYTES || name.len() > 64 {
+                let m = format!(
+                    "`response_format.json_schema` takes a name of at most 64 bytes and a schema of at most {MAX_SCHEMA_BYTES} bytes"
+                );
+                return Err(bad(m, "response_format"));
+            }
+            if !matches!(
+                serde_json::from_str::<serde_json::Value>(schema),
+                Ok(serde_json::Value::Object(_) | serde_json::Value::Bool(_))
+            ) {
+                return Err(bad(
+                    "`response_format.json_schema.schema` must be a JSON Schema object".into(),
+                    "response_format",
+                ));
+            }
         }
         Ok(ValidGenerate(r))
     }
@@ -390,6 +426,7 @@ mod tests {
             max_tokens: Some(4),
             stop: vec![],
             sampling: Sampling::default(),
+            format: None,
         }
     }
 

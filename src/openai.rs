@@ -21,7 +21,7 @@ const IGNORED: [&str; 6] = [
     "logprobs",
 ];
 /// Fields refused because meshd does not implement them.
-const UNSUPPORTED: [&str; 12] = [
+const UNSUPPORTED: [&str; 11] = [
     "tools",
     "tool_choice",
     "functions",
@@ -31,7 +31,6 @@ const UNSUPPORTED: [&str; 12] = [
     "audio",
     "modalities",
     "prediction",
-    "response_format",
     "suffix",
     "best_of",
 ];
@@ -97,6 +96,7 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             "presence_penalty",
             "frequency_penalty",
             "repetition_penalty",
+            "response_format",
         ];
         let completion_only = kind == Kind::Completion && key == "echo";
         if !known.contains(&key.as_str())
@@ -217,8 +217,65 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             max_tokens,
             stop: stops(obj.get("stop"))?,
             sampling,
+            format: response_format(obj.get("response_format"))?,
         },
     })
+}
+
+/// `response_format`: `text` (the default), `json_object`, or `json_schema` with a schema.
+fn response_format(v: Option<&Value>) -> Result<Option<crate::api::OutputFormat>, ErrorBody> {
+    use crate::api::OutputFormat;
+    let p = "response_format";
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = v.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputFormat::JsonObject)),
+        Some("json_schema") => {
+            let Some(js) = v.get("json_schema").and_then(Value::as_object) else {
+                return Err(invalid(
+                    "`response_format.json_schema` must be an object with `name` and `schema`",
+                    p,
+                ));
+            };
+            let name = match js.get("name") {
+                Some(Value::String(n)) if !n.is_empty() => n.clone(),
+                _ => {
+                    return Err(invalid(
+                        "`response_format.json_schema.name` must be a non-empty string",
+                        p,
+                    ))
+                }
+            };
+            let schema = match js.get("schema") {
+                // No schema: any JSON value, as OpenAI reads it.
+                None | Some(Value::Null) => "{}".to_string(),
+                Some(s @ Value::Object(_)) => s.to_string(),
+                Some(_) => {
+                    return Err(invalid(
+                        "`response_format.json_schema.schema` must be a JSON Schema object",
+                        p,
+                    ))
+                }
+            };
+            if schema.len() > crate::api::MAX_SCHEMA_BYTES {
+                return Err(invalid(
+                    format!(
+                        "`response_format.json_schema.schema` is longer than {} bytes",
+                        crate::api::MAX_SCHEMA_BYTES
+                    ),
+                    p,
+                ));
+            }
+            Ok(Some(OutputFormat::JsonSchema { name, schema }))
+        }
+        _ => Err(invalid(
+            "`response_format.type` must be `text`, `json_object` or `json_schema`",
+            p,
+        )),
+    }
 }
 
 fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ErrorBody> {

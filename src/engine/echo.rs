@@ -113,6 +113,11 @@ impl Generate for Echo {
         if words.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
+        if request.format().is_some() {
+            return Err(EngineError::Invalid(
+                "response_format needs a model: the echo generator writes filler words".into(),
+            ));
+        }
         // One "beginning of text" token, like the real tokenizer's.
         let prompt_tokens = words.len() as u32 + 1;
         let budget = fit(
@@ -275,6 +280,7 @@ mod tests {
             max_tokens,
             stop: stop.iter().map(|s| s.to_string()).collect(),
             sampling: Sampling {
+                format: None,
                 temperature: 0.0,
                 ..Sampling::default()
             },

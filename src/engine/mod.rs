@@ -8,6 +8,7 @@
 
 pub mod echo;
 mod generator;
+mod grammar;
 mod prefix;
 mod scheduler;
 pub mod text;
@@ -161,6 +162,8 @@ pub struct Prepared {
     max_tokens: u32,
     stop: Vec<String>,
     sampling: Sampling,
+    /// The GBNF grammar the output must follow (`response_format`), compiled once already.
+    grammar: Option<String>,
 }
 
 impl Prepared {
@@ -355,11 +358,16 @@ impl Engine {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
         let max_tokens = fit(self.config.ctx_per_slot, tokens.len() as u32, max_tokens)?;
+        let grammar = request
+            .format()
+            .map(|f| grammar::compile(&self.model, f))
+            .transpose()?;
         Ok(Prepared {
             tokens,
             max_tokens,
             stop,
             sampling,
+            grammar,
         })
     }
 

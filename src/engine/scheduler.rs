@@ -17,6 +17,8 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +45,8 @@ struct Seq {
     logits_at: Option<i32>,
     /// `None` for plain greedy decoding (temperature 0, no penalties).
     sampler: Option<LlamaSampler>,
+    /// The grammar the output must follow (`response_format`).
+    grammar: Option<LlamaSampler>,
     events: mpsc::Sender<Event>,
     generated: u32,
     max_tokens: u32,
@@ -118,6 +122,18 @@ pub(super) fn run(
                 continue;
             }
             let p = job.prepared;
+            let grammar = match p
+                .grammar
+                .as_deref()
+                .map(|g| super::grammar::sampler(&model, g))
+            {
+                None => None,
+                Some(Ok(g)) => Some(g),
+                Some(Err(e)) => {
+                    let _ = job.events.try_send(Event::Error(e));
+                    continue;
+                }
+            };
             stats
                 .prompt_tokens
                 .fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
@@ -137,6 +153,7 @@ pub(super) fn run(
                 next: None,
                 logits_at: None,
                 sampler: sampler(&p.sampling, model.n_vocab()),
+                grammar,
                 events: job.events,
                 generated: 0,
                 max_tokens: p.max_tokens,
@@ -237,11 +254,12 @@ pub(super) fn run(
             let Some(at) = seq.logits_at.take() else {
                 continue;
             };
-            let token = match seq.sampler.as_mut() {
-                Some(s) => s.sample(&ctx, at),
+            let token = match (seq.grammar.as_mut(), seq.sampler.as_mut()) {
+                (Some(g), chain) => constrained(ctx.get_logits_ith(at), g, chain),
+                (None, Some(s)) => s.sample(&ctx, at),
                 // Plain greedy: the arg-max of the logits, without building llama.cpp's
                 // candidate array over the whole vocabulary (262k entries) for every token.
-                None => argmax(ctx.get_logits_ith(at)),
+                (None, None) => argmax(ctx.get_logits_ith(at)),
             };
             if let Some(t) = seq.submitted.take() {
                 if let Ok(mut h) = stats.ttft.lock() {
@@ -391,6 +409,66 @@ fn argmax(logits: &[f32]) -> LlamaToken {
         }
     }
     LlamaToken::new(best as i32)
+}
+
+/// A token the grammar allows. The sampler (or the arg-max) first chooses as if unconstrained, and
+/// the grammar checks that one token (the common case: one candidate to check, not 262k); only
+/// when it refuses does the grammar mask the whole vocabulary for the sampler to choose again, as
+/// llama.cpp's own common sampler does.
+fn constrained(
+    logits: &[f32],
+    grammar: &mut LlamaSampler,
+    mut chain: Option<&mut LlamaSampler>,
+) -> LlamaToken {
+    let candidates = || {
+        LlamaTokenDataArray::from_iter(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| LlamaTokenData::new(LlamaToken::new(i as i32), *l, 0.0)),
+            false,
+        )
+    };
+    let first = match chain.as_deref_mut() {
+        None => argmax(logits),
+        Some(chain) => {
+            let mut all = candidates();
+            chain.apply(&mut all);
+            all.selected_token().unwrap_or_else(|| best_of(&all))
+        }
+    };
+    let mut one = LlamaTokenDataArray::new(
+        vec![LlamaTokenData::new(first, logits[first.0 as usize], 0.0)],
+        false,
+    );
+    grammar.apply(&mut one);
+    let token = if one.data[0].logit().is_finite() {
+        first
+    } else {
+        let mut all = candidates();
+        grammar.apply(&mut all);
+        match chain.as_deref_mut() {
+            Some(chain) => {
+                chain.apply(&mut all);
+                all.selected_token().unwrap_or_else(|| best_of(&all))
+            }
+            None => best_of(&all),
+        }
+    };
+    if let Some(chain) = chain {
+        chain.accept(token);
+    }
+    grammar.accept(token);
+    token
+}
+
+/// The candidate with the highest logit.
+fn best_of(candidates: &LlamaTokenDataArray) -> LlamaToken {
+    candidates
+        .data
+        .iter()
+        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
+        .map_or(LlamaToken::new(0), |d| d.id())
 }
 
 /// One sampler chain per sequence; `None` for plain greedy, which needs no chain.

@@ -190,6 +190,20 @@ impl Inner {
         if !req.stop().is_empty() {
             body["stop"] = json!(req.stop());
         }
+        // The upstream engine constrains its own decoding (vLLM, llama-server and SGLang do).
+        match req.format() {
+            Some(crate::api::OutputFormat::JsonObject) => {
+                body["response_format"] = json!({"type": "json_object"});
+            }
+            Some(crate::api::OutputFormat::JsonSchema { name, schema }) => {
+                let schema: Value = serde_json::from_str(schema).unwrap_or(json!({}));
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": true},
+                });
+            }
+            None => {}
+        }
         // Beyond OpenAI's fields, only when set: vLLM and llama-server read them, others ignore them.
         if s.top_k > 0 {
             body["top_k"] = json!(s.top_k);

@@ -49,6 +49,9 @@ pub fn engine_error(e: EngineError) -> ErrorBody {
         EngineError::ContextLength { .. } => {
             ErrorBody::new(ErrorCode::ContextLengthExceeded, msg).with_param("messages")
         }
+        EngineError::Invalid(m) if m.starts_with("response_format") => {
+            ErrorBody::new(ErrorCode::BadRequest, msg).with_param("response_format")
+        }
         EngineError::Invalid(_) => ErrorBody::new(ErrorCode::BadRequest, msg),
         EngineError::Overloaded { .. } => ErrorBody::new(ErrorCode::Overloaded, msg),
         EngineError::Load { .. } | EngineError::Stopped => ErrorBody::new(ErrorCode::NoWorker, msg),

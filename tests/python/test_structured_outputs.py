@@ -1,0 +1,143 @@
+"""Structured outputs through the newest official `openai` client against `meshd up` on the real
+model: `parse()` with a Pydantic model (whole and streamed), `json_object`, and a property test:
+random JSON schemas, each answered with output that parses and validates, or refused with a 400
+before any generation."""
+
+import concurrent.futures
+import json
+import random
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+
+from meshd_proc import up
+
+MODEL = "gemma-3-270m"
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    age: int = pydantic.Field(ge=0, le=120)
+    retired: bool
+
+
+@pytest.fixture(scope="module")
+def client():
+    with up("--slots", "8", "--ctx-per-slot", "512") as http:
+        yield openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused-on-loopback", max_retries=0, timeout=120)
+
+
+def test_parse_returns_the_pydantic_object(client):
+    done = client.chat.completions.parse(model=MODEL, messages=ASK, response_format=Person, max_tokens=120,
+                                         temperature=0)
+    choice = done.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, Person)
+    assert Person.model_validate_json(choice.message.content) == choice.message.parsed
+
+
+def test_a_streamed_parse_gives_the_same_object(client):
+    whole = client.chat.completions.parse(model=MODEL, messages=ASK, response_format=Person, max_tokens=120,
+                                          temperature=0)
+    with client.chat.completions.stream(model=MODEL, messages=ASK, response_format=Person, max_tokens=120,
+                                        temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "content.delta"]
+        final = stream.get_final_completion()
+    assert len(deltas) > 1, "the JSON arrived in pieces"
+    assert final.choices[0].message.parsed == whole.choices[0].message.parsed
+
+
+def test_json_object_output_parses(client):
+    # Any object may go on for ever (this base model likes to add keys), so some answers reach
+    # max_tokens; every one that ends must be an object.
+    ended = 0
+    for seed in range(8):
+        done = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                              max_tokens=200, temperature=1.0, seed=seed,
+                                              response_format={"type": "json_object"})
+        if done.choices[0].finish_reason == "stop":
+            ended += 1
+            assert isinstance(json.loads(done.choices[0].message.content), dict)
+    assert ended >= 4, f"only {ended} of 8 answers ended"
+
+
+def test_completions_take_a_schema_too(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    done = client.completions.create(model=MODEL, prompt="A number:", max_tokens=40, temperature=0,
+                                      extra_body={"response_format": {"type": "json_schema",
+                                                                      "json_schema": {"name": "n", "schema": schema}}})
+    jsonschema.validate(json.loads(done.choices[0].text), schema)
+
+
+def test_an_unsupported_keyword_is_a_400_naming_it(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert "multipleOf" in e.value.message
+    assert e.value.param == "response_format"
+
+
+# --- the property test -------------------------------------------------------------------------
+
+UNSUPPORTED = [("multipleOf", 2), ("uniqueItems", True), ("minProperties", 1), ("not", {"type": "null"})]
+
+
+def random_schema(rng, depth=0):
+    """A random schema of the kinds applications send: objects, arrays, enums, nesting,
+    required and optional properties, every string and array bounded."""
+    kinds = ["string", "integer", "boolean", "enum", "array"] + (["object"] * 2 if depth < 2 else [])
+    kind = rng.choice(kinds)
+    if kind == "string":
+        return {"type": "string", "maxLength": rng.randint(1, 12)}
+    if kind == "integer":
+        low = rng.randint(-50, 50)
+        return {"type": "integer", "minimum": low, "maximum": low + rng.randint(0, 100)}
+    if kind == "boolean":
+        return {"type": "boolean"}
+    if kind == "enum":
+        return {"enum": rng.sample(["red", "green", "blue", "cyan", "amber"], rng.randint(1, 4))}
+    if kind == "array":
+        item = rng.choice([{"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["a", "b"]},
+                           {"type": "boolean"}])
+        return {"type": "array", "items": item, "maxItems": rng.randint(0, 3)}
+    names = rng.sample(["id", "name", "size", "kind", "tags", "ok", "inner", "count"], rng.randint(1, 4))
+    props = {n: random_schema(rng, depth + 1) for n in names}
+    required = [n for n in names if rng.random() < 0.6]
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+def one_case(client, i):
+    rng = random.Random(i)
+    schema = random_schema(rng, depth=0 if i % 3 else 1)
+    if schema.get("type") != "object":
+        schema = {"type": "object", "properties": {"v": schema}, "required": ["v"], "additionalProperties": False}
+    bad = None
+    if i % 10 == 9:
+        bad, value = rng.choice(UNSUPPORTED)
+        schema[bad] = value
+    request = dict(model=MODEL, messages=[{"role": "user", "content": f"Case {i}: answer in JSON."}],
+                   max_tokens=300, temperature=0 if i % 2 else 0.8, seed=i,
+                   response_format={"type": "json_schema", "json_schema": {"name": f"case{i}", "schema": schema}})
+    try:
+        done = client.chat.completions.create(**request)
+    except openai.BadRequestError as e:
+        assert bad is not None, f"case {i}: a supported schema was refused: {e.message}\n{schema}"
+        assert bad in e.value.message if hasattr(e, "value") else bad in e.message
+        return "refused"
+    assert bad is None, f"case {i}: `{bad}` was accepted"
+    choice = done.choices[0]
+    assert choice.finish_reason == "stop", f"case {i}: {choice.finish_reason}: {choice.message.content!r}"
+    jsonschema.validate(json.loads(choice.message.content), schema)
+    return "valid"
+
+
+def test_two_hundred_random_schemas_parse_and_validate_or_are_refused(client):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(lambda i: one_case(client, i), range(200)))
+    assert outcomes.count("refused") == 20
+    assert outcomes.count("valid") == 180
