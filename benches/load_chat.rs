@@ -98,6 +98,7 @@ fn valid(prompt: Prompt, max_tokens: u32, sampling: Sampling) -> ValidGenerate {
         max_tokens: Some(max_tokens),
         stop: vec![],
         sampling,
+        format: None,
     })
     .expect("a valid request")
 }

@@ -280,10 +280,10 @@ mod tests {
             max_tokens,
             stop: stop.iter().map(|s| s.to_string()).collect(),
             sampling: Sampling {
-                format: None,
                 temperature: 0.0,
                 ..Sampling::default()
             },
+            format: None,
         })
         .unwrap()
     }

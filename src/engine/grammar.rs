@@ -115,30 +115,26 @@ fn check(schema: &Value, at: &str, depth: usize) -> Result<(), EngineError> {
                     )));
                 }
             }
-            "$ref" => {
-                if !value.as_str().is_some_and(|r| r.starts_with("#/")) {
-                    return Err(refuse(format!(
-                        "only local `$ref`s (`#/…`) are supported (at {at})"
-                    )));
-                }
+            "$ref" if !value.as_str().is_some_and(|r| r.starts_with("#/")) => {
+                return Err(refuse(format!(
+                    "only local `$ref`s (`#/…`) are supported (at {at})"
+                )));
             }
-            "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum" => {
-                // The grammar bounds integers only.
-                if obj.get("type").and_then(Value::as_str) != Some("integer") {
-                    return Err(refuse(format!(
-                        "`{key}` (at {at}) is supported on integers only"
-                    )));
-                }
+            // The grammar bounds integers only.
+            "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum"
+                if obj.get("type").and_then(Value::as_str) != Some("integer") =>
+            {
+                return Err(refuse(format!(
+                    "`{key}` (at {at}) is supported on integers only"
+                )));
             }
             "properties" | "$defs" | "definitions" => {
                 for (name, sub) in value.as_object().into_iter().flatten() {
                     check(sub, &format!("{here}/{name}"), depth + 1)?;
                 }
             }
-            "items" | "additionalProperties" => {
-                if value.is_object() {
-                    check(value, &here, depth + 1)?;
-                }
+            "items" | "additionalProperties" if value.is_object() => {
+                check(value, &here, depth + 1)?;
             }
             "prefixItems" | "anyOf" | "oneOf" | "allOf" => {
                 for (i, sub) in value.as_array().into_iter().flatten().enumerate() {
