@@ -229,6 +229,18 @@ fn response_format(v: Option<&Value>) -> Result<Option<crate::api::OutputFormat>
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
+    let Some(fields) = v.as_object() else {
+        return Err(invalid("`response_format` must be an object", p));
+    };
+    if let Some(k) = fields
+        .keys()
+        .find(|k| !["type", "json_schema"].contains(&k.as_str()))
+    {
+        return Err(invalid(
+            format!("`response_format.{k}` is not a known field"),
+            p,
+        ));
+    }
     let kind = v.get("type").and_then(Value::as_str);
     match kind {
         Some("text") => Ok(None),
@@ -240,11 +252,18 @@ fn response_format(v: Option<&Value>) -> Result<Option<crate::api::OutputFormat>
                     p,
                 ));
             };
+            let known = ["name", "description", "schema", "strict"];
+            if let Some(k) = js.keys().find(|k| !known.contains(&k.as_str())) {
+                return Err(invalid(
+                    format!("`response_format.json_schema.{k}` is not a known field"),
+                    p,
+                ));
+            }
             let name = match js.get("name") {
-                Some(Value::String(n)) if !n.is_empty() => n.clone(),
+                Some(Value::String(n)) if !n.is_empty() && n.len() <= 64 => n.clone(),
                 _ => {
                     return Err(invalid(
-                        "`response_format.json_schema.name` must be a non-empty string",
+                        "`response_format.json_schema.name` must be a string of 1 to 64 bytes",
                         p,
                     ))
                 }

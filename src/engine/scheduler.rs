@@ -411,48 +411,55 @@ fn argmax(logits: &[f32]) -> LlamaToken {
     LlamaToken::new(best as i32)
 }
 
-/// A token the grammar allows. The sampler (or the arg-max) first chooses as if unconstrained, and
-/// the grammar checks that one token (the common case: one candidate to check, not 262k); only
-/// when it refuses does the grammar mask the whole vocabulary for the sampler to choose again, as
-/// llama.cpp's own common sampler does.
+/// How many of the most likely tokens the grammar checks when it refused the first choice, before
+/// it checks the whole vocabulary (262k tokens for Gemma: each check decodes the token's text).
+const GRAMMAR_SHORTLIST: usize = 256;
+
+/// A token the grammar allows. The sampler (or the arg-max) first chooses as if unconstrained,
+/// and the grammar checks that one token: the common case, one candidate to check. When it
+/// refuses, the grammar masks the [`GRAMMAR_SHORTLIST`] most likely tokens and the sampler chooses
+/// again among those it allows (for greedy, exactly the token a full mask would give); only when
+/// it allows none of them does it mask the whole vocabulary.
 fn constrained(
     logits: &[f32],
     grammar: &mut LlamaSampler,
     mut chain: Option<&mut LlamaSampler>,
 ) -> LlamaToken {
-    let candidates = || {
-        LlamaTokenDataArray::from_iter(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, l)| LlamaTokenData::new(LlamaToken::new(i as i32), *l, 0.0)),
-            false,
-        )
-    };
+    let data = |i: usize| LlamaTokenData::new(LlamaToken::new(i as i32), logits[i], 0.0);
     let first = match chain.as_deref_mut() {
         None => argmax(logits),
         Some(chain) => {
-            let mut all = candidates();
+            let mut all = LlamaTokenDataArray::from_iter((0..logits.len()).map(data), false);
             chain.apply(&mut all);
             all.selected_token().unwrap_or_else(|| best_of(&all))
         }
     };
-    let mut one = LlamaTokenDataArray::new(
-        vec![LlamaTokenData::new(first, logits[first.0 as usize], 0.0)],
-        false,
-    );
+    let mut one = LlamaTokenDataArray::new(vec![data(first.0 as usize)], false);
     grammar.apply(&mut one);
     let token = if one.data[0].logit().is_finite() {
         first
     } else {
-        let mut all = candidates();
-        grammar.apply(&mut all);
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let k = GRAMMAR_SHORTLIST.min(order.len());
+        if k < order.len() {
+            order.select_nth_unstable_by(k, |a, b| logits[*b].total_cmp(&logits[*a]));
+        }
+        let mut short = LlamaTokenDataArray::from_iter(order[..k].iter().map(|&i| data(i)), false);
+        grammar.apply(&mut short);
+        short.data.retain(|d| d.logit().is_finite());
+        let mut pool = if short.data.is_empty() {
+            let mut all = LlamaTokenDataArray::from_iter((0..logits.len()).map(data), false);
+            grammar.apply(&mut all);
+            all
+        } else {
+            short
+        };
         match chain.as_deref_mut() {
             Some(chain) => {
-                chain.apply(&mut all);
-                all.selected_token().unwrap_or_else(|| best_of(&all))
+                chain.apply(&mut pool);
+                pool.selected_token().unwrap_or_else(|| best_of(&pool))
             }
-            None => best_of(&all),
+            None => best_of(&pool),
         }
     };
     if let Some(chain) = chain {
