@@ -46,8 +46,66 @@ resource "aws_ssm_parameter" "api_keys" {
   type        = "SecureString"
   key_id      = aws_kms_key.meshd.arn
   value = join("\n", [
-    for digest in concat([sha256(random_password.api_key.result)], var.extra_api_key_sha256) : "sha256:${digest}"
+    for digest in concat([sha256(random_password.api_key.result)], var.extra_api_key_sha256, [sha256(random_password.metrics_key.result)]) : "sha256:${digest}"
   ])
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The metrics key: GET /metrics needs an API key, and each gateway's CloudWatch agent scrapes its own gateway with this
+# one (its digest is the last line of the api-keys file). Stored as an SSM SecureString that only the gateways read,
+# into a root-only file the agent (root) sends as a bearer token over loopback. It is an API key like the others:
+# rotate it with `terraform apply -replace=random_password.metrics_key` and roll the gateways.
+# ---------------------------------------------------------------------------------------------------------------------
+
+resource "random_password" "metrics_key" {
+  length  = 48
+  special = false
+}
+
+resource "aws_ssm_parameter" "metrics_key" {
+  name        = "/${var.name}/metrics-key"
+  description = "meshd gateways: the API key each gateway's CloudWatch agent sends to scrape its own GET /metrics"
+  type        = "SecureString"
+  key_id      = aws_kms_key.meshd.arn
+  value       = random_password.metrics_key.result
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model registry: the GGUF goes into the private bucket once, at models/<sha256>/model.gguf (content-addressed: a
+# new model is a new key, the old one stays until removed), uploaded by Terraform from model_path or put there
+# beforehand (model_upload = false). Infer VMs fetch it through the S3 gateway endpoint (no NAT, no internet), check
+# its sha256 and keep it on their root volume across reboots and in the warm pool.
+# ---------------------------------------------------------------------------------------------------------------------
+
+locals {
+  model_local_path = var.model_path != "" ? var.model_path : "${path.module}/../models/gemma-3-270m-it-Q8_0.gguf"
+  model_object_key = "models/${var.model_sha256}/model.gguf"
+  model_s3_uri     = "s3://${aws_s3_bucket.artifacts.id}/${local.model_object_key}"
+  model_object_arn = "${aws_s3_bucket.artifacts.arn}/${local.model_object_key}"
+}
+
+resource "aws_s3_object" "model" {
+  count = var.model_upload ? 1 : 0
+
+  bucket       = aws_s3_bucket.artifacts.id
+  key          = local.model_object_key
+  source       = local.model_local_path
+  source_hash  = var.model_sha256
+  kms_key_id   = aws_kms_key.meshd.arn
+  content_type = "application/octet-stream"
+
+  lifecycle {
+    precondition {
+      condition     = try(filesha256(local.model_local_path), "") == var.model_sha256
+      error_message = "model_path (${local.model_local_path}) is missing or its sha256 is not model_sha256. Fetch it first: meshd model pull ${var.model_url} --sha256 ${var.model_sha256} --out ${local.model_local_path}"
+    }
+  }
+
+  depends_on = [
+    aws_s3_bucket_server_side_encryption_configuration.artifacts,
+    aws_s3_bucket_public_access_block.artifacts,
+    aws_s3_bucket_ownership_controls.artifacts,
+  ]
 }
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -69,7 +127,7 @@ locals {
 
 resource "aws_s3_bucket" "artifacts" {
   #checkov:skip=CKV_AWS_18:Private artifact bucket written only by Terraform and read only by the stack's instance role; reads are audited by CloudTrail. Server access logs would need a second bucket that holds nothing of value.
-  #checkov:skip=CKV_AWS_144:Artifacts are rebuilt and re-uploaded by terraform apply; cross-region replication would only copy a binary the operator has locally.
+  #checkov:skip=CKV_AWS_144:Artifacts are re-uploaded by terraform apply; cross-region replication would only copy a binary and a model the operator has locally.
   #checkov:skip=CKV2_AWS_62:No consumer for object events; the bucket changes only on terraform apply.
   bucket_prefix = "${var.name}-artifacts-"
   force_destroy = true
@@ -115,7 +173,7 @@ resource "aws_s3_bucket_lifecycle_configuration" "artifacts" {
   bucket = aws_s3_bucket.artifacts.id
 
   rule {
-    id     = "expire-old-binaries"
+    id     = "expire-replaced-artifacts"
     status = "Enabled"
 
     filter {}

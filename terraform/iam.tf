@@ -1,12 +1,16 @@
 # Three least-privilege instance roles, one per VM role (gateway, caller, infer):
 #   - SSM Session Manager (AmazonSSMManagedInstanceCore): shell access without SSH
 #   - ssm:GetParameter on exactly the SecureStrings the role needs, kms:Decrypt only through SSM and S3:
-#       gateway: every worker role's token (it authenticates each role's workers), the api-keys file, its TLS key
+#       gateway: every worker role's token (it authenticates each role's workers), the api-keys file, its TLS key,
+#                the state store's password and the metrics key
 #       caller:  the caller token, nothing else
 #       infer:   the infer token, nothing else
-#     A worker can read neither the API keys, nor the TLS key, nor the other role's token: a compromised infer VM
-#     cannot connect as a caller (and bind the API's triggers), nor a caller as an infer worker.
-#   - s3:GetObject on the one binary object (nothing when the binary comes from meshd_binary_url)
+#     A worker can read neither the API keys, nor the TLS key, nor the state password, nor the other role's token: a
+#     compromised infer VM cannot connect as a caller (and bind the API's triggers), nor a caller as an infer worker.
+#   - s3:GetObject on exactly the objects the role needs: the binary (every role; nothing when it comes from
+#     meshd_binary_url) and the model (infer only; nothing on GPU nodes, whose engine brings its own)
+#   - logs:CreateLogStream / PutLogEvents into the role's own log groups (the CloudWatch agent): the journal group
+#     for every role, the metrics group (embedded-metric-format events) for the gateways
 #
 # AmazonSSMManagedInstanceCore itself allows ssm:GetParameter and ssm:GetParameters on every parameter ("*"), so an
 # Allow list alone does not keep a worker away from the gateway's TLS key or the other role's token. Two explicit
@@ -20,21 +24,29 @@
 locals {
   node_roles = {
     gateway = {
-      description = "meshd gateway VM: SSM Session Manager, read every worker role's token, the API keys, the TLS key and the meshd binary"
+      description = "meshd gateway VMs: SSM Session Manager, read every worker role's token, the API keys, the TLS key, the state password, the metrics key and the meshd binary; ship logs and metrics"
       parameters = [
         aws_ssm_parameter.worker_token["caller"].arn,
         aws_ssm_parameter.worker_token["infer"].arn,
         aws_ssm_parameter.api_keys.arn,
         aws_ssm_parameter.gateway_tls_key.arn,
+        aws_ssm_parameter.state_password.arn,
+        aws_ssm_parameter.metrics_key.arn,
       ]
+      objects    = local.binary_object_arns
+      log_groups = [aws_cloudwatch_log_group.journal.arn, aws_cloudwatch_log_group.metrics.arn]
     }
     caller = {
-      description = "meshd caller VM: SSM Session Manager, read the caller worker token and the meshd binary"
+      description = "meshd caller VMs: SSM Session Manager, read the caller worker token and the meshd binary; ship logs"
       parameters  = [aws_ssm_parameter.worker_token["caller"].arn]
+      objects     = local.binary_object_arns
+      log_groups  = [aws_cloudwatch_log_group.journal.arn]
     }
     infer = {
-      description = "meshd infer VMs: SSM Session Manager, read the infer worker token and the meshd binary"
+      description = "meshd infer VMs: SSM Session Manager, read the infer worker token, the meshd binary and the model; ship logs"
       parameters  = [aws_ssm_parameter.worker_token["infer"].arn]
+      objects     = concat(local.binary_object_arns, local.infer_gpu ? [] : [local.model_object_arn])
+      log_groups  = [aws_cloudwatch_log_group.journal.arn]
     }
   }
 }
@@ -107,28 +119,39 @@ resource "aws_iam_role_policy" "node" {
           }
         },
       ],
-      # One conditional per statement: both arms of a conditional must have one type, and [] converts to a list of
-      # one statement but not to a tuple of two different ones.
-      local.use_binary_url ? [] : [
+      [
         {
-          Sid      = "ReadMeshdBinary"
-          Effect   = "Allow"
-          Action   = ["s3:GetObject"]
-          Resource = local.binary_object_arns
+          Sid    = "ShipLogsToOwnGroups"
+          Effect = "Allow"
+          Action = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
+          Resource = concat(
+            each.value.log_groups,
+            [for g in each.value.log_groups : "${g}:log-stream:*"],
+          )
         },
       ],
-      local.use_binary_url ? [] : [
+      # One conditional per statement: both arms of a conditional must have one type, and [] converts to a list of
+      # one statement but not to a tuple of two different ones.
+      length(each.value.objects) == 0 ? [] : [
+        {
+          Sid      = "ReadOwnObjects"
+          Effect   = "Allow"
+          Action   = ["s3:GetObject"]
+          Resource = each.value.objects
+        },
+      ],
+      length(each.value.objects) == 0 ? [] : [
         {
           # The bucket uses an S3 Bucket Key, so the encryption context is the bucket's ARN; an object written
           # without one would carry the object's ARN. Either way: only the artifact bucket, only through S3.
-          Sid      = "DecryptMeshdBinaryViaS3"
+          Sid      = "DecryptOwnObjectsViaS3"
           Effect   = "Allow"
           Action   = ["kms:Decrypt"]
           Resource = [aws_kms_key.meshd.arn]
           Condition = {
             StringEquals = {
               "kms:ViaService"                   = ["s3.${var.region}.amazonaws.com"]
-              "kms:EncryptionContext:aws:s3:arn" = concat([aws_s3_bucket.artifacts.arn], local.binary_object_arns)
+              "kms:EncryptionContext:aws:s3:arn" = concat([aws_s3_bucket.artifacts.arn], each.value.objects)
             }
           }
         },
@@ -142,4 +165,12 @@ resource "aws_iam_instance_profile" "node" {
 
   name = "${var.name}-${each.key}"
   role = aws_iam_role.node[each.key].name
+}
+
+# The Auto Scaling groups' own service-linked role (suffix <name>): the KMS key policy names it, so it must exist before
+# the key policy does, and it goes with the stack on destroy.
+resource "aws_iam_service_linked_role" "autoscaling" {
+  aws_service_name = "autoscaling.amazonaws.com"
+  custom_suffix    = var.name
+  description      = "meshd ${var.name}: launches the worker groups' instances with volumes encrypted by the stack key"
 }

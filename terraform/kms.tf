@@ -1,10 +1,11 @@
-# One customer-managed key for the stack: the SSM SecureStrings (worker tokens, api-keys, gateway TLS key), the artifact
-# bucket, EBS root volumes and the flow-log group. Rotated yearly by AWS. The key policy delegates to IAM; the instance
-# roles (iam.tf) may decrypt only through SSM with the encryption context of their own parameters
-# (kms:EncryptionContext:PARAMETER_ARN) and through S3 for the artifact bucket.
+# One customer-managed key for the stack: the SSM SecureStrings (worker tokens, api-keys, gateway TLS key, state
+# password, metrics key), the artifact bucket (binary, model), EBS root volumes (the workers' through the Auto Scaling
+# service-linked role below), the state store, the log groups and the alarm topic. Rotated yearly by AWS. The key
+# policy delegates to IAM; the instance roles (iam.tf) may decrypt only through SSM with the encryption context of
+# their own parameters (kms:EncryptionContext:PARAMETER_ARN) and through S3 for the artifact bucket.
 
 resource "aws_kms_key" "meshd" {
-  description             = "${var.name}: worker tokens, artifacts, EBS volumes, flow logs"
+  description             = "${var.name}: secrets, artifacts, EBS volumes, state store, logs, alarms"
   enable_key_rotation     = true
   deletion_window_in_days = 30
 
@@ -19,7 +20,33 @@ resource "aws_kms_key" "meshd" {
         Resource  = "*"
       },
       {
-        Sid       = "CloudWatchLogsFlowLogGroup"
+        # The Auto Scaling groups launch the workers with EBS volumes encrypted by this key: their service-linked role
+        # (its own, iam.tf) must be able to use it and to grant it to EC2 for the volumes.
+        Sid       = "AutoScalingEncryptedVolumes"
+        Effect    = "Allow"
+        Principal = { AWS = aws_iam_service_linked_role.autoscaling.arn }
+        Action    = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"]
+        Resource  = "*"
+      },
+      {
+        Sid       = "AutoScalingEncryptedVolumesGrant"
+        Effect    = "Allow"
+        Principal = { AWS = aws_iam_service_linked_role.autoscaling.arn }
+        Action    = ["kms:CreateGrant"]
+        Resource  = "*"
+        Condition = { Bool = { "kms:GrantIsForAWSResource" = "true" } }
+      },
+      {
+        # CloudWatch alarms publish to the encrypted alarm topic.
+        Sid       = "CloudWatchAlarmsToEncryptedTopic"
+        Effect    = "Allow"
+        Principal = { Service = "cloudwatch.amazonaws.com" }
+        Action    = ["kms:Decrypt", "kms:GenerateDataKey*"]
+        Resource  = "*"
+        Condition = { StringEquals = { "aws:SourceAccount" = local.account_id } }
+      },
+      {
+        Sid       = "CloudWatchLogsStackLogGroups"
         Effect    = "Allow"
         Principal = { Service = "logs.${var.region}.amazonaws.com" }
         Action = [
@@ -31,8 +58,8 @@ resource "aws_kms_key" "meshd" {
         ]
         Resource = "*"
         Condition = {
-          ArnEquals = {
-            "kms:EncryptionContext:aws:logs:arn" = "arn:${local.partition}:logs:${var.region}:${local.account_id}:log-group:/${var.name}/vpc-flow-logs"
+          ArnLike = {
+            "kms:EncryptionContext:aws:logs:arn" = "arn:${local.partition}:logs:${var.region}:${local.account_id}:log-group:/${var.name}/*"
           }
         }
       },

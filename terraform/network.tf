@@ -1,4 +1,5 @@
-# VPC: a public subnet for the gateway (and the NAT gateway), a private subnet for the workers.
+# VPC: per availability zone a public subnet (the NLB's node, a NAT gateway) and a private subnet (a gateway, workers,
+# a node of the state store). No instance has a public address: the API is reached through the NLB only.
 
 resource "aws_vpc" "this" {
   cidr_block           = var.vpc_cidr
@@ -23,21 +24,25 @@ resource "aws_default_security_group" "default" {
 }
 
 resource "aws_subnet" "public" {
-  vpc_id                  = aws_vpc.this.id
-  cidr_block              = var.public_subnet_cidr
-  availability_zone       = local.az
-  map_public_ip_on_launch = false # the gateway gets an Elastic IP, nothing else is public
+  count = length(var.public_subnet_cidrs)
 
-  tags = { Name = "${var.name}-public" }
+  vpc_id                  = aws_vpc.this.id
+  cidr_block              = var.public_subnet_cidrs[count.index]
+  availability_zone       = local.azs[count.index]
+  map_public_ip_on_launch = false # only the NLB and the NAT gateways live here, with addresses of their own
+
+  tags = { Name = "${var.name}-public-${local.azs[count.index]}" }
 }
 
 resource "aws_subnet" "private" {
+  count = length(var.private_subnet_cidrs)
+
   vpc_id                  = aws_vpc.this.id
-  cidr_block              = var.private_subnet_cidr
-  availability_zone       = local.az
+  cidr_block              = var.private_subnet_cidrs[count.index]
+  availability_zone       = local.azs[count.index]
   map_public_ip_on_launch = false
 
-  tags = { Name = "${var.name}-private" }
+  tags = { Name = "${var.name}-private-${local.azs[count.index]}" }
 }
 
 resource "aws_internet_gateway" "this" {
@@ -46,21 +51,25 @@ resource "aws_internet_gateway" "this" {
   tags = { Name = var.name }
 }
 
+# One NAT gateway per zone, so a zone's outage does not cut the other zones' outbound traffic (SSM, CloudWatch).
 resource "aws_eip" "nat" {
+  count = length(var.public_subnet_cidrs)
+
   domain = "vpc"
 
-  tags = { Name = "${var.name}-nat" }
+  tags = { Name = "${var.name}-nat-${local.azs[count.index]}" }
 
   depends_on = [aws_internet_gateway.this]
 }
 
-# Outbound only, for the workers' installs (AWS CLI, SSM agent traffic, the model download).
 resource "aws_nat_gateway" "this" {
-  allocation_id = aws_eip.nat.id
-  subnet_id     = aws_subnet.public.id
-  private_ip    = cidrhost(var.public_subnet_cidr, 5) # fixed, so it never takes the gateway's address
+  count = length(var.public_subnet_cidrs)
 
-  tags = { Name = var.name }
+  allocation_id = aws_eip.nat[count.index].id
+  subnet_id     = aws_subnet.public[count.index].id
+  private_ip    = cidrhost(var.public_subnet_cidrs[count.index], 5)
+
+  tags = { Name = "${var.name}-${local.azs[count.index]}" }
 
   depends_on = [aws_internet_gateway.this]
 }
@@ -77,33 +86,40 @@ resource "aws_route_table" "public" {
 }
 
 resource "aws_route_table" "private" {
+  count = length(var.private_subnet_cidrs)
+
   vpc_id = aws_vpc.this.id
 
   route {
     cidr_block     = "0.0.0.0/0"
-    nat_gateway_id = aws_nat_gateway.this.id
+    nat_gateway_id = aws_nat_gateway.this[count.index].id
   }
 
-  tags = { Name = "${var.name}-private" }
+  tags = { Name = "${var.name}-private-${local.azs[count.index]}" }
 }
 
 resource "aws_route_table_association" "public" {
-  subnet_id      = aws_subnet.public.id
+  count = length(var.public_subnet_cidrs)
+
+  subnet_id      = aws_subnet.public[count.index].id
   route_table_id = aws_route_table.public.id
 }
 
 resource "aws_route_table_association" "private" {
-  subnet_id      = aws_subnet.private.id
-  route_table_id = aws_route_table.private.id
+  count = length(var.private_subnet_cidrs)
+
+  subnet_id      = aws_subnet.private[count.index].id
+  route_table_id = aws_route_table.private[count.index].id
 }
 
-# S3 gateway endpoint: the binary comes from the artifact bucket without crossing the NAT gateway or the internet.
-# Its policy allows our artifact bucket and the regional buckets the SSM agent needs, nothing else.
+# S3 gateway endpoint: the binary and the model come from the artifact bucket without crossing a NAT gateway or the
+# internet. Its policy allows our artifact bucket, the regional buckets the SSM agent needs and the one the CloudWatch
+# agent's package comes from, nothing else.
 resource "aws_vpc_endpoint" "s3" {
   vpc_id            = aws_vpc.this.id
   service_name      = "com.amazonaws.${var.region}.s3"
   vpc_endpoint_type = "Gateway"
-  route_table_ids   = [aws_route_table.public.id, aws_route_table.private.id]
+  route_table_ids   = concat([aws_route_table.public.id], aws_route_table.private[*].id)
 
   policy = jsonencode({
     Version = "2012-10-17"
@@ -128,6 +144,13 @@ resource "aws_vpc_endpoint" "s3" {
           "arn:${local.partition}:s3:::aws-ssm-document-attachments-${var.region}/*",
           "arn:${local.partition}:s3:::patch-baseline-snapshot-${var.region}/*",
         ]
+      },
+      {
+        Sid       = "CloudWatchAgentPackage"
+        Effect    = "Allow"
+        Principal = "*"
+        Action    = ["s3:GetObject"]
+        Resource  = ["arn:${local.partition}:s3:::amazoncloudwatch-agent-${var.region}/*"]
       },
     ]
   })

@@ -1,53 +1,63 @@
 locals {
-  api_base_url = "https://${aws_eip.gateway.public_ip}:${local.api_port}"
-  # The ready-to-paste commands verify the gateway against the stack's CA, written once next to the state with
+  api_base_url = "https://${aws_lb.api.dns_name}"
+  # The ready-to-paste commands verify the gateways against the stack's CA, written once next to the state with
   #   terraform output -raw api_ca_pem > meshd-ca.pem
   # and read the API key from the state when they run: it never appears in their text.
   curl_tls  = "--cacert meshd-ca.pem"
   curl_auth = "-H \"Authorization: Bearer $(terraform output -raw api_key)\""
 }
 
-output "gateway_public_ip" {
-  description = "Elastic IP of the gateway (public HTTPS API on tcp/3111, reachable from allowed_api_cidrs only)."
-  value       = aws_eip.gateway.public_ip
+output "api_dns_name" {
+  description = "DNS name of the Network Load Balancer (public HTTPS API on tcp/443, reachable from allowed_api_cidrs only; TLS ends in the gateways, whose certificate names it)."
+  value       = aws_lb.api.dns_name
 }
 
-output "gateway_private_ip" {
-  description = "Private IP of the gateway (the workers' mesh endpoint, tcp/49134)."
-  value       = aws_instance.gateway.private_ip
+output "gateway_private_ips" {
+  description = "Private addresses of the gateways (gateway-N => address): the NLB's targets and the A records of gateways.<name>.internal, the workers' mesh endpoint (tcp/49134)."
+  value       = { for k, g in local.gateways : k => g.private_ip }
 }
 
-output "caller_private_ip" {
-  description = "Private IP of the caller worker (no public address, no inbound)."
-  value       = aws_instance.caller.private_ip
+output "gateways_dns_name" {
+  description = "The private name the workers join (one A record per gateway, re-resolved every 5 s)."
+  value       = local.gateways_fqdn
 }
 
-output "infer_private_ips" {
-  description = "Private IPs of the infer workers (no public address, no inbound)."
-  value       = aws_instance.infer[*].private_ip
-}
-
-output "instance_ids" {
-  description = "Instance ids, for `aws ssm start-session --target <id>`."
+output "worker_groups" {
+  description = "The workers' Auto Scaling groups: `aws autoscaling describe-auto-scaling-groups --auto-scaling-group-names <name>`."
   value = {
-    gateway = aws_instance.gateway.id
-    caller  = aws_instance.caller.id
-    infer   = aws_instance.infer[*].id
+    caller     = aws_autoscaling_group.caller.name
+    infer      = aws_autoscaling_group.infer.name
+    infer_warm = aws_autoscaling_group.infer_warm.name
   }
 }
 
-output "ssm_session_gateway" {
-  description = "Shell on the gateway through SSM Session Manager (no SSH needed)."
-  value       = "aws ssm start-session --region ${var.region} --target ${aws_instance.gateway.id}"
+output "instance_ids" {
+  description = "Gateway instance ids, for `aws ssm start-session --target <id>` (workers: see worker_groups)."
+  value       = { for k, i in aws_instance.gateway : k => i.id }
+}
+
+output "roll_gateways" {
+  description = "Rolling the gateways one at a time (a new binary or certificate): run each command, then wait for its NLB target to be healthy before the next."
+  value       = [for k in keys(local.gateways) : "terraform apply -replace='aws_instance.gateway[\"${k}\"]'"]
+}
+
+output "state_backend" {
+  description = "The gateways' state store: backend and rediss:// URL (ACL user <name>-gateway, password in SSM)."
+  value       = { backend = var.state_backend, url = local.state_url, user = local.state_user }
 }
 
 output "artifact_bucket" {
-  description = "Private bucket that holds the meshd binary."
+  description = "Private bucket that holds the meshd binary and the model (models/<sha256>/model.gguf)."
   value       = aws_s3_bucket.artifacts.id
 }
 
+output "model_s3_uri" {
+  description = "Where the infer VMs fetch the model from (through the S3 gateway endpoint)."
+  value       = local.model_s3_uri
+}
+
 output "worker_token_parameters" {
-  description = "SSM SecureString parameters that hold the worker tokens, one per worker role (role => name): each role's VMs read their own, the gateway reads all of them."
+  description = "SSM SecureString parameters that hold the worker tokens, one per worker role (role => name): each role's VMs read their own, the gateways read all of them."
   value       = { for role, p in aws_ssm_parameter.worker_token : role => p.name }
 }
 
@@ -58,28 +68,33 @@ output "api_key" {
 }
 
 output "api_ca_pem" {
-  description = "The stack's CA certificate (PEM) that signed the gateway's certificate: terraform output -raw api_ca_pem > meshd-ca.pem, then curl --cacert meshd-ca.pem (or SSL_CERT_FILE / REQUESTS_CA_BUNDLE for SDKs)."
+  description = "The stack's CA certificate (PEM) that signed the gateways' certificate: terraform output -raw api_ca_pem > meshd-ca.pem, then curl --cacert meshd-ca.pem (or SSL_CERT_FILE / REQUESTS_CA_BUNDLE for SDKs)."
   value       = tls_self_signed_cert.ca.cert_pem
 }
 
 output "api_base_url" {
-  description = "Base URL of the OpenAI-compatible API (HTTPS, certificate for the Elastic IP signed by api_ca_pem); OpenAI SDKs take <api_base_url>/v1 as base_url."
+  description = "Base URL of the OpenAI-compatible API (HTTPS through the NLB, certificate for its DNS name signed by api_ca_pem); OpenAI SDKs take <api_base_url>/v1 as base_url."
   value       = local.api_base_url
 }
 
 output "api_keys_parameter" {
-  description = "SSM SecureString parameter that holds the gateway's api-keys file (sha256 digests of the accepted keys)."
+  description = "SSM SecureString parameter that holds the gateways' api-keys file (sha256 digests of the accepted keys)."
   value       = aws_ssm_parameter.api_keys.name
 }
 
 output "gateway_tls_key_parameter" {
-  description = "SSM SecureString parameter that holds the gateway's TLS private key."
+  description = "SSM SecureString parameter that holds the gateways' TLS private key."
   value       = aws_ssm_parameter.gateway_tls_key.name
 }
 
 output "gateway_cert_not_after" {
-  description = "Expiry of the gateway's certificate (RFC 3339); the first apply in its last 30 days renews it and replaces the gateway VM."
+  description = "Expiry of the gateways' certificate (RFC 3339); the first apply in its last 30 days renews it: then roll the gateways (roll_gateways)."
   value       = tls_locally_signed_cert.gateway.validity_end_time
+}
+
+output "alarm_topic_arn" {
+  description = "SNS topic of the alarms (5xx, inference queue, workers, gateways, state store); subscribe more endpoints to it."
+  value       = aws_sns_topic.alarms.arn
 }
 
 output "curl_readyz" {
@@ -101,9 +116,4 @@ output "curl_chat_completions" {
     curl -sS ${local.curl_tls} ${local.curl_auth} -X POST ${local.api_base_url}/v1/chat/completions -H 'content-type: application/json' -d '{"messages":[{"role":"user","content":"what color is apple?"}]}'
   EOT
   )
-}
-
-output "gateway_instance_id" {
-  description = "Instance id of the gateway, e.g. for `aws ssm send-command --instance-ids` after rotating the API key."
-  value       = aws_instance.gateway.id
 }

@@ -4,12 +4,13 @@
 #   CA (ECDSA P-256, self-signed)         -> its certificate goes to the workers (/etc/meshd/tls/mesh-ca.pem, user data)
 #                                            and to you (output api_ca_pem, for curl --cacert); its key stays in the
 #                                            Terraform state and signs nothing but the gateway certificate.
-#   gateway key (ECDSA P-256)             -> SSM SecureString (KMS) /<name>/gateway-tls-key, read at boot by the gateway
+#   gateway key (ECDSA P-256)             -> SSM SecureString (KMS) /<name>/gateway-tls-key, read at boot by the gateways
 #                                            only, into /etc/meshd/tls/gateway-key.pem (0600); never in user data.
-#   gateway certificate (signed by the CA) -> /etc/meshd/tls/gateway.pem (user data; certificates are public). Its IP
-#                                            SANs are the fixed private address (the workers' wss:// URL) and the
-#                                            Elastic IP (the clients' https:// URL). Serves HTTPS on :3111 and wss://
-#                                            on :49134.
+#   gateway certificate (signed by the CA) -> /etc/meshd/tls/gateway.pem (user data; certificates are public), one for
+#                                            every gateway. Its DNS SANs are the two names clients dial: the NLB's
+#                                            DNS name (https://<nlb>/, TCP passthrough, so TLS ends in meshd) and
+#                                            gateways.<name>.internal (the workers' wss:// URL, one A record per
+#                                            gateway). Serves HTTPS on :3111 and wss:// on :49134.
 # ---------------------------------------------------------------------------------------------------------------------
 
 resource "tls_private_key" "ca" {
@@ -50,9 +51,9 @@ resource "tls_cert_request" "gateway" {
     organization = "meshd"
   }
 
-  ip_addresses = [
-    local.gateway_private_ip,  # wss://10.20.1.10:49134, the workers' gateway_url
-    aws_eip.gateway.public_ip, # https://<EIP>:3111, the public API
+  dns_names = [
+    aws_lb.api.dns_name, # https://<nlb dns name>/, the public API
+    local.gateways_fqdn, # wss://gateways.<name>.internal:49134, the workers' gateway_url
   ]
 }
 
@@ -62,7 +63,7 @@ resource "tls_locally_signed_cert" "gateway" {
   ca_cert_pem        = tls_self_signed_cert.ca.cert_pem
 
   validity_period_hours = var.tls_gateway_cert_validity_days * 24
-  # Within 30 days of expiry the next apply issues a new certificate (and so replaces the gateway VM).
+  # Within 30 days of expiry the next apply issues a new certificate (and so replaces the gateway VMs).
   early_renewal_hours = 30 * 24
 
   allowed_uses = [

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 TF_DIR = REPO / "terraform"
 CLOUD_INIT_TEMPLATE = REPO / "cloud-init" / "meshd.yaml.tftpl"
 BOOTSTRAP = REPO / "cloud-init" / "meshd-bootstrap.sh"
+DRAIN_WATCH = REPO / "cloud-init" / "meshd-drain-watch.sh"
 SYSTEMD_DIR = REPO / "systemd"
 ROLES = ("gateway", "caller", "infer")
 

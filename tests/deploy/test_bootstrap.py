@@ -24,17 +24,26 @@ from deploylib import BOOTSTRAP, REPO, SYSTEMD_DIR, parse_unit
 # One token per worker role (terraform/artifacts.tf: /<name>/worker-token/<role>).
 TOKENS = {"caller": "first-caller-token-0123456789", "infer": "first-infer-token-9876543210"}
 API_KEYS = "sha256:" + "a1" * 32
-GATEWAY_URL = "wss://10.20.1.10:49134"
+GATEWAY_URL = "wss://gateways.meshd.internal:49134"
+STATE_URL = "rediss://clustercfg.meshd-state.abc123.memorydb.us-east-1.amazonaws.com:6379/0"
+STATE_PASSWORD = "state-password-0123456789abcdef"
+METRICS_KEY = "metrics-key-0123456789abcdef"
+GATEWAY_IP = "10.20.11.10"
 PARAMS = {"caller_token": "/meshd/worker-token/caller", "infer_token": "/meshd/worker-token/infer",
-          "api_keys": "/meshd/api-keys", "tls_key": "/meshd/gateway-tls-key"}
+          "api_keys": "/meshd/api-keys", "tls_key": "/meshd/gateway-tls-key",
+          "state_password": "/meshd/state-password", "metrics_key": "/meshd/metrics-key"}
 # What each role reads from SSM, and nothing else (terraform/iam.tf lets it read exactly these).
-READS = {"gateway": {"caller_token", "infer_token", "api_keys", "tls_key"}, "caller": {"caller_token"},
-         "infer": {"infer_token"}}
+READS = {"gateway": {"caller_token", "infer_token", "api_keys", "tls_key", "state_password", "metrics_key"},
+         "caller": {"caller_token"}, "infer": {"infer_token"}}
 
 STUB_AWS = r"""#!/bin/bash
 echo "aws $*" >>"$STUB_LOG"
 case "$1 $2" in
-  "s3 cp") cp "$STUB_BINARY" "${@: -1}" ;;
+  "s3 cp")
+    case "$*" in
+      *models/*) cp "$STUB_MODEL" "${@: -1}" ;;
+      *) cp "$STUB_BINARY" "${@: -1}" ;;
+    esac ;;
   "ssm get-parameter")
     # --name NAME -> $STUB_SSM/<NAME with / as _>; like `--output text`, the value and a newline.
     while [ $# -gt 0 ] && [ "$1" != "--name" ]; do shift; done
@@ -44,8 +53,11 @@ case "$1 $2" in
   *) echo "unexpected aws call: $*" >&2; exit 2 ;;
 esac
 """
+# curl: the instance metadata service (logged as "imds <path>"; the target lifecycle state comes from
+# $STUB_LIFECYCLE_FILE, missing = 404 like an instance in no Auto Scaling group), the engine of a GPU node
+# (http://127.0.0.1:*; $STUB_ENGINE_UP set = it answers), the CloudWatch agent's package, the binary.
 STUB_CURL = r"""#!/bin/bash
-echo "curl $*" >>"$STUB_LOG"
+args="$*"
 out=
 while [ $# -gt 0 ]; do
   if [ "$1" = "-o" ]; then out=$2; shift; fi
@@ -53,9 +65,31 @@ while [ $# -gt 0 ]; do
   shift
 done
 case "$url" in
-  *model*) cp "$STUB_MODEL" "$out" ;;
+  http://169.254.169.254/latest/api/token) echo "imds token" >>"$STUB_LOG"; echo stub-token; exit 0 ;;
+  http://169.254.169.254/latest/meta-data/*)
+    path=${url#http://169.254.169.254/latest/meta-data/}
+    echo "imds $path" >>"$STUB_LOG"
+    case "$args" in *"X-aws-ec2-metadata-token: stub-token"*) ;; *) exit 22 ;; esac
+    case "$path" in
+      local-ipv4) printf '%s' "$STUB_LOCAL_IP"; exit 0 ;;
+      autoscaling/target-lifecycle-state) [ -f "$STUB_LIFECYCLE_FILE" ] && { cat "$STUB_LIFECYCLE_FILE"; exit 0; }; exit 22 ;;
+      *) exit 22 ;;
+    esac ;;
+  http://127.0.0.1:*) echo "curl $args" >>"$STUB_LOG"; [ -n "${STUB_ENGINE_UP:-}" ] || exit 7; exit 0 ;;
+esac
+echo "curl $args" >>"$STUB_LOG"
+case "$url" in
+  *amazon-cloudwatch-agent.deb) printf 'stub deb' >"$out" ;;
   *) cp "$STUB_BINARY" "$out" ;;
 esac
+"""
+# dpkg -i of the agent's package: installs a stub amazon-cloudwatch-agent-ctl that logs its arguments.
+STUB_DPKG = r"""#!/bin/bash
+echo "dpkg $*" >>"$STUB_LOG"
+ctl="$MESHD_BOOTSTRAP_ROOT/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl"
+mkdir -p "$(dirname "$ctl")"
+printf '#!/bin/sh\necho "amazon-cloudwatch-agent-ctl $*" >>"$STUB_LOG"\n' >"$ctl"
+chmod 0755 "$ctl"
 """
 # systemctl with systemd's credential semantics (systemd.exec(5), "Credentials"): LoadCredential=ID:PATH copies PATH
 # to $CREDENTIALS_DIRECTORY/ID (%d; /run/credentials/<unit>/) when the unit starts; the copy is dropped when it
@@ -152,7 +186,7 @@ class Box:
         for d in (self.root / "etc/meshd/tls", self.stubs, self.ssm, self.pki):
             d.mkdir(parents=True)
         for name, body in (("aws", STUB_AWS), ("curl", STUB_CURL), ("systemctl", STUB_SYSTEMCTL),
-                           ("snap", STUB_FAIL), ("logger", "#!/bin/sh\n")):
+                           ("dpkg", STUB_DPKG), ("snap", STUB_FAIL), ("logger", "#!/bin/sh\n")):
             p = self.stubs / name
             p.write_text(body)
             p.chmod(0o755)
@@ -165,6 +199,8 @@ class Box:
         self.unit = f"meshd-{role}.service"
         self.path("/etc/systemd/system").mkdir(parents=True)
         self.path(f"/etc/systemd/system/{self.unit}").write_bytes((SYSTEMD_DIR / self.unit).read_bytes())
+        drain = "meshd-drain-watch.service"
+        self.path(f"/etc/systemd/system/{drain}").write_bytes((SYSTEMD_DIR / drain).read_bytes())
         gateway = role == "gateway"
         if gateway:
             # What cloud-init writes from user data (the certificate) and Terraform puts into SSM (key, API keys).
@@ -172,6 +208,8 @@ class Box:
             self.path("/etc/meshd/tls/gateway.pem").write_text(self.tls_cert)
             self.set_param("tls_key", self.tls_key)
             self.set_param("api_keys", API_KEYS)
+            self.set_param("state_password", STATE_PASSWORD)
+            self.set_param("metrics_key", METRICS_KEY)
         else:
             self.ca_cert = key_and_cert(self.pki, "mesh-ca")[1]
             self.path("/etc/meshd/tls/mesh-ca.pem").write_text(self.ca_cert)
@@ -183,14 +221,34 @@ class Box:
             "MESHD_INFER_TOKEN_PARAMETER": PARAMS["infer_token"] if gateway else "",
             "MESHD_API_KEYS_PARAMETER": PARAMS["api_keys"] if gateway else "",
             "MESHD_TLS_KEY_PARAMETER": PARAMS["tls_key"] if gateway else "",
+            "MESHD_STATE_PASSWORD_PARAMETER": PARAMS["state_password"] if gateway else "",
+            "MESHD_METRICS_KEY_PARAMETER": PARAMS["metrics_key"] if gateway else "",
             "MESHD_BINARY_S3_URI": "s3://bucket/meshd/x/meshd",
             "MESHD_BINARY_URL": "",
             "MESHD_BINARY_SHA256": sha(self.binary.read_bytes()),
             "MESHD_GATEWAY_URL": GATEWAY_URL,
-            "MESHD_MODEL_URL": "https://example.invalid/model.gguf",
-            "MESHD_MODEL_SHA256": sha(self.model.read_bytes()),
+            "MESHD_STATE_URL": STATE_URL if gateway else "",
+            "MESHD_STATE_USERNAME": "meshd-gateway" if gateway else "",
+            "MESHD_STATE_CLUSTER": "true" if gateway else "",
+            "MESHD_STATE_WAIT_REPLICAS": "0" if gateway else "",
+            "MESHD_LOG_GROUP": "/meshd/journal",
+            "MESHD_METRICS_LOG_GROUP": "/meshd/metrics" if gateway else "",
+            "MESHD_METRICS_NAMESPACE": "meshd/meshd" if gateway else "",
+            "MESHD_MODEL_S3_URI": f"s3://bucket/models/{sha(self.model.read_bytes())}/model.gguf" if role == "infer" else "",
+            "MESHD_MODEL_SHA256": sha(self.model.read_bytes()) if role == "infer" else "",
+            "MESHD_INFER_GENERATOR": "llama.cpp" if role == "infer" else "",
+            "MESHD_UPSTREAM_URL": "",
         }
+        self.lifecycle = tmp_path / "lifecycle-state"
+        self.extra_env = {}
         self.write_settings()
+
+    def set_lifecycle(self, state):
+        """What autoscaling/target-lifecycle-state answers (None: 404, no Auto Scaling group)."""
+        if state is None:
+            self.lifecycle.unlink(missing_ok=True)
+        else:
+            self.lifecycle.write_text(state)
 
     def set_param(self, which, value):
         """The value of SSM parameter PARAMS[which] (as SSM returns it: trailing newlines are not kept)."""
@@ -210,6 +268,9 @@ class Box:
             "STUB_BINARY": str(self.binary),
             "STUB_MODEL": str(self.model),
             "STUB_SSM": str(self.ssm),
+            "STUB_LOCAL_IP": GATEWAY_IP,
+            "STUB_LIFECYCLE_FILE": str(self.lifecycle),
+            **self.extra_env,
         }
         proc = subprocess.run(["bash", str(BOOTSTRAP)], env=env, capture_output=True, text=True, timeout=60)
         self.out = proc.stdout + proc.stderr
@@ -272,7 +333,14 @@ def test_first_boot_installs_everything(infer):
     m = infer.path("/var/cache/meshd/models/model.gguf")
     assert m.read_bytes() == infer.model.read_bytes()
     assert not infer.path("/var/cache/meshd/models/model.gguf.part").exists()
-    assert any(c.startswith("aws s3 cp") for c in infer.calls)
+    # Binary and model from the private bucket (S3 gateway endpoint); nothing from the internet but the agent.
+    s3 = [c for c in infer.calls if c.startswith("aws s3 cp")]
+    assert len(s3) == 2 and any(infer.settings["MESHD_MODEL_S3_URI"] in c for c in s3), s3
+    assert [c for c in infer.calls if c.startswith("curl")] == [
+        c for c in infer.calls if c.startswith("curl") and "amazon-cloudwatch-agent.deb" in c]
+    # The drain watcher is enabled and started with the worker.
+    assert "systemctl enable meshd-drain-watch.service" in infer.calls
+    assert "systemctl --no-block start meshd-drain-watch.service" in infer.calls
     assert f"meshd config check {infer.root}/etc/meshd/infer.toml" in infer.calls
     assert "systemctl daemon-reload" in infer.calls
     assert "systemctl enable meshd-infer.service" in infer.calls
@@ -290,7 +358,7 @@ def test_first_boot_installs_everything(infer):
 def test_reboot_downloads_nothing_and_only_starts(infer):
     assert infer.run() == 0, infer.out
     assert infer.run() == 0, infer.out
-    assert not any(c.startswith(("aws s3", "curl")) for c in infer.calls), infer.calls
+    assert not any(c.startswith(("aws s3", "curl", "dpkg")) for c in infer.calls), infer.calls
     assert "model present, sha256 matches; not downloading" in infer.out
     assert "systemctl --no-block start meshd-infer.service" in infer.calls
     assert not any("restart" in c for c in infer.calls)
@@ -328,7 +396,7 @@ def test_corrupted_model_is_downloaded_again(infer):
     assert infer.run() == 0, infer.out
     infer.path("/var/cache/meshd/models/model.gguf").write_bytes(b"truncated")
     assert infer.run() == 0, infer.out
-    assert any(c.startswith("curl") for c in infer.calls)
+    assert any(c.startswith("aws s3 cp") and "models/" in c for c in infer.calls)
     assert infer.path("/var/cache/meshd/models/model.gguf").read_bytes() == infer.model.read_bytes()
     assert "systemctl --no-block restart meshd-infer.service" in infer.calls
 
@@ -338,7 +406,7 @@ def test_model_with_wrong_sha_is_refused(infer):
     infer.write_settings()
     assert infer.run() != 0
     assert "does not match sha256" in infer.out
-    assert sum(c.startswith("curl") for c in infer.calls) == 6, "retried"
+    assert sum(c.startswith("aws s3 cp") and "models/" in c for c in infer.calls) == 6, "retried"
     assert not infer.path("/var/cache/meshd/models/model.gguf").exists()
     assert not infer.path("/var/cache/meshd/models/model.gguf.part").exists()
     assert not any(c.startswith("systemctl") for c in infer.calls), "no unit started without a model"
@@ -367,12 +435,18 @@ def test_binary_from_url(tmp_path):
     assert not box.path("/var/cache/meshd").exists(), "only infer has a model cache"
 
 
-def test_gateway_has_no_gateway_url_and_no_model(tmp_path):
+def test_gateway_env_names_the_state_store_and_no_gateway_url_nor_model(tmp_path):
     box = Box(tmp_path, "gateway")
     assert box.run() == 0, box.out
-    assert box.path("/etc/meshd/gateway.env").read_text() == ""
-    assert not any(c.startswith("curl") for c in box.calls)
+    assert box.path("/etc/meshd/gateway.env").read_text() == (
+        f"MESHD_STATE_URL={STATE_URL}\nMESHD_STATE_USERNAME=meshd-gateway\nMESHD_STATE_CLUSTER=true\n"
+        "MESHD_STATE_WAIT_REPLICAS=0\n")
+    assert not any(c.startswith("aws s3 cp") and "models/" in c for c in box.calls)
+    assert not box.path("/var/cache/meshd").exists()
     assert "systemctl enable meshd-gateway.service" in box.calls
+    # No drain watcher on a gateway (no Auto Scaling group, no spot), and no lifecycle question.
+    assert not any("drain-watch" in c for c in box.calls)
+    assert "imds autoscaling/target-lifecycle-state" not in box.calls
 
 
 @pytest.fixture
@@ -387,6 +461,8 @@ def test_gateway_first_boot_writes_role_tokens_api_keys_and_tls_key(gateway):
         "/etc/meshd/tokens/infer": TOKENS["infer"],
         "/etc/meshd/api-keys": API_KEYS + "\n",
         "/etc/meshd/tls/gateway-key.pem": gateway.tls_key,
+        "/etc/meshd/state-password": STATE_PASSWORD,
+        "/etc/meshd/metrics-key": METRICS_KEY,
     }
     for rel, want in files.items():
         f = gateway.path(rel)
@@ -405,7 +481,7 @@ def test_gateway_first_boot_writes_role_tokens_api_keys_and_tls_key(gateway):
     assert "systemctl --no-block restart meshd-gateway.service" in gateway.calls
     # No secret reaches a command line or the log, and no temporary file is left behind.
     everything = "\n".join(gateway.calls) + gateway.out
-    for secret in (*TOKENS.values(), API_KEYS, gateway.tls_key.splitlines()[1]):
+    for secret in (*TOKENS.values(), API_KEYS, gateway.tls_key.splitlines()[1], STATE_PASSWORD, METRICS_KEY):
         assert secret not in everything
     for d in ("/etc/meshd", "/etc/meshd/tls", "/etc/meshd/tokens"):
         assert not [p.name for p in gateway.path(d).iterdir() if p.name.startswith(".")], d
@@ -515,6 +591,7 @@ ROTATIONS = {
     ("gateway", "/etc/meshd/tokens/infer"): "infer_token",
     ("gateway", "/etc/meshd/api-keys"): "api_keys",
     ("gateway", "/etc/meshd/tls/gateway-key.pem"): "tls_key",
+    ("gateway", "/etc/meshd/state-password"): "state_password",
 }
 
 
@@ -531,7 +608,7 @@ def test_every_rotated_secret_reaches_the_running_service(tmp_path, role):
     new = {}
     for cid, path in sources.items():
         which = ROTATIONS[(role, path)]
-        if which.endswith("_token"):
+        if which.endswith("_token") or which == "state_password":
             value = f"rotated-{which}-on-{role}-0123456789"
         elif which == "api_keys":
             value = "sha256:" + "d4" * 32
@@ -644,3 +721,125 @@ def test_missing_role_token_parameter_is_retried_then_fatal(gateway):
     assert "could not read the infer token" in gateway.out
     assert sum(c.startswith(f"aws ssm get-parameter --name {PARAMS['infer_token']}") for c in gateway.calls) == 8
     assert not any(c.startswith("systemctl") for c in gateway.calls)
+
+
+# ---- the fleet: state store, CloudWatch agent, warm pool, GPU nodes ---------------------------------------------------
+
+
+def test_gateway_refuses_a_state_store_without_tls(gateway):
+    gateway.settings["MESHD_STATE_URL"] = "redis://clustercfg.example:6379/0"
+    gateway.write_settings()
+    assert gateway.run() != 0
+    assert "is not rediss://" in gateway.out
+    assert not any(c.startswith("systemctl") for c in gateway.calls)
+
+
+@pytest.mark.parametrize("setting", ["MESHD_STATE_URL", "MESHD_STATE_PASSWORD_PARAMETER", "MESHD_METRICS_KEY_PARAMETER"])
+def test_gateway_needs_the_state_store_and_metrics_settings(gateway, setting):
+    gateway.settings[setting] = ""
+    gateway.write_settings()
+    assert gateway.run() != 0
+    assert setting in gateway.out
+    assert not gateway.calls
+
+
+def test_a_new_metrics_key_does_not_restart_the_gateway(gateway):
+    """The metrics key is the CloudWatch agent's (the gateway knows its digest from the api-keys file): a new one is
+    written and the agent reconfigured, meshd keeps running."""
+    assert gateway.run() == 0, gateway.out
+    gateway.set_param("metrics_key", "second-metrics-key-abcdef")
+    assert gateway.run() == 0, gateway.out
+    assert gateway.path("/etc/meshd/metrics-key").read_text() == "second-metrics-key-abcdef"
+    assert not any("restart meshd-gateway" in c for c in gateway.calls), gateway.calls
+    assert any(c.startswith("amazon-cloudwatch-agent-ctl -a fetch-config") for c in gateway.calls)
+
+
+def agent_config(box):
+    import json
+
+    return json.loads(box.path("/opt/aws/amazon-cloudwatch-agent/etc/meshd-agent.json").read_text())
+
+
+def test_gateway_agent_ships_the_journal_and_scrapes_its_own_metrics(gateway):
+    import yaml
+
+    assert gateway.run() == 0, gateway.out
+    assert [c.split()[0] for c in gateway.calls if c.startswith(("curl", "dpkg"))] == ["curl", "dpkg"], "installed once"
+    cfg = agent_config(gateway)
+    files = cfg["logs"]["logs_collected"]["files"]["collect_list"]
+    assert files == [{"file_path": "/var/log/syslog", "log_group_name": "/meshd/journal",
+                      "log_stream_name": "{instance_id}", "retention_in_days": -1}]
+    prom = cfg["logs"]["metrics_collected"]["prometheus"]
+    assert prom["log_group_name"] == "/meshd/metrics"
+    emf = prom["emf_processor"]
+    assert emf["metric_namespace"] == "meshd/meshd"
+    inflight = next(d for d in emf["metric_declaration"] if "^meshd_function_inflight$" in d["metric_selectors"])
+    assert ["gateway", "function"] in inflight["dimensions"], "the series the scaling policy names"
+    fivexx = next(d for d in emf["metric_declaration"] if "^meshd_http_requests_total$" in d["metric_selectors"])
+    assert fivexx["dimensions"] == [["status_class"]] and fivexx["label_matcher"] == "^meshd;5xx$"
+    scrape = yaml.safe_load(gateway.path("/opt/aws/amazon-cloudwatch-agent/etc/meshd-prometheus.yaml").read_text())
+    assert prom["prometheus_config_path"] == "/opt/aws/amazon-cloudwatch-agent/etc/meshd-prometheus.yaml"
+    job = scrape["scrape_configs"][0]
+    assert job["job_name"] == "meshd" and job["scheme"] == "https" and job["metrics_path"] == "/metrics"
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:3111"], "labels": {"gateway": GATEWAY_IP}}]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": "/etc/meshd/metrics-key"}
+    relabel = job["metric_relabel_configs"][0]
+    assert relabel["replacement"] == "${1}xx" and relabel["target_label"] == "status_class"
+    assert "imds local-ipv4" in gateway.calls
+    assert "amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 -s -c file:/opt/aws/amazon-cloudwatch-agent/etc/meshd-agent.json" in gateway.calls
+    # A reboot does not reinstall it.
+    assert gateway.run() == 0, gateway.out
+    assert not any(c.startswith(("curl", "dpkg")) for c in gateway.calls)
+
+
+def test_worker_agent_ships_the_journal_only(infer):
+    assert infer.run() == 0, infer.out
+    cfg = agent_config(infer)
+    assert "metrics_collected" not in cfg["logs"]
+    assert cfg["logs"]["logs_collected"]["files"]["collect_list"][0]["log_group_name"] == "/meshd/journal"
+    assert not infer.path("/opt/aws/amazon-cloudwatch-agent/etc/meshd-prometheus.yaml").exists()
+    assert "imds local-ipv4" not in infer.calls
+
+
+def test_a_worker_launched_into_the_warm_pool_is_prepared_but_not_started(infer):
+    infer.set_lifecycle("Warmed:Stopped")
+    assert infer.run() == 0, infer.out
+    assert infer.path("/var/cache/meshd/models/model.gguf").read_bytes() == infer.model.read_bytes(), "model on disk"
+    assert infer.path("/usr/local/bin/meshd").exists() and infer.path("/etc/meshd/worker-token").exists()
+    assert "systemctl enable meshd-infer.service" in infer.calls
+    assert not any(("start" in c) and c.startswith("systemctl") for c in infer.calls), infer.calls
+    assert infer.unit_state()["starts"] == 0
+    assert "launched into the warm pool (Warmed:Stopped)" in infer.out
+    # Taken into service: the next boot starts it, and fetches nothing.
+    infer.set_lifecycle("InService")
+    assert infer.run() == 0, infer.out
+    assert not any(c.startswith("aws s3") for c in infer.calls)
+    assert infer.unit_state()["active"] is True
+    assert "systemctl --no-block start meshd-drain-watch.service" in infer.calls
+
+
+def test_gpu_node_fetches_no_model_and_waits_for_its_engine(tmp_path):
+    box = Box(tmp_path, "infer")
+    box.settings.update({"MESHD_INFER_GENERATOR": "openai", "MESHD_UPSTREAM_URL": "http://127.0.0.1:8000",
+                         "MESHD_MODEL_S3_URI": "", "MESHD_MODEL_SHA256": ""})
+    box.write_settings()
+    # The engine is not up: the bootstrap waits for it (retried), then gives up without starting meshd.
+    assert box.run() != 0
+    assert "does not answer GET /v1/models" in box.out
+    assert sum(c.startswith("curl") and "127.0.0.1:8000/v1/models" in c for c in box.calls) == 30
+    assert box.unit_state()["starts"] == 0
+    box.extra_env = {"STUB_ENGINE_UP": "1"}
+    assert box.run() == 0, box.out
+    assert box.path("/etc/meshd/infer.env").read_text() == (
+        f"MESHD_GATEWAY_URL={GATEWAY_URL}\nMESHD_GENERATOR=openai\nMESHD_UPSTREAM_URL=http://127.0.0.1:8000\n")
+    assert not box.path("/var/cache/meshd/models").exists()
+    assert not any(c.startswith("aws s3 cp") and "models/" in c for c in box.calls + [])
+    assert box.unit_state()["active"] is True
+
+
+def test_gpu_node_refuses_an_engine_elsewhere(tmp_path):
+    box = Box(tmp_path, "infer")
+    box.settings.update({"MESHD_INFER_GENERATOR": "openai", "MESHD_UPSTREAM_URL": "http://10.0.0.5:8000"})
+    box.write_settings()
+    assert box.run() != 0
+    assert "is not an engine on this VM" in box.out

@@ -12,8 +12,8 @@ import tomllib
 import pytest
 import yaml
 
-from deploylib import (BOOTSTRAP, CLOUD_INIT_TEMPLATE, REPO, ROLES, SYSTEMD_DIR, render_template, require_terraform,
-                       template_variables, terraform_console)
+from deploylib import (BOOTSTRAP, CLOUD_INIT_TEMPLATE, DRAIN_WATCH, REPO, ROLES, SYSTEMD_DIR, render_template,
+                       require_terraform, template_variables, terraform_console)
 
 TEST_TOKEN = "tok-SENTINEL-0123456789abcdef"  # must never show up in user data
 TEST_GATEWAY_CERT = "-----BEGIN CERTIFICATE-----\nTEST-GATEWAY-CERTIFICATE\n-----END CERTIFICATE-----\n"
@@ -24,6 +24,11 @@ TLS_FILES = {
     "caller": ("/etc/meshd/tls/mesh-ca.pem", TEST_CA_CERT),
     "infer": ("/etc/meshd/tls/mesh-ca.pem", TEST_CA_CERT),
 }
+
+
+def user_data_bytes(rendered):
+    """What EC2 counts: Terraform sends the cloud-config gzipped (base64gzip), which cloud-init unpacks."""
+    return len(gzip.compress(rendered.encode(), mtime=0))
 
 
 def gz_b64(path):
@@ -44,6 +49,7 @@ def test_values(role):
     """The same keys Terraform passes (local.cloud_init_common + local.cloud_init_role[role] + role, config_gz_b64,
     unit_gz_b64), with test values."""
     gateway = role == "gateway"
+    infer = role == "infer"
     tls_path, tls_pem = TLS_FILES[role]
     return {
         "region": "us-east-1",
@@ -52,21 +58,35 @@ def test_values(role):
         "infer_token_parameter": TOKEN_PARAMETERS["infer"] if gateway else "",
         "api_keys_parameter": "/meshd/api-keys" if gateway else "",
         "tls_key_parameter": "/meshd/gateway-tls-key" if gateway else "",
+        "state_password_parameter": "/meshd/state-password" if gateway else "",
+        "metrics_key_parameter": "/meshd/metrics-key" if gateway else "",
         "tls_pem_path": tls_path,
         "tls_pem_gz_b64": gz_b64_text(tls_pem),
         "binary_s3_uri": "s3://meshd-artifacts-test/meshd/" + "a" * 64 + "/meshd",
         "binary_url": "",
         "binary_sha256": "a" * 64,
-        "gateway_url": "wss://10.20.1.10:49134",
-        "model_url": "https://huggingface.co/ggml-org/gemma-3-270m-it-GGUF/resolve/main/gemma-3-270m-it-Q8_0.gguf",
-        "model_sha256": "0ef57d2c838458a1952664260dcba38e5bdda37494f3af732f06e4add24068e3",
+        "gateway_url": "wss://gateways.meshd.internal:49134",
+        "log_group": "/meshd/journal",
+        "state_url": "rediss://clustercfg.meshd-state.abc123.memorydb.us-east-1.amazonaws.com:6379/0" if gateway else "",
+        "state_username": "meshd-gateway" if gateway else "",
+        "state_cluster": "true" if gateway else "",
+        "state_wait_replicas": "0" if gateway else "",
+        "metrics_log_group": "/meshd/metrics" if gateway else "",
+        "metrics_namespace": "meshd/meshd" if gateway else "",
+        "model_s3_uri": f"s3://meshd-artifacts-test/models/{MODEL_SHA256}/model.gguf" if infer else "",
+        "model_sha256": MODEL_SHA256 if infer else "",
+        "infer_generator": "llama.cpp" if infer else "",
+        "upstream_url": "",
         "bootstrap_gz_b64": gz_b64(BOOTSTRAP),
+        "drain_gz_b64": gz_b64(DRAIN_WATCH),
+        "drain_unit_gz": gz_b64(SYSTEMD_DIR / "meshd-drain-watch.service"),
         "role": role,
         "config_gz_b64": gz_b64(REPO / "roles" / f"{role}.toml"),
         "unit_gz_b64": gz_b64(SYSTEMD_DIR / f"meshd-{role}.service"),
     }
 
 
+MODEL_SHA256 = "0ef57d2c838458a1952664260dcba38e5bdda37494f3af732f06e4add24068e3"
 test_values.__test__ = False  # a helper, not a test
 
 
@@ -110,7 +130,7 @@ def test_template_variables_match_terraform(tf):
 def test_rendered_cloud_config_is_valid(role, tmp_path, cloud_init_bin):
     rendered = render_template(CLOUD_INIT_TEMPLATE.read_text(), test_values(role))
     assert rendered.startswith("#cloud-config\n")
-    assert len(rendered.encode()) < 16384, "EC2 user data is limited to 16 KiB"
+    assert user_data_bytes(rendered) < 16384, "EC2 user data is limited to 16 KiB (Terraform sends it gzipped)"
     path = tmp_path / f"{role}.yaml"
     path.write_text(rendered)
     proc = subprocess.run([cloud_init_bin, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
@@ -135,7 +155,12 @@ def test_rendered_files_are_the_repo_files(role):
     tls_path, tls_pem = TLS_FILES[role]
     assert set(files) == {"/etc/meshd/bootstrap.env", f"/etc/meshd/{role}.toml", tls_path,
                           f"/etc/systemd/system/meshd-{role}.service", "/usr/local/sbin/meshd-bootstrap",
+                          "/etc/systemd/system/meshd-drain-watch.service", "/usr/local/sbin/meshd-drain-watch",
                           "/var/lib/cloud/scripts/per-boot/50-meshd-bootstrap"}
+    assert content("/usr/local/sbin/meshd-drain-watch") == DRAIN_WATCH.read_bytes()
+    assert files["/usr/local/sbin/meshd-drain-watch"]["permissions"] == "0755"
+    assert content("/etc/systemd/system/meshd-drain-watch.service") == \
+        (SYSTEMD_DIR / "meshd-drain-watch.service").read_bytes()
     assert content(f"/etc/meshd/{role}.toml") == (REPO / "roles" / f"{role}.toml").read_bytes()
     assert content(f"/etc/systemd/system/meshd-{role}.service") == (SYSTEMD_DIR / f"meshd-{role}.service").read_bytes()
     assert content("/usr/local/sbin/meshd-bootstrap") == BOOTSTRAP.read_bytes()
@@ -152,7 +177,8 @@ def test_rendered_files_are_the_repo_files(role):
     assert "exec /usr/local/sbin/meshd-bootstrap" in hook
     env = content("/etc/meshd/bootstrap.env").decode()
     assert f"MESHD_ROLE='{role}'" in env
-    assert "MESHD_GATEWAY_URL='wss://10.20.1.10:49134'" in env
+    assert "MESHD_GATEWAY_URL='wss://gateways.meshd.internal:49134'" in env
+    assert "MESHD_LOG_GROUP='/meshd/journal'" in env
     assert files["/etc/meshd/bootstrap.env"]["permissions"] == "0600"
     # Nothing that looks like a secret: only the parameters' names.
     assert TEST_TOKEN not in json.dumps(doc)
@@ -164,13 +190,20 @@ def test_rendered_files_are_the_repo_files(role):
         assert "MESHD_INFER_TOKEN_PARAMETER='/meshd/worker-token/infer'" in env
         assert "MESHD_API_KEYS_PARAMETER='/meshd/api-keys'" in env
         assert "MESHD_TLS_KEY_PARAMETER='/meshd/gateway-tls-key'" in env
+        assert "MESHD_STATE_PASSWORD_PARAMETER='/meshd/state-password'" in env
+        assert "MESHD_METRICS_KEY_PARAMETER='/meshd/metrics-key'" in env
+        assert "MESHD_STATE_URL='rediss://" in env and "MESHD_STATE_CLUSTER='true'" in env
+        assert "MESHD_MODEL_S3_URI=''" in env
     else:
         # Its own role's token only.
         assert f"MESHD_TOKEN_PARAMETER='/meshd/worker-token/{role}'" in env
         assert "MESHD_CALLER_TOKEN_PARAMETER=''" in env and "MESHD_INFER_TOKEN_PARAMETER=''" in env
         assert "MESHD_API_KEYS_PARAMETER=''" in env and "MESHD_TLS_KEY_PARAMETER=''" in env
+        assert "MESHD_STATE_PASSWORD_PARAMETER=''" in env and "MESHD_METRICS_KEY_PARAMETER=''" in env
+        assert "MESHD_STATE_URL=''" in env
+        assert ("MESHD_MODEL_S3_URI='s3://" in env) == (role == "infer")
     for path in files:
-        for secret in ("worker-token", "tokens/", "api-keys", "key.pem", "-key"):
+        for secret in ("worker-token", "tokens/", "api-keys", "key.pem", "-key", "password"):
             assert secret not in path, f"{path}: secret files are written at boot from SSM, not by cloud-init"
 
 
@@ -202,11 +235,12 @@ def test_role_configs_reference_secret_files_not_secrets():
         assert f'"$TOKENS_DIR/{r}" raw' in bootstrap, r
 
 
-def test_bootstrap_script_syntax():
-    subprocess.run(["bash", "-n", str(BOOTSTRAP)], check=True)
+@pytest.mark.parametrize("script", [BOOTSTRAP, DRAIN_WATCH], ids=lambda p: p.name)
+def test_bootstrap_script_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
     sc = shutil.which("shellcheck")
     assert sc, "shellcheck is not installed (scripts/deploy-checks installs it)"
-    proc = subprocess.run([sc, "-S", "warning", str(BOOTSTRAP)], capture_output=True, text=True)
+    proc = subprocess.run([sc, "-S", "warning", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -220,14 +254,23 @@ def test_bootstrap_script_syntax():
 USER_DATA_VARIABLES = {
     "region": "us-east-1{}",
     "name": "meshd{}x",
-    "public_subnet_cidr": "10.20.1.0/24{}",
     "meshd_binary_url": "https://example.com/meshd{}",
     "meshd_binary_sha256": "a" * 64 + "{}",
-    "model_url": "https://example.com/model{}.gguf",
     "model_sha256": "b" * 64 + "{}",
+    "infer_upstream_url": "http://127.0.0.1:80{}",
+    "memorydb_node_type": "db.t4g.small{}",
+    "elasticache_node_type": "cache.t4g.small{}",
+    "state_backend": "memorydb{}",
 }
-# Variables that reach user data only through a function that does not pass their text on.
-NOT_IN_USER_DATA_AS_TEXT = {"meshd_binary_path": "only filesha256() of the file reaches user data"}
+# Variables that reach user data only through a function that does not pass their text on (or, for the walker below,
+# through a resource it must take whole: the state store's endpoint is AWS's name, not the variable's text).
+NOT_IN_USER_DATA_AS_TEXT = {
+    "meshd_binary_path": "only filesha256() of the file reaches user data",
+    "infer_gpu_instance_types": "only its length reaches user data (local.infer_gpu: which generator infer runs)",
+    "availability_zones": "the state store's subnets, taken whole by the walker; its endpoint is AWS's name",
+    "public_subnet_cidrs": "the zones' count, and security groups taken whole; the state store's endpoint is AWS's",
+    "vpc_cidr": "the VPC of the security groups taken whole; the state store's endpoint is AWS's name",
+}
 
 # Each breaks bootstrap.env's quoting or the YAML around it.
 BREAKING = {"single quote": "'", "newline": "\n", "CR": "\r", "form feed": "\f",
@@ -248,7 +291,7 @@ def user_data_variable_names(tf):
     it reads where the resource sets it (the SSM parameters' names are /<name>/...), else the whole resource (the
     bucket's id comes from its prefix <name>-artifacts-)."""
     seen, names = set(), set()
-    todo = [tf.resources["aws_instance"][role]["user_data"] for role in ROLES]
+    todo = [json.dumps(tf.locals["user_data"])]
     while todo:
         text = tf.expand_locals(todo.pop())
         names |= set(re.findall(r"\bvar\.([a-z_0-9]+)", text))
@@ -335,29 +378,29 @@ def test_user_data_variables_refuse_breaking_characters(tf, tf_vars_dir, char):
 def test_breaking_characters_do_break_the_cloud_config(tmp_path):
     """The cases above matter: each character, in a URL, breaks bootstrap.env or the YAML around it."""
     for char in [*BREAKING.values(), *ACCEPTED_BUT_BREAKING.values()]:
-        values = {**test_values("infer"), "model_url": f"https://example.com/model{char}.gguf"}
-        assert sourced_model_url(render_template(CLOUD_INIT_TEMPLATE.read_text(), values), tmp_path) != \
-            values["model_url"], repr(char)
+        values = {**test_values("infer"), "binary_url": f"https://example.com/meshd{char}"}
+        assert sourced_binary_url(render_template(CLOUD_INIT_TEMPLATE.read_text(), values), tmp_path) != \
+            values["binary_url"], repr(char)
 
 
-def sourced_model_url(rendered, tmp_path):
-    """MESHD_MODEL_URL as the bootstrap sees it after `. bootstrap.env`; None when the cloud-config does not parse."""
+def sourced_binary_url(rendered, tmp_path):
+    """MESHD_BINARY_URL as the bootstrap sees it after `. bootstrap.env`; None when the cloud-config does not parse."""
     try:
         doc = yaml.safe_load(rendered)
     except yaml.YAMLError:
         return None
     env = tmp_path / "bootstrap.env"
     env.write_text(next(f["content"] for f in doc["write_files"] if f["path"] == "/etc/meshd/bootstrap.env"))
-    proc = subprocess.run(["bash", "-c", '. "$1" && printf %s "$MESHD_MODEL_URL"', "-", env], capture_output=True,
+    proc = subprocess.run(["bash", "-c", '. "$1" && printf %s "$MESHD_BINARY_URL"', "-", env], capture_output=True,
                           text=True, timeout=30)
     return proc.stdout if proc.returncode == 0 else None
 
 
 def test_accepted_shell_characters_reach_the_bootstrap_unchanged(tf_vars_dir, tmp_path):
-    url = f"https://example.com/{HARMLESS}.gguf"
-    assert refused_variables(tf_vars_dir, {**user_data_variables_with(""), "model_url": url}) == set()
-    values = {**test_values("infer"), "model_url": url}
-    assert sourced_model_url(render_template(CLOUD_INIT_TEMPLATE.read_text(), values), tmp_path) == url
+    url = f"https://example.com/{HARMLESS}"
+    assert refused_variables(tf_vars_dir, {**user_data_variables_with(""), "meshd_binary_url": url}) == set()
+    values = {**test_values("infer"), "binary_url": url}
+    assert sourced_binary_url(render_template(CLOUD_INIT_TEMPLATE.read_text(), values), tmp_path) == url
 
 
 # ---- the same, rendered by the real Terraform ------------------------------------------------------------------------
@@ -434,6 +477,6 @@ def test_terraform_renders_what_the_test_renderer_renders(terraform_rendered):
 def test_terraform_rendered_cloud_config_is_valid(role, terraform_rendered, tmp_path, cloud_init_bin):
     path = tmp_path / f"{role}.yaml"
     path.write_text(terraform_rendered[role])
-    assert len(terraform_rendered[role].encode()) < 16384, "EC2 user data is limited to 16 KiB"
+    assert user_data_bytes(terraform_rendered[role]) < 16384, "EC2 user data is limited to 16 KiB (gzipped)"
     proc = subprocess.run([cloud_init_bin, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Valid cloud-config" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

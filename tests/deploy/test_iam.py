@@ -20,6 +20,8 @@ NAME = "meshd"
 KMS_KEY_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/11111111-2222-3333-4444-555555555555"
 BUCKET_ARN = "arn:aws:s3:::meshd-artifacts-test"
 BINARY_ARN = f"{BUCKET_ARN}/meshd/{'ab' * 32}/meshd"
+MODEL_ARN = f"{BUCKET_ARN}/models/{'cd' * 32}/model.gguf"
+LOG_GROUP_ARN = {g: f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/{NAME}/{g}" for g in ("journal", "metrics")}
 SSM = f"ssm.{REGION}.amazonaws.com"
 S3 = f"s3.{REGION}.amazonaws.com"
 
@@ -35,7 +37,8 @@ TOKEN = {role: parameter_arn(f"/{NAME}/worker-token/{role}") for role in WORKER_
 # token, the gateway every role's token, the API keys and its TLS key.
 OWN = {
     "gateway": {TOKEN["caller"], TOKEN["infer"], parameter_arn(f"/{NAME}/api-keys"),
-                parameter_arn(f"/{NAME}/gateway-tls-key")},
+                parameter_arn(f"/{NAME}/gateway-tls-key"), parameter_arn(f"/{NAME}/state-password"),
+                parameter_arn(f"/{NAME}/metrics-key")},
     "caller": {TOKEN["caller"]},
     "infer": {TOKEN["infer"]},
 }
@@ -72,6 +75,7 @@ def _substitute(expr: str) -> str:
     expr = re.sub(r"\baws_ssm_parameter\.([a-z0-9_]+)\.arn\b", r"local.ssm_arn.\1", expr)
     expr = expr.replace("aws_kms_key.meshd.arn", "local.kms_key_arn")
     expr = expr.replace("aws_s3_bucket.artifacts.arn", "local.bucket_arn")
+    expr = re.sub(r"\baws_cloudwatch_log_group\.([a-z0-9_]+)\.arn\b", r"local.log_group_arn.\1", expr)
     expr = expr.replace("var.region", "local.region")
     expr = re.sub(r"\beach\.value\b", "v", expr)
     expr = re.sub(r"\beach\.key\b", "k", expr)
@@ -113,6 +117,9 @@ def policies(tf: Terraform, tmp_path_factory):
             f"  ssm_arn            = {json.dumps(ssm_arn)}\n"
             f"  use_binary_url     = {json.dumps(use_url)}\n"
             f"  binary_object_arns = {json.dumps([] if use_url else [BINARY_ARN])}\n"
+            f"  model_object_arn   = {json.dumps(MODEL_ARN)}\n"
+            f"  infer_gpu          = false\n"
+            f"  log_group_arn      = {json.dumps(LOG_GROUP_ARN)}\n"
             f"  node_roles         = {roles}\n"
             f"  policies           = {{ for k, v in local.node_roles : k => {policy} }}\n"
             "}\n"
@@ -284,14 +291,37 @@ def test_the_binary_through_s3_only_from_the_artifact_bucket(policies, role):
         assert decide(docs, "kms:Decrypt", KMS_KEY_ARN, {"kms:ViaService": S3, "kms:EncryptionContext:aws:s3:arn": ctx}) == "Allow"
     other = {"kms:ViaService": S3, "kms:EncryptionContext:aws:s3:arn": "arn:aws:s3:::someone-elses-bucket"}
     assert decide(docs, "kms:Decrypt", KMS_KEY_ARN, other) == "ImplicitDeny"
-    # With meshd_binary_url the binary comes over HTTPS: no S3 read, no decrypt through S3.
+    # With meshd_binary_url the binary comes over HTTPS: no S3 read of it.
     url_docs = role_docs(policies, role, use_url=True)
     assert decide(url_docs, "s3:GetObject", BINARY_ARN) == "ImplicitDeny"
     ctx = {"kms:ViaService": S3, "kms:EncryptionContext:aws:s3:arn": BUCKET_ARN}
-    assert decide(url_docs, "kms:Decrypt", KMS_KEY_ARN, ctx) == "ImplicitDeny"
+    # ... and no decrypt through S3 at all, unless the role still reads an object (infer: the model).
+    assert decide(url_docs, "kms:Decrypt", KMS_KEY_ARN, ctx) == ("Allow" if role == "infer" else "ImplicitDeny")
     # The parameters are unaffected by where the binary comes from.
     for parameter in ALL_PARAMETERS:
         assert decide(url_docs, "ssm:GetParameter", parameter) == decide(docs, "ssm:GetParameter", parameter)
+
+
+@pytest.mark.parametrize("role", sorted(OWN))
+def test_only_infer_reads_the_model(policies, role):
+    for use_url in (False, True):
+        docs = role_docs(policies, role, use_url)
+        assert decide(docs, "s3:GetObject", MODEL_ARN) == ("Allow" if role == "infer" else "ImplicitDeny"), use_url
+    # Nor any other object of the bucket, such as another model.
+    assert decide(role_docs(policies, role), "s3:GetObject", f"{BUCKET_ARN}/models/{'ef' * 32}/model.gguf") == "ImplicitDeny"
+
+
+@pytest.mark.parametrize("role", sorted(OWN))
+def test_logs_only_into_the_roles_own_groups(policies, role):
+    docs = role_docs(policies, role)
+    own = {"journal"} | ({"metrics"} if role == "gateway" else set())
+    for group, arn in LOG_GROUP_ARN.items():
+        stream = f"{arn}:log-stream:i-0123456789abcdef0"
+        want = "Allow" if group in own else "ImplicitDeny"
+        assert decide(docs, "logs:PutLogEvents", stream) == want, group
+        assert decide(docs, "logs:CreateLogStream", stream) == want, group
+    assert decide(docs, "logs:PutLogEvents", f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/payroll:log-stream:x") == "ImplicitDeny"
+    assert decide(docs, "logs:CreateLogGroup", LOG_GROUP_ARN["journal"]) == "ImplicitDeny"
 
 
 @pytest.mark.parametrize("role", WORKER_ROLES)

@@ -234,6 +234,9 @@ def run(tmp_path_factory):
             for worker, token in TOKENS.items():
                 (etc / "tokens" / worker).write_text(token)
             (etc / "api-keys").write_text(API_KEYS)
+            # The state store's password (a credential of the unit). No gateway.env here, so no state_url: the gateway
+            # keeps state in sled and the sd_notify contract is the same (the state store never holds the start).
+            (etc / "state-password").write_text("sd-notify-state-password")
             (vm / "var/lib/meshd").mkdir(parents=True)
         else:
             (etc / "worker-token").write_text(TOKENS[role])

@@ -79,8 +79,12 @@ def unit_path(role) -> Path:
     return SYSTEMD_DIR / f"meshd-{role}.service"
 
 
-def test_one_unit_per_role():
-    assert sorted(p.name for p in SYSTEMD_DIR.glob("*.service")) == sorted(f"meshd-{r}.service" for r in ROLES)
+DRAIN_UNIT = SYSTEMD_DIR / "meshd-drain-watch.service"
+ALL_UNITS = [*(f"meshd-{r}.service" for r in ROLES), DRAIN_UNIT.name]
+
+
+def test_one_unit_per_role_and_the_drain_watcher():
+    assert sorted(p.name for p in SYSTEMD_DIR.glob("*.service")) == sorted(ALL_UNITS)
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -98,8 +102,10 @@ def test_unit_settings(role):
     cfg = tomllib.loads((REPO / "roles" / f"{role}.toml").read_text())
     if role == "gateway":
         creds = ["caller-token:/etc/meshd/tokens/caller", "infer-token:/etc/meshd/tokens/infer",
-                 "api-keys:/etc/meshd/api-keys", "tls-key:/etc/meshd/tls/gateway-key.pem"]
-        env = ["MESHD_API_KEYS_FILE=%d/api-keys", "MESHD_TLS_KEY=%d/tls-key", "MESHD_MESH_TLS_KEY=%d/tls-key"]
+                 "api-keys:/etc/meshd/api-keys", "tls-key:/etc/meshd/tls/gateway-key.pem",
+                 "state-password:/etc/meshd/state-password"]
+        env = ["MESHD_API_KEYS_FILE=%d/api-keys", "MESHD_TLS_KEY=%d/tls-key", "MESHD_MESH_TLS_KEY=%d/tls-key",
+               "MESHD_STATE_PASSWORD_FILE=%d/state-password"]
     else:
         creds = ["worker-token:/etc/meshd/worker-token"]
         env = ["MESHD_WORKER_TOKEN_FILE=%d/worker-token"]
@@ -111,6 +117,7 @@ def test_unit_settings(role):
     if role == "gateway":
         assert cfg["api_keys_file"] == by_id["api-keys"]
         assert cfg["tls_key"] == cfg["mesh_tls_key"] == by_id["tls-key"]
+        assert by_id["state-password"] == "/etc/meshd/state-password"
         assert cfg["worker_token_files"] == {r: f"/run/credentials/{unit_path(role).name}/{r}-token"
                                              for r in ("caller", "infer")}
         assert {f"{r}-token": f"/etc/meshd/tokens/{r}" for r in ("caller", "infer")}.items() <= by_id.items()
@@ -210,7 +217,7 @@ def fake_root(tmp_path_factory):
     assert src, "no /usr/lib/systemd/system: install the systemd package"
     shutil.copytree(src, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    for path in ("usr/local/bin/meshd",):  # ExecStart's executable
+    for path in ("usr/local/bin/meshd", "usr/local/sbin/meshd-drain-watch"):  # ExecStart's executables
         exe = root / path
         exe.parent.mkdir(parents=True, exist_ok=True)
         exe.write_text("#!/bin/sh\nexit 0\n")
@@ -218,10 +225,9 @@ def fake_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("role", ROLES)
-def test_systemd_analyze_verify_clean(role, fake_root):
-    name = f"meshd-{role}.service"
-    shutil.copy(unit_path(role), fake_root / "etc/systemd/system" / name)
+@pytest.mark.parametrize("name", ALL_UNITS)
+def test_systemd_analyze_verify_clean(name, fake_root):
+    shutil.copy(SYSTEMD_DIR / name, fake_root / "etc/systemd/system" / name)
     proc = subprocess.run(
         [systemd_analyze(), "verify", "--man=no", f"--root={fake_root}", f"/etc/systemd/system/{name}"],
         capture_output=True, text=True, timeout=60,
@@ -242,13 +248,38 @@ def test_verify_catches_a_missing_binary(tmp_path, fake_root):
     assert proc.returncode != 0 and "meshd" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("role", ROLES)
-def test_security_exposure_at_most_2(role):
-    proc = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager", str(unit_path(role))],
+@pytest.mark.parametrize("name", ALL_UNITS)
+def test_security_exposure_at_most_2(name):
+    proc = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager", str(SYSTEMD_DIR / name)],
                           capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
-    m = re.search(r"Overall exposure level for meshd-%s\.service:\s*([0-9.]+)" % role, out)
+    m = re.search(r"Overall exposure level for %s:\s*([0-9.]+)" % re.escape(name), out)
     assert m, out
     score = float(m.group(1))
-    print(f"meshd-{role}.service exposure {score}")
+    print(f"{name} exposure {score}")
     assert score <= MAX_EXPOSURE, out
+
+
+@pytest.mark.parametrize("role", ["caller", "infer"])
+def test_a_worker_that_keeps_failing_powers_its_vm_off(role):
+    """Restart=on-failure restarts a crashed or stalled worker on the same VM; five failed starts in ten minutes
+    power the VM off, and the Auto Scaling group's EC2 health check replaces the stopped instance."""
+    unit = parse_unit(unit_path(role))["Unit"]
+    assert unit["StartLimitAction"] == ["poweroff"]
+    assert unit["StartLimitBurst"] == ["5"] and seconds(unit["StartLimitIntervalSec"][0]) == 600
+    # The gateways are no Auto Scaling group's: nobody would replace a powered-off gateway.
+    assert "StartLimitAction" not in parse_unit(unit_path("gateway"))["Unit"]
+
+
+def test_drain_watcher_unit():
+    """The watcher that drains a worker on a spot notice or a scale-in: root only for `systemctl stop` over systemd's
+    private socket, no capability, the metadata service its only peer."""
+    svc = parse_unit(DRAIN_UNIT)["Service"]
+    one = {k: v[-1] for k, v in svc.items()}
+    assert svc["ExecStart"] == ["/usr/local/sbin/meshd-drain-watch"]
+    assert svc["EnvironmentFile"] == ["/etc/meshd/bootstrap.env"], "MESHD_ROLE names the unit to drain"
+    assert one["CapabilityBoundingSet"] == "" and one["NoNewPrivileges"] == "yes"
+    assert svc["IPAddressDeny"] == ["any"] and svc["IPAddressAllow"] == ["169.254.169.254/32"]
+    assert one["Restart"] == "always"
+    assert "PrivateUsers" not in svc, "remapped root could not talk to systemd"
+    assert parse_unit(DRAIN_UNIT)["Install"]["WantedBy"] == ["multi-user.target"]
