@@ -13,6 +13,7 @@ pub mod openai;
 pub mod protocol;
 pub mod pull;
 pub mod repl;
+pub mod responses;
 pub mod roles;
 pub mod state;
 pub mod status;

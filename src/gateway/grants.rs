@@ -64,6 +64,7 @@ impl Grant {
                     triggers: list(&[
                         "POST /v1/chat/completions",
                         "POST /v1/completions",
+                        "POST /v1/responses",
                         "GET /v1/models",
                         "POST /math/add-two-numbers",
                     ]),

@@ -23,6 +23,7 @@ pub fn register(worker: Worker) -> Worker {
         .function("http::run_completion_over_http", |call| {
             over_http(Kind::Completion, call)
         })
+        .function("http::run_response_over_http", over_http_responses)
         .function("http::list_models", list_models)
         .function("inference::get_response", |call: Call| async move {
             let req: GenerateRequest = protocol::from_payload(&call.payload)?;
@@ -39,6 +40,12 @@ pub fn register(worker: Worker) -> Worker {
             "POST",
             "/v1/completions",
             "http::run_completion_over_http",
+            INFERENCE,
+        )
+        .trigger(
+            "POST",
+            "/v1/responses",
+            "http::run_response_over_http",
             INFERENCE,
         )
         .trigger(
@@ -192,6 +199,93 @@ async fn over_http(kind: Kind, call: Call) -> Result<Response, ErrorBody> {
     })
 }
 
+/// The next generation event of a stream being relayed, at most until `deadline`; `None` once
+/// the client has left (dropping the stream then cancels the generation).
+async fn next_event(
+    stream: &mut CallStream,
+    deadline: Instant,
+    tx: &mpsc::Sender<Result<Bytes, ErrorBody>>,
+) -> Option<Result<GenerateEvent, ErrorBody>> {
+    let next = tokio::select! {
+        _ = tx.closed() => return None,
+        n = tokio::time::timeout_at(deadline, stream.next()) => n,
+    };
+    Some(match next {
+        Err(_) => Err(ErrorBody::new(
+            ErrorCode::DeadlineExceeded,
+            "the generation did not finish in time",
+        )),
+        Ok(Some(Ok(b))) => protocol::from_payload::<GenerateEvent>(&b),
+        Ok(Some(Err(e))) => Err(e),
+        Ok(None) => Err(broken("ended without a finish")),
+    })
+}
+
+/// `POST /v1/responses`: the Responses API, whole or as its stream of typed events.
+async fn over_http_responses(call: Call) -> Result<Response, ErrorBody> {
+    let valid = crate::responses::validate(&call.payload, rand::random())?;
+    if !valid.stream {
+        let done = get_response(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
+        let shaper = crate::responses::Shaper::new(done.model.clone(), &valid);
+        return Ok(json_response(&shaper.full(&done)));
+    }
+    let (mut stream, model) =
+        start(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
+    let (tx, chunks) = mpsc::channel(64);
+    let mut shaper = crate::responses::Shaper::new(model.clone(), &valid);
+    let deadline = call.deadline;
+    tokio::spawn(async move {
+        for e in shaper.opening() {
+            if tx.send(Ok(e)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let Some(event) = next_event(&mut stream, deadline, &tx).await else {
+                return;
+            };
+            match event {
+                Ok(GenerateEvent::Start { .. }) => {}
+                Ok(GenerateEvent::Delta { text }) => {
+                    if tx.send(Ok(shaper.delta(&text))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(GenerateEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                }) => {
+                    let done = crate::api::Completion {
+                        model,
+                        text: String::new(),
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                        cached_tokens,
+                    };
+                    for e in shaper.closing(done) {
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "generation failed mid-stream");
+                    let _ = tx.send(Ok(shaper.failed(&e))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Response::Stream {
+        http: head(200, "text/event-stream"),
+        chunks,
+    })
+}
+
 /// Turns generation events into server-sent events until the end, an error, or the client leaves
 /// (then dropping `stream` cancels the generation on the infer worker).
 async fn pump_sse(
@@ -210,18 +304,8 @@ async fn pump_sse(
         return;
     }
     loop {
-        let next = tokio::select! {
-            _ = tx.closed() => return,
-            n = tokio::time::timeout_at(deadline, stream.next()) => n,
-        };
-        let event = match next {
-            Err(_) => Err(ErrorBody::new(
-                ErrorCode::DeadlineExceeded,
-                "the generation did not finish in time",
-            )),
-            Ok(Some(Ok(b))) => protocol::from_payload::<GenerateEvent>(&b),
-            Ok(Some(Err(e))) => Err(e),
-            Ok(None) => Err(broken("ended without a finish")),
+        let Some(event) = next_event(&mut stream, deadline, &tx).await else {
+            return;
         };
         let sent = match event {
             Ok(GenerateEvent::Start { .. }) => Ok(()),

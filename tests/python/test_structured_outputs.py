@@ -141,3 +141,43 @@ def test_two_hundred_random_schemas_parse_and_validate_or_are_refused(client):
         outcomes = list(pool.map(lambda i: one_case(client, i), range(200)))
     assert outcomes.count("refused") == 20
     assert outcomes.count("valid") == 180
+
+
+# --- the Responses API -------------------------------------------------------------------------
+
+def test_responses_create_returns_text(client):
+    r = client.responses.create(model=MODEL, input="Say hello.", instructions="Be brief.", max_output_tokens=16,
+                                temperature=0)
+    assert r.status in ("completed", "incomplete")
+    assert r.output_text
+    assert r.usage.output_tokens > 0 and r.usage.input_tokens > 0
+    chat = client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0,
+                                          messages=[{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "Say hello."}])
+    assert r.output_text == chat.choices[0].message.content, "the same generation as chat"
+
+
+def test_a_responses_stream_gives_the_same_text(client):
+    whole = client.responses.create(model=MODEL, input="Count to five.", max_output_tokens=20, temperature=0)
+    with client.responses.stream(model=MODEL, input="Count to five.", max_output_tokens=20, temperature=0) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created"
+    # Reaching max_output_tokens ends it as OpenAI does: `response.incomplete`, not `completed`.
+    assert kinds[-1] == f"response.{whole.status}"
+    assert kinds.count("response.output_text.delta") > 1
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-1].response.output_text == whole.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_parse_with_a_pydantic_model(client):
+    r = client.responses.parse(model=MODEL, input="Describe a person as JSON.", text_format=Person,
+                               max_output_tokens=120, temperature=0)
+    assert isinstance(r.output_parsed, Person)
+
+
+def test_responses_refuse_what_needs_storage(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_123")
+    assert e.value.param == "previous_response_id"
