@@ -99,6 +99,7 @@ fn valid(prompt: Prompt, max_tokens: u32, sampling: Sampling) -> ValidGenerate {
         stop: vec![],
         sampling,
         format: None,
+        logprobs: None,
     })
     .expect("a valid request")
 }
@@ -181,7 +182,7 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
                     let mut first = None;
                     while let Some(e) = events.recv().await {
                         match e {
-                            Event::Started => {}
+                            Event::Started | Event::Logprobs(_) => {}
                             Event::Delta(_) => {
                                 first.get_or_insert(t.elapsed());
                             }

@@ -83,6 +83,33 @@ pub struct GenerateRequest {
     /// Constrained decoding: the output always parses as JSON (and validates, for a schema).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<OutputFormat>,
+    /// Log-probabilities of the generated tokens, with this many alternatives each (0 to
+    /// [`MAX_TOP_LOGPROBS`]); `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
+}
+
+/// The most alternatives `top_logprobs` may ask for, per token.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// One generated token's log-probability, and the most likely alternatives at its position.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    #[serde(default)]
+    pub top: Vec<TopLogprob>,
+}
+
+/// An alternative at one position.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
 }
 
 /// What `response_format` asks the output to be.
@@ -131,6 +158,9 @@ impl ValidGenerate {
     }
     pub fn format(&self) -> Option<&OutputFormat> {
         self.0.format.as_ref()
+    }
+    pub fn logprobs(&self) -> Option<u8> {
+        self.0.logprobs
     }
 }
 
@@ -187,6 +217,10 @@ impl TryFrom<GenerateRequest> for ValidGenerate {
         if !(0..=1_000_000).contains(&s.top_k) {
             return Err(bad("`top_k` must be between 0 and 1000000".into(), "top_k"));
         }
+        if r.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            let m = format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}");
+            return Err(bad(m, "top_logprobs"));
+        }
         if let Some(OutputFormat::JsonSchema { name, schema }) = &r.format {
             if schema.len() > MAX_SCHEMA_BYTES || name.len() > 64 {
                 let m = format!(
@@ -219,6 +253,11 @@ pub enum GenerateEvent {
     Delta {
         text: String,
     },
+    /// The log-probabilities of the tokens whose text comes in the next `Delta` (or, for text a
+    /// stop string swallowed, none).
+    Logprobs {
+        tokens: Vec<TokenLogprob>,
+    },
     Done {
         finish_reason: FinishReason,
         prompt_tokens: u32,
@@ -239,6 +278,9 @@ pub struct Completion {
     pub completion_tokens: u32,
     #[serde(default)]
     pub cached_tokens: u32,
+    /// Each generated token's log-probability, when they were asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// The answer of `inference::models`.
@@ -427,6 +469,7 @@ mod tests {
             stop: vec![],
             sampling: Sampling::default(),
             format: None,
+            logprobs: None,
         }
     }
 

@@ -12,22 +12,20 @@ use crate::protocol::{ErrorBody, ErrorCode};
 pub use crate::api::{MAX_MESSAGES, MAX_STOPS, MAX_STOP_LEN, MAX_TOKENS_LIMIT};
 
 /// Fields accepted and ignored: they change nothing a single-model server does.
-const IGNORED: [&str; 6] = [
+const IGNORED: [&str; 5] = [
     "user",
     "metadata",
     "store",
     "service_tier",
     "parallel_tool_calls",
-    "logprobs",
 ];
 /// Fields refused because meshd does not implement them.
-const UNSUPPORTED: [&str; 11] = [
+const UNSUPPORTED: [&str; 10] = [
     "tools",
     "tool_choice",
     "functions",
     "function_call",
     "logit_bias",
-    "top_logprobs",
     "audio",
     "modalities",
     "prediction",
@@ -73,7 +71,9 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
         Kind::Completion => "prompt",
     };
     for key in obj.keys() {
-        if UNSUPPORTED.contains(&key.as_str()) && !obj[key].is_null() {
+        let unsupported = UNSUPPORTED.contains(&key.as_str())
+            || (kind == Kind::Completion && key == "top_logprobs");
+        if unsupported && !obj[key].is_null() {
             return Err(invalid(
                 format!("`{key}` is not supported by this server"),
                 key,
@@ -97,12 +97,15 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             "frequency_penalty",
             "repetition_penalty",
             "response_format",
+            "logprobs",
         ];
+        let chat_only = kind == Kind::Chat && key == "top_logprobs";
         let completion_only = kind == Kind::Completion && key == "echo";
         if !known.contains(&key.as_str())
             && !completion_only
+            && !chat_only
             && !IGNORED.contains(&key.as_str())
-            && !UNSUPPORTED.contains(&key.as_str())
+            && !unsupported
         {
             return Err(invalid(
                 format!("Unrecognized request argument supplied: {key}"),
@@ -110,15 +113,7 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             ));
         }
     }
-    if obj
-        .get("logprobs")
-        .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
-    {
-        return Err(invalid(
-            "`logprobs` is not supported by this server",
-            "logprobs",
-        ));
-    }
+    let logprobs = logprobs(kind, &obj)?;
     if obj
         .get("echo")
         .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
@@ -218,8 +213,76 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             stop: stops(obj.get("stop"))?,
             sampling,
             format: response_format(obj.get("response_format"))?,
+            logprobs,
         },
     })
+}
+
+/// Chat: `logprobs: true` with `top_logprobs` alternatives (0 to 20); completions: `logprobs: N`
+/// alternatives. `None` when not asked for.
+fn logprobs(kind: Kind, obj: &Map<String, Value>) -> Result<Option<u8>, ErrorBody> {
+    let most = crate::api::MAX_TOP_LOGPROBS;
+    let count = |key: &str| -> Result<Option<u8>, ErrorBody> {
+        match int(obj, key)? {
+            None => Ok(None),
+            Some(n) if (0..=i64::from(most)).contains(&n) => Ok(Some(n as u8)),
+            Some(_) => Err(invalid(
+                format!("`{key}` must be between 0 and {most}"),
+                key,
+            )),
+        }
+    };
+    match kind {
+        Kind::Chat => {
+            let on = opt_bool(obj, "logprobs")?.unwrap_or(false);
+            let top = count("top_logprobs")?;
+            match (on, top) {
+                (false, Some(_)) => Err(invalid(
+                    "`top_logprobs` needs `logprobs: true`",
+                    "top_logprobs",
+                )),
+                (false, None) => Ok(None),
+                (true, top) => Ok(Some(top.unwrap_or(0))),
+            }
+        }
+        Kind::Completion => match obj.get("logprobs") {
+            Some(Value::Bool(false)) => Ok(None),
+            _ => count("logprobs"),
+        },
+    }
+}
+
+/// `logprobs` of a chat choice (`{"content": [...]}`) or of a completion choice (`tokens`,
+/// `token_logprobs`, `top_logprobs`, `text_offset`, offsets counted from `offset`).
+pub fn logprobs_json(kind: Kind, tokens: &[crate::api::TokenLogprob], offset: usize) -> Value {
+    match kind {
+        Kind::Chat => json!({
+            "content": tokens.iter().map(|t| json!({
+                "token": t.token, "logprob": t.logprob, "bytes": t.bytes,
+                "top_logprobs": t.top.iter().map(|a| json!({
+                    "token": a.token, "logprob": a.logprob, "bytes": a.bytes,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "refusal": null,
+        }),
+        Kind::Completion => {
+            let mut at = offset;
+            let offsets: Vec<usize> = tokens
+                .iter()
+                .map(|t| {
+                    let here = at;
+                    at += t.token.len();
+                    here
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| &t.token).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect::<Map<String, Value>>()).collect::<Vec<_>>(),
+                "text_offset": offsets,
+            })
+        }
+    }
 }
 
 /// `response_format`: `text` (the default), `json_object`, or `json_schema` with a schema.
@@ -476,6 +539,14 @@ impl Shaper {
     /// The whole (non-streamed) answer.
     pub fn full(&self, c: &Completion) -> Value {
         let usage = Self::usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens);
+        let mut v = self.full_without_logprobs(c, usage);
+        if let Some(tokens) = &c.logprobs {
+            v["choices"][0]["logprobs"] = logprobs_json(self.kind, tokens, 0);
+        }
+        v
+    }
+
+    fn full_without_logprobs(&self, c: &Completion, usage: Value) -> Value {
         match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -695,6 +766,7 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 2,
             cached_tokens: 1,
+            logprobs: None,
         };
         let full = s.full(&c);
         assert_eq!(full["object"], "chat.completion");

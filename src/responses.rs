@@ -461,6 +461,7 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 2,
             cached_tokens: 0,
+            logprobs: None,
         };
         events.extend(
             s.closing(done)

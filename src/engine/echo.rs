@@ -113,9 +113,10 @@ impl Generate for Echo {
         if words.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
-        if request.format().is_some() {
+        if request.format().is_some() || request.logprobs().is_some() {
             return Err(EngineError::Invalid(
-                "response_format needs a model: the echo generator writes filler words".into(),
+                "response_format and logprobs need a model: the echo generator writes filler words"
+                    .into(),
             ));
         }
         // One "beginning of text" token, like the real tokenizer's.
@@ -284,6 +285,7 @@ mod tests {
                 ..Sampling::default()
             },
             format: None,
+            logprobs: None,
         })
         .unwrap()
     }

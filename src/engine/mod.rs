@@ -164,6 +164,8 @@ pub struct Prepared {
     sampling: Sampling,
     /// The GBNF grammar the output must follow (`response_format`), compiled once already.
     grammar: Option<String>,
+    /// Alternatives per token when log-probabilities are asked for.
+    logprobs: Option<u8>,
 }
 
 impl Prepared {
@@ -178,6 +180,8 @@ pub enum Event {
     /// The job got a slot: generation has begun.
     Started,
     Delta(String),
+    /// The log-probabilities of the tokens whose text comes in the next `Delta`.
+    Logprobs(Vec<crate::api::TokenLogprob>),
     Done {
         finish_reason: FinishReason,
         prompt_tokens: u32,
@@ -368,6 +372,7 @@ impl Engine {
             stop,
             sampling,
             grammar,
+            logprobs: request.logprobs(),
         })
     }
 

@@ -47,6 +47,11 @@ struct Seq {
     sampler: Option<LlamaSampler>,
     /// The grammar the output must follow (`response_format`).
     grammar: Option<LlamaSampler>,
+    /// Alternatives per token when log-probabilities are asked for, and the temperature they
+    /// are taken at.
+    logprobs: Option<(u8, f32)>,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    pending_logprobs: Vec<crate::api::TokenLogprob>,
     events: mpsc::Sender<Event>,
     generated: u32,
     max_tokens: u32,
@@ -154,6 +159,8 @@ pub(super) fn run(
                 logits_at: None,
                 sampler: sampler(&p.sampling, model.n_vocab()),
                 grammar,
+                logprobs: p.logprobs.map(|n| (n, p.sampling.temperature)),
+                pending_logprobs: Vec::new(),
                 events: job.events,
                 generated: 0,
                 max_tokens: p.max_tokens,
@@ -261,6 +268,14 @@ pub(super) fn run(
                 // candidate array over the whole vocabulary (262k entries) for every token.
                 (None, None) => argmax(ctx.get_logits_ith(at)),
             };
+            if let Some((top, temperature)) = seq.logprobs {
+                if !vocab.is_eog(token) {
+                    let entry = logprob_of(ctx.get_logits_ith(at), token, top, temperature, |t| {
+                        vocab.token_to_piece(t, false, None)
+                    });
+                    seq.pending_logprobs.push(entry);
+                }
+            }
             if let Some(t) = seq.submitted.take() {
                 if let Ok(mut h) = stats.ttft.lock() {
                     h.observe(t.elapsed().as_secs_f64());
@@ -306,7 +321,8 @@ pub(super) fn run(
                 };
                 // Count and free first: a client that has its answer reads settled statistics.
                 stats.completed.fetch_add(1, Ordering::Relaxed);
-                if let Some(seq) = free(&mut ctx, &mut slots[i], &stats, Some(&mut cache)) {
+                if let Some(mut seq) = free(&mut ctx, &mut slots[i], &stats, Some(&mut cache)) {
+                    flush_logprobs(&mut seq);
                     let _ = seq.events.try_send(done);
                 }
             }
@@ -317,13 +333,70 @@ pub(super) fn run(
 
 /// Sends a text delta; a consumer that cannot keep up is treated as gone.
 fn send(seq: &mut Seq, text: String) {
-    if !text.is_empty() && seq.events.try_send(Event::Delta(text)).is_err() {
+    if text.is_empty() {
+        return;
+    }
+    flush_logprobs(seq);
+    if seq.events.try_send(Event::Delta(text)).is_err() {
         tracing::warn!(
             seq = seq.id,
             "event receiver full or gone; cancelling the sequence"
         );
         let (closed, _) = mpsc::channel(1);
         seq.events = closed;
+    }
+}
+
+/// Sends the log-probabilities of the tokens whose text is about to go out.
+fn flush_logprobs(seq: &mut Seq) {
+    if !seq.pending_logprobs.is_empty() {
+        let tokens = std::mem::take(&mut seq.pending_logprobs);
+        let _ = seq.events.try_send(Event::Logprobs(tokens));
+    }
+}
+
+/// The log-probability of `token` and the `top` most likely tokens at a position, under the
+/// model's distribution at `temperature` (the distribution the sampler draws from before top-k,
+/// top-p and min-p cut it; temperature 0, greedy, reports the model's own, temperature 1).
+fn logprob_of(
+    logits: &[f32],
+    token: LlamaToken,
+    top: u8,
+    temperature: f32,
+    piece: impl Fn(LlamaToken) -> Vec<u8>,
+) -> crate::api::TokenLogprob {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, l| m.max(*l)) / t;
+    let sum: f64 = logits.iter().map(|l| f64::from(l / t - max).exp()).sum();
+    let log_z = f64::from(max) + sum.ln();
+    let lp = |i: usize| (f64::from(logits[i] / t) - log_z) as f32;
+    let text = |tok: LlamaToken| {
+        let bytes = piece(tok);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = usize::from(top).min(order.len());
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, |a, b| logits[*b].total_cmp(&logits[*a]));
+    }
+    let mut best: Vec<usize> = order[..k].to_vec();
+    best.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+    let (token_text, bytes) = text(token);
+    crate::api::TokenLogprob {
+        token: token_text,
+        logprob: lp(token.0 as usize),
+        bytes,
+        top: best
+            .into_iter()
+            .map(|i| {
+                let (token, bytes) = text(LlamaToken::new(i as i32));
+                crate::api::TopLogprob {
+                    token,
+                    logprob: lp(i),
+                    bytes,
+                }
+            })
+            .collect(),
     }
 }
 

@@ -254,6 +254,11 @@ impl Generate for Upstream {
     }
 
     fn generate(&self, request: &ValidGenerate) -> Result<Generation, EngineError> {
+        if request.logprobs().is_some() {
+            return Err(EngineError::Invalid(
+                "logprobs are not relayed from an upstream engine yet (the openai backend)".into(),
+            ));
+        }
         let inner = Arc::clone(&self.inner);
         let stats = &inner.stats;
         let limit = u64::from(inner.cfg.slots) + inner.cfg.max_queued as u64;

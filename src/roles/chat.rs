@@ -139,6 +139,7 @@ pub async fn get_response(
 ) -> Result<Completion, ErrorBody> {
     let (mut stream, model) = start(mesh, req, trace_id, deadline).await?;
     let mut text = String::new();
+    let mut logprobs = req.logprobs.map(|_| Vec::new());
     loop {
         let next = tokio::time::timeout_at(deadline, stream.next())
             .await
@@ -151,6 +152,11 @@ pub async fn get_response(
         match next {
             Some(Ok(b)) => match protocol::from_payload::<GenerateEvent>(&b)? {
                 GenerateEvent::Delta { text: t } => text.push_str(&t),
+                GenerateEvent::Logprobs { tokens } => {
+                    if let Some(all) = logprobs.as_mut() {
+                        all.extend(tokens);
+                    }
+                }
                 GenerateEvent::Done {
                     finish_reason,
                     prompt_tokens,
@@ -164,6 +170,7 @@ pub async fn get_response(
                         prompt_tokens,
                         completion_tokens,
                         cached_tokens,
+                        logprobs,
                     })
                 }
                 GenerateEvent::Start { .. } => {}
@@ -245,7 +252,7 @@ async fn over_http_responses(call: Call) -> Result<Response, ErrorBody> {
                 return;
             };
             match event {
-                Ok(GenerateEvent::Start { .. }) => {}
+                Ok(GenerateEvent::Start { .. } | GenerateEvent::Logprobs { .. }) => {}
                 Ok(GenerateEvent::Delta { text }) => {
                     if tx.send(Ok(shaper.delta(&text))).await.is_err() {
                         return;
@@ -264,6 +271,7 @@ async fn over_http_responses(call: Call) -> Result<Response, ErrorBody> {
                         prompt_tokens,
                         completion_tokens,
                         cached_tokens,
+                        logprobs: None,
                     };
                     for e in shaper.closing(done) {
                         if tx.send(Ok(e)).await.is_err() {
@@ -296,6 +304,8 @@ async fn pump_sse(
     tx: mpsc::Sender<Result<Bytes, ErrorBody>>,
 ) {
     let send = |b: Bytes| tx.send(Ok(b));
+    let mut pending = Vec::new();
+    let mut offset = 0;
     if shaper.kind == Kind::Chat
         && send(openai::sse(&shaper.chunk(Some(""), true, None)))
             .await
@@ -309,8 +319,15 @@ async fn pump_sse(
         };
         let sent = match event {
             Ok(GenerateEvent::Start { .. }) => Ok(()),
+            Ok(GenerateEvent::Logprobs { tokens }) => {
+                pending.extend(tokens);
+                Ok(())
+            }
             Ok(GenerateEvent::Delta { text }) => {
-                send(openai::sse(&shaper.chunk(Some(&text), false, None))).await
+                let mut chunk = shaper.chunk(Some(&text), false, None);
+                with_logprobs(&mut chunk, &shaper, &mut pending, offset);
+                offset += text.len();
+                send(openai::sse(&chunk)).await
             }
             Ok(GenerateEvent::Done {
                 finish_reason,
@@ -318,6 +335,12 @@ async fn pump_sse(
                 completion_tokens,
                 cached_tokens,
             }) => {
+                if !pending.is_empty() {
+                    // Tokens whose text a stop string swallowed: their log-probabilities still go.
+                    let mut chunk = shaper.chunk(Some(""), false, None);
+                    with_logprobs(&mut chunk, &shaper, &mut pending, offset);
+                    let _ = send(openai::sse(&chunk)).await;
+                }
                 let _ = send(openai::sse(&shaper.chunk(None, false, Some(finish_reason)))).await;
                 if include_usage {
                     let _ = send(openai::sse(&shaper.usage_chunk(
@@ -339,6 +362,19 @@ async fn pump_sse(
         if sent.is_err() {
             return;
         }
+    }
+}
+
+/// Puts the log-probabilities received since the last chunk on `chunk`.
+fn with_logprobs(
+    chunk: &mut Value,
+    shaper: &Shaper,
+    pending: &mut Vec<crate::api::TokenLogprob>,
+    offset: usize,
+) {
+    if !pending.is_empty() {
+        let tokens = std::mem::take(pending);
+        chunk["choices"][0]["logprobs"] = openai::logprobs_json(shaper.kind, &tokens, offset);
     }
 }
 

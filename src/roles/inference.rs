@@ -120,6 +120,9 @@ async fn run_inference(engine: Arc<dyn Generate>, call: Call) -> Result<Response
                     continue;
                 }
                 Some(Event::Delta(text)) => (encode(&GenerateEvent::Delta { text }), false),
+                Some(Event::Logprobs(tokens)) => {
+                    (encode(&GenerateEvent::Logprobs { tokens }), false)
+                }
                 Some(Event::Done {
                     finish_reason,
                     prompt_tokens,
