@@ -20,9 +20,7 @@ const IGNORED: [&str; 5] = [
     "parallel_tool_calls",
 ];
 /// Fields refused because meshd does not implement them.
-const UNSUPPORTED: [&str; 10] = [
-    "tools",
-    "tool_choice",
+const UNSUPPORTED: [&str; 8] = [
     "functions",
     "function_call",
     "logit_bias",
@@ -46,7 +44,22 @@ pub struct ValidRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub generate: GenerateRequest,
+    /// A tool call the answer must be (`tool_choice` `required` or a named function).
+    pub tool: Option<ToolCall>,
 }
+
+/// The tool call an answer is: its arguments generated under the function's JSON schema.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolCall {
+    /// This function (`tool_choice: {"type":"function","function":{"name":…}}`, or `required`
+    /// with one tool): the output is its arguments.
+    Named(String),
+    /// One of these (`required` with several tools): the output is `{"name", "arguments"}`.
+    AnyOf(Vec<String>),
+}
+
+/// Most tools one request may offer.
+pub const MAX_TOOLS: usize = 128;
 
 fn invalid(msg: impl Into<String>, param: &str) -> ErrorBody {
     ErrorBody::new(ErrorCode::BadRequest, msg).with_param(param)
@@ -72,7 +85,8 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
     };
     for key in obj.keys() {
         let unsupported = UNSUPPORTED.contains(&key.as_str())
-            || (kind == Kind::Completion && key == "top_logprobs");
+            || (kind == Kind::Completion
+                && ["top_logprobs", "tools", "tool_choice"].contains(&key.as_str()));
         if unsupported && !obj[key].is_null() {
             return Err(invalid(
                 format!("`{key}` is not supported by this server"),
@@ -99,7 +113,8 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             "response_format",
             "logprobs",
         ];
-        let chat_only = kind == Kind::Chat && key == "top_logprobs";
+        let chat_only =
+            kind == Kind::Chat && ["top_logprobs", "tools", "tool_choice"].contains(&key.as_str());
         let completion_only = kind == Kind::Completion && key == "echo";
         if !known.contains(&key.as_str())
             && !completion_only
@@ -114,6 +129,7 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
         }
     }
     let logprobs = logprobs(kind, &obj)?;
+    let tool = tool_call(&obj)?;
     if obj
         .get("echo")
         .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
@@ -212,10 +228,134 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             max_tokens,
             stop: stops(obj.get("stop"))?,
             sampling,
-            format: response_format(obj.get("response_format"))?,
+            format: match &tool {
+                Some((_, schema)) => {
+                    if obj.get("response_format").is_some_and(|f| !f.is_null()) {
+                        return Err(invalid(
+                            "`response_format` and a required tool call cannot both shape the answer",
+                            "response_format",
+                        ));
+                    }
+                    Some(crate::api::OutputFormat::JsonSchema {
+                        name: "tool_call".into(),
+                        schema: schema.to_string(),
+                    })
+                }
+                None => response_format(obj.get("response_format"))?,
+            },
             logprobs,
         },
+        tool: tool.map(|(call, _)| call),
     })
+}
+
+/// `tools` and `tool_choice`: the call the answer must be, and the schema its output follows.
+/// `none` (or no tools) generates text; `auto` is refused: the model's template has no tool format
+/// to let the model choose between text and a call.
+fn tool_call(obj: &Map<String, Value>) -> Result<Option<(ToolCall, Value)>, ErrorBody> {
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(list)) if list.len() <= MAX_TOOLS => list,
+        Some(_) => {
+            return Err(invalid(
+                format!("`tools` must be a list of at most {MAX_TOOLS} functions"),
+                "tools",
+            ))
+        }
+    };
+    let mut functions: Vec<(String, Value)> = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        let param = format!("tools[{i}]");
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(invalid(
+                format!("`{param}.type` must be `function`"),
+                &param,
+            ));
+        }
+        let f = t.get("function").and_then(Value::as_object);
+        let name = f
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(invalid(
+                format!("`{param}.function.name` must be 1 to 64 letters, digits, `_` or `-`"),
+                &param,
+            ));
+        }
+        if functions.iter().any(|(n, _)| n == name) {
+            return Err(invalid(format!("two tools are named `{name}`"), "tools"));
+        }
+        let parameters = match f.and_then(|f| f.get("parameters")) {
+            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(_) => {
+                return Err(invalid(
+                    format!("`{param}.function.parameters` must be a JSON Schema object"),
+                    &param,
+                ))
+            }
+        };
+        functions.push((name.to_string(), parameters));
+    }
+    let choice = obj.get("tool_choice").filter(|c| !c.is_null());
+    let named = |name: &str| -> Result<Option<(ToolCall, Value)>, ErrorBody> {
+        let Some((_, schema)) = functions.iter().find(|(n, _)| n == name) else {
+            return Err(invalid(
+                format!("`tool_choice` names `{name}`, which is not among `tools`"),
+                "tool_choice",
+            ));
+        };
+        Ok(Some((ToolCall::Named(name.to_string()), schema.clone())))
+    };
+    match choice {
+        Some(Value::String(c)) if c == "none" => Ok(None),
+        Some(Value::String(c)) if c == "required" => match functions.len() {
+            0 => Err(invalid("`tool_choice: required` needs at least one tool", "tool_choice")),
+            1 => named(&functions[0].0.clone()),
+            _ => {
+                let any: Vec<Value> = functions
+                    .iter()
+                    .map(|(name, schema)| {
+                        json!({"type": "object", "additionalProperties": false,
+                               "properties": {"name": {"const": name}, "arguments": schema},
+                               "required": ["name", "arguments"]})
+                    })
+                    .collect();
+                let names = functions.iter().map(|(n, _)| n.clone()).collect();
+                Ok(Some((ToolCall::AnyOf(names), json!({"anyOf": any}))))
+            }
+        },
+        Some(Value::Object(c)) => match c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(name) if c.get("type").and_then(Value::as_str) == Some("function") => named(name),
+            _ => Err(invalid(
+                "`tool_choice` must be `none`, `required`, or {\"type\":\"function\",\"function\":{\"name\":…}}",
+                "tool_choice",
+            )),
+        },
+        // `auto`, said or implied by tools without a tool_choice.
+        Some(Value::String(c)) if c == "auto" => Err(refuse_auto()),
+        None if !functions.is_empty() => Err(refuse_auto()),
+        None => Ok(None),
+        Some(_) => Err(invalid(
+            "`tool_choice` must be `none`, `required`, or a named function",
+            "tool_choice",
+        )),
+    }
+}
+
+fn refuse_auto() -> ErrorBody {
+    invalid(
+        "`tool_choice: auto` (the default with `tools`) is not supported: this model's chat template has no tool \
+         format to choose between text and a call. Send `tool_choice: required` or name a function, and the \
+         answer is a call whose arguments follow the function's schema",
+        "tool_choice",
+    )
 }
 
 /// Chat: `logprobs: true` with `top_logprobs` alternatives (0 to 20); completions: `logprobs: N`
@@ -405,6 +545,30 @@ fn float(
     }
 }
 
+/// An assistant turn's `tool_calls` as the text the model would have written for them.
+fn tool_calls_text(calls: &Value, param: &str) -> Result<String, ErrorBody> {
+    let bad = || {
+        invalid(
+            format!("`{param}.tool_calls` must be a list of function calls"),
+            param,
+        )
+    };
+    let list = calls.as_array().ok_or_else(bad)?;
+    let texts: Vec<String> = list
+        .iter()
+        .map(|c| {
+            let f = c.get("function").ok_or_else(bad)?;
+            let name = f.get("name").and_then(Value::as_str).ok_or_else(bad)?;
+            let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+            Ok(format!(
+                "{{\"name\": {}, \"arguments\": {args}}}",
+                json!(name)
+            ))
+        })
+        .collect::<Result<_, ErrorBody>>()?;
+    Ok(texts.join("\n"))
+}
+
 fn messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ErrorBody> {
     let Some(Value::Array(list)) = value else {
         return Err(invalid(
@@ -428,15 +592,26 @@ fn messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ErrorBody> {
             let role = match m.get("role").and_then(Value::as_str) {
                 Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
                 Some("developer") => "system".to_string(),
+                // A tool's result goes back as a user turn that says what it is.
+                Some("tool") => "tool".to_string(),
                 Some(other) => {
                     return Err(invalid(
-                        format!("`{param}.role` `{other}` is not supported (system, developer, user, assistant)"),
+                        format!("`{param}.role` `{other}` is not supported (system, developer, user, assistant, tool)"),
                         &param,
                     ))
                 }
                 None => return Err(invalid(format!("`{param}.role` is missing"), &param)),
             };
+            let calls = m.get("tool_calls").filter(|c| !c.is_null());
             let content = match m.get("content") {
+                // An assistant turn that called tools: the calls, as the JSON the model wrote.
+                None | Some(Value::Null) if role == "assistant" && calls.is_some() => {
+                    tool_calls_text(calls.expect("checked"), &param)?
+                }
+                Some(Value::String(s)) if role == "tool" => {
+                    let id = m.get("tool_call_id").and_then(Value::as_str).unwrap_or("");
+                    format!("Result of tool call {id}: {s}")
+                }
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => {
                     let mut text = String::new();
@@ -458,6 +633,7 @@ fn messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ErrorBody> {
             if content.contains('\0') {
                 return Err(invalid(format!("`{param}.content` must not contain NUL"), &param));
             }
+            let role = if role == "tool" { "user".to_string() } else { role };
             Ok(ChatMessage { role, content })
         })
         .collect()
@@ -513,6 +689,8 @@ pub struct Shaper {
     pub id: String,
     pub created: u64,
     pub model: String,
+    /// The tool call the answer is, with the call's id.
+    pub tool: Option<(ToolCall, String)>,
 }
 
 impl Shaper {
@@ -528,6 +706,56 @@ impl Shaper {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             model,
+            tool: None,
+        }
+    }
+
+    /// An answer that is a tool call.
+    pub fn with_tool(mut self, tool: Option<ToolCall>) -> Self {
+        self.tool = tool.map(|t| (t, format!("call_{:024x}", rand::random::<u128>() >> 32)));
+        self
+    }
+
+    /// The call's function and arguments, from the generated text.
+    pub fn split_call(&self, text: &str) -> Option<(String, String)> {
+        let (tool, _) = self.tool.as_ref()?;
+        Some(match tool {
+            ToolCall::Named(name) => (name.clone(), text.to_string()),
+            ToolCall::AnyOf(names) => match serde_json::from_str::<Value>(text) {
+                Ok(v) => (
+                    v["name"].as_str().unwrap_or("").to_string(),
+                    v["arguments"].to_string(),
+                ),
+                // Cut off by max_tokens: what there is.
+                Err(_) => (names[0].clone(), text.to_string()),
+            },
+        })
+    }
+
+    /// A streamed piece of a tool call: the first names it (`name` set), the rest add argument text.
+    pub fn tool_chunk(&self, name: Option<&str>, arguments: &str, first: bool) -> Value {
+        let id = self.tool.as_ref().map_or("", |(_, id)| id.as_str());
+        let call = match name {
+            Some(name) => json!({"index": 0, "id": id, "type": "function",
+                                 "function": {"name": name, "arguments": arguments}}),
+            None => json!({"index": 0, "function": {"arguments": arguments}}),
+        };
+        let mut delta = json!({"tool_calls": [call]});
+        if first {
+            delta["role"] = json!("assistant");
+            delta["content"] = Value::Null;
+        }
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}],
+        })
+    }
+
+    /// `finish_reason` as sent: a call that ended is `tool_calls`.
+    pub fn finish_name(&self, reason: FinishReason) -> &'static str {
+        match (&self.tool, reason) {
+            (Some(_), FinishReason::Stop) => "tool_calls",
+            _ => reason.as_str(),
         }
     }
 
@@ -542,6 +770,11 @@ impl Shaper {
         let mut v = self.full_without_logprobs(c, usage);
         if let Some(tokens) = &c.logprobs {
             v["choices"][0]["logprobs"] = logprobs_json(self.kind, tokens, 0);
+        }
+        if let (Some((name, arguments)), Some((_, id))) = (self.split_call(&c.text), &self.tool) {
+            v["choices"][0]["message"] = json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}]});
+            v["choices"][0]["finish_reason"] = json!(self.finish_name(c.finish_reason));
         }
         v
     }
@@ -657,7 +890,7 @@ mod tests {
             (r#"{"messages":[]}"#, "messages", "1 to"),
             (r#"{"messages":"hi"}"#, "messages", "array"),
             (
-                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
                 "messages[0]",
                 "not supported",
             ),
@@ -687,9 +920,9 @@ mod tests {
                 "up to 4",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"tools":[]}"#,
-                "tools",
-                "not supported",
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+                "tool_choice",
+                "auto",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"frobnicate":1}"#,

@@ -187,12 +187,14 @@ async fn over_http(kind: Kind, call: Call) -> Result<Response, ErrorBody> {
     if !valid.stream {
         let done = get_response(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
         return Ok(json_response(
-            &Shaper::new(kind, done.model.clone()).full(&done),
+            &Shaper::new(kind, done.model.clone())
+                .with_tool(valid.tool)
+                .full(&done),
         ));
     }
     let (stream, model) = start(&call.mesh, &valid.generate, &call.trace_id, call.deadline).await?;
     let (tx, chunks) = mpsc::channel(64);
-    let shaper = Shaper::new(kind, model);
+    let shaper = Shaper::new(kind, model).with_tool(valid.tool);
     tokio::spawn(pump_sse(
         stream,
         shaper,
@@ -306,11 +308,19 @@ async fn pump_sse(
     let send = |b: Bytes| tx.send(Ok(b));
     let mut pending = Vec::new();
     let mut offset = 0;
-    if shaper.kind == Kind::Chat
-        && send(openai::sse(&shaper.chunk(Some(""), true, None)))
-            .await
-            .is_err()
-    {
+    // A call to one named function streams its arguments as they come; a choice among several
+    // is sent whole at the end, once the name is known.
+    let named = match &shaper.tool {
+        Some((openai::ToolCall::Named(name), _)) => Some(name.clone()),
+        _ => None,
+    };
+    let mut whole_call = String::new();
+    let first = match (&named, &shaper.tool) {
+        (Some(name), _) => shaper.tool_chunk(Some(name), "", true),
+        (None, Some(_)) => shaper.chunk(None, true, None),
+        (None, None) => shaper.chunk(Some(""), true, None),
+    };
+    if shaper.kind == Kind::Chat && send(openai::sse(&first)).await.is_err() {
         return;
     }
     loop {
@@ -323,8 +333,16 @@ async fn pump_sse(
                 pending.extend(tokens);
                 Ok(())
             }
+            Ok(GenerateEvent::Delta { text }) if shaper.tool.is_some() && named.is_none() => {
+                whole_call.push_str(&text);
+                Ok(())
+            }
             Ok(GenerateEvent::Delta { text }) => {
-                let mut chunk = shaper.chunk(Some(&text), false, None);
+                let mut chunk = if named.is_some() {
+                    shaper.tool_chunk(None, &text, false)
+                } else {
+                    shaper.chunk(Some(&text), false, None)
+                };
                 with_logprobs(&mut chunk, &shaper, &mut pending, offset);
                 offset += text.len();
                 send(openai::sse(&chunk)).await
@@ -335,13 +353,23 @@ async fn pump_sse(
                 completion_tokens,
                 cached_tokens,
             }) => {
+                if let (None, Some((name, arguments))) = (&named, shaper.split_call(&whole_call)) {
+                    let _ = send(openai::sse(&shaper.tool_chunk(
+                        Some(&name),
+                        &arguments,
+                        false,
+                    )))
+                    .await;
+                }
                 if !pending.is_empty() {
                     // Tokens whose text a stop string swallowed: their log-probabilities still go.
                     let mut chunk = shaper.chunk(Some(""), false, None);
                     with_logprobs(&mut chunk, &shaper, &mut pending, offset);
                     let _ = send(openai::sse(&chunk)).await;
                 }
-                let _ = send(openai::sse(&shaper.chunk(None, false, Some(finish_reason)))).await;
+                let mut last = shaper.chunk(None, false, Some(finish_reason));
+                last["choices"][0]["finish_reason"] = json!(shaper.finish_name(finish_reason));
+                let _ = send(openai::sse(&last)).await;
                 if include_usage {
                     let _ = send(openai::sse(&shaper.usage_chunk(
                         prompt_tokens,

@@ -229,3 +229,61 @@ def test_top_logprobs_out_of_range_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, top_logprobs=2)
     assert e.value.param == "top_logprobs"
+
+
+# --- tool calls ---------------------------------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+       "required": ["a"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "parameters": ADD}}]
+WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_named_tool_call_has_arguments_that_validate(client):
+    done = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=TOOLS, max_tokens=80, temperature=0,
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+
+
+def test_a_streamed_tool_call_is_the_same_call(client):
+    kwargs = dict(model=MODEL, messages=WEATHER_Q, tools=TOOLS, max_tokens=80, temperature=0,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    with client.chat.completions.stream(**kwargs) as stream:
+        pieces = [e for e in stream if e.type == "tool_calls.function.arguments.delta"]
+        final = stream.get_final_completion()
+    assert len(pieces) > 1, "the arguments arrived in pieces"
+    call = final.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == (whole.function.name, whole.function.arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_required_chooses_one_of_the_tools_and_results_go_back(client):
+    done = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=TOOLS, tool_choice="required",
+                                          max_tokens=80, temperature=0)
+    call = done.choices[0].message.tool_calls[0]
+    assert call.function.name in ("get_weather", "add")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER if call.function.name == "get_weather" else ADD)
+    # The call and its result go back into the conversation; the next turn answers in text.
+    follow = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=WEATHER_Q + [
+        done.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'}], tools=TOOLS, tool_choice="none")
+    assert follow.choices[0].message.content
+    assert not follow.choices[0].message.tool_calls
+
+
+def test_auto_is_refused_by_name(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=TOOLS, max_tokens=4)
+    assert e.value.param == "tool_choice"
+    assert "auto" in e.value.message
