@@ -268,6 +268,33 @@ pub enum GenerateEvent {
     },
 }
 
+/// One input of `inference::embed`: text, or token ids.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum EmbedInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// The payload of `inference::embed`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbedRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub inputs: Vec<EmbedInput>,
+}
+
+/// The answer of `inference::embed`: one L2-normalised vector per input, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbedReply {
+    pub model: String,
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: u32,
+}
+
+/// The most inputs one embeddings request may carry (OpenAI's limit).
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
 /// The answer of `inference::get_response`: a whole generation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Completion {

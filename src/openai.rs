@@ -358,6 +358,92 @@ fn refuse_auto() -> ErrorBody {
     )
 }
 
+/// Validates a `/v1/embeddings` body: the request for the infer worker, and whether the vectors
+/// go back as base64.
+pub fn validate_embeddings(body: &[u8]) -> Result<(crate::api::EmbedRequest, bool), ErrorBody> {
+    use crate::api::{EmbedInput, MAX_EMBED_INPUTS};
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("We could not parse the JSON body of your request: {e}"),
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "the request body must be a JSON object",
+        ));
+    };
+    for key in obj.keys() {
+        if !["input", "model", "encoding_format", "dimensions", "user"].contains(&key.as_str()) {
+            return Err(invalid(
+                format!("Unrecognized request argument supplied: {key}"),
+                key,
+            ));
+        }
+    }
+    if obj.get("dimensions").is_some_and(|d| !d.is_null()) {
+        return Err(invalid(
+            "`dimensions` is not supported: this model's vectors have one size",
+            "dimensions",
+        ));
+    }
+    let base64 = match obj
+        .get("encoding_format")
+        .and_then(|v| (!v.is_null()).then_some(v))
+    {
+        None => false,
+        Some(Value::String(f)) if f == "float" => false,
+        Some(Value::String(f)) if f == "base64" => true,
+        Some(_) => {
+            return Err(invalid(
+                "`encoding_format` must be `float` or `base64`",
+                "encoding_format",
+            ))
+        }
+    };
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= crate::api::MAX_MODEL_ID => {
+            Some(s.clone())
+        }
+        Some(_) => return Err(invalid("`model` must be a non-empty string", "model")),
+    };
+    let bad = || {
+        invalid(
+            format!(
+                "`input` must be a non-empty string, a list of 1 to {MAX_EMBED_INPUTS} of them, a list of token ids, or a list of such lists"
+            ),
+            "input",
+        )
+    };
+    let ids = |list: &[Value]| -> Option<Vec<u32>> {
+        list.iter()
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect()
+    };
+    let inputs = match obj.get("input") {
+        Some(Value::String(s)) if !s.is_empty() => vec![EmbedInput::Text(s.clone())],
+        Some(Value::Array(list)) if !list.is_empty() && list.len() <= MAX_EMBED_INPUTS => {
+            if list.iter().all(Value::is_number) {
+                vec![EmbedInput::Tokens(ids(list).ok_or_else(bad)?)]
+            } else {
+                list.iter()
+                    .map(|item| match item {
+                        Value::String(s) if !s.is_empty() => Ok(EmbedInput::Text(s.clone())),
+                        Value::Array(t) if !t.is_empty() => {
+                            Ok(EmbedInput::Tokens(ids(t).ok_or_else(bad)?))
+                        }
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        }
+        _ => return Err(bad()),
+    };
+    Ok((crate::api::EmbedRequest { model, inputs }, base64))
+}
+
 /// Chat: `logprobs: true` with `top_logprobs` alternatives (0 to 20); completions: `logprobs: N`
 /// alternatives. `None` when not asked for.
 fn logprobs(kind: Kind, obj: &Map<String, Value>) -> Result<Option<u8>, ErrorBody> {

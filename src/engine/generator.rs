@@ -19,6 +19,10 @@ pub struct Generation {
     pub events: mpsc::Receiver<Event>,
 }
 
+/// Embedding vectors and the tokens read for them, once computed.
+pub type Embedding<'a> =
+    Pin<Box<dyn Future<Output = Result<(Vec<Vec<f32>>, u32), EngineError>> + Send + 'a>>;
+
 /// What the infer role needs from a generator.
 pub trait Generate: Send + Sync + 'static {
     /// The model name the API reports and accepts.
@@ -42,4 +46,15 @@ pub trait Generate: Send + Sync + 'static {
 
     /// Completes when the generator can never run anything again.
     fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+
+    /// One L2-normalised vector per input, and the tokens read; only a generator with a model
+    /// makes them.
+    fn embed<'a>(&'a self, inputs: &'a [crate::api::EmbedInput]) -> Embedding<'a> {
+        let _ = inputs;
+        Box::pin(async {
+            Err(EngineError::Invalid(
+                "embeddings need the llama.cpp generator (a loaded model)".into(),
+            ))
+        })
+    }
 }

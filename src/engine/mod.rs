@@ -7,6 +7,7 @@
 //! refused with its token counts before any generation.
 
 pub mod echo;
+pub mod embed;
 mod generator;
 mod grammar;
 mod prefix;
@@ -224,6 +225,7 @@ pub struct Engine {
     template: Arc<LlamaChatTemplate>,
     pub stats: Arc<Stats>,
     config: Arc<EngineConfig>,
+    embedder: Arc<embed::Embedder>,
 }
 
 /// llama.cpp's backend may be initialised once per process.
@@ -314,11 +316,54 @@ impl Engine {
             template: Arc::new(template),
             stats,
             config: Arc::new(config),
+            embedder: Arc::new(embed::Embedder::new()),
         })
     }
 
     pub fn model_id(&self) -> &str {
         &self.info.id
+    }
+
+    /// Tokenizes and checks embedding inputs, then embeds them on the embedding thread.
+    pub async fn embed(
+        &self,
+        inputs: &[crate::api::EmbedInput],
+    ) -> Result<(Vec<Vec<f32>>, u32), EngineError> {
+        use crate::api::EmbedInput;
+        let vocab = self.model.vocab();
+        let n_vocab = self.model.n_vocab() as u32;
+        let most = embed::MAX_INPUT_TOKENS;
+        let mut all = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            let tokens = match input {
+                EmbedInput::Text(t) => vocab.tokenize(t.as_bytes(), true, false),
+                EmbedInput::Tokens(ids) => {
+                    if let Some(bad) = ids.iter().find(|t| **t >= n_vocab) {
+                        return Err(EngineError::Invalid(format!(
+                            "input[{i}]: token {bad} is not in the vocabulary (0..{n_vocab})"
+                        )));
+                    }
+                    ids.iter().map(|t| LlamaToken::new(*t as i32)).collect()
+                }
+            };
+            if tokens.is_empty() || tokens.len() > most {
+                return Err(EngineError::Invalid(format!(
+                    "input[{i}] is {} tokens: each input must be 1 to {most}",
+                    tokens.len()
+                )));
+            }
+            all.push(tokens);
+        }
+        let read = all.iter().map(Vec::len).sum::<usize>() as u32;
+        let threads = match self.config.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
+            n => n as i32,
+        };
+        let vectors = self
+            .embedder
+            .embed(backend()?, &self.model, threads, all)
+            .await?;
+        Ok((vectors, read))
     }
 
     /// Formats and tokenizes a prompt and checks it fits its slot with `max_tokens` to spare
@@ -687,6 +732,17 @@ impl Generate for Engine {
 
     fn stall_limit(&self) -> std::time::Duration {
         Engine::stall_limit(self)
+    }
+
+    fn embed<'a>(
+        &'a self,
+        inputs: &'a [crate::api::EmbedInput],
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(Vec<Vec<f32>>, u32), EngineError>> + Send + 'a,
+        >,
+    > {
+        Box::pin(Engine::embed(self, inputs))
     }
 
     fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {

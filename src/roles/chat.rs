@@ -24,6 +24,7 @@ pub fn register(worker: Worker) -> Worker {
             over_http(Kind::Completion, call)
         })
         .function("http::run_response_over_http", over_http_responses)
+        .function("http::embeddings", embeddings)
         .function("http::list_models", list_models)
         .function("inference::get_response", |call: Call| async move {
             let req: GenerateRequest = protocol::from_payload(&call.payload)?;
@@ -47,6 +48,12 @@ pub fn register(worker: Worker) -> Worker {
             "/v1/responses",
             "http::run_response_over_http",
             INFERENCE,
+        )
+        .trigger(
+            "POST",
+            "/v1/embeddings",
+            "http::embeddings",
+            &["inference::embed"],
         )
         .trigger(
             "GET",
@@ -404,6 +411,46 @@ fn with_logprobs(
         let tokens = std::mem::take(pending);
         chunk["choices"][0]["logprobs"] = openai::logprobs_json(shaper.kind, &tokens, offset);
     }
+}
+
+/// `POST /v1/embeddings`: `input` (a string, strings, token ids, or lists of them) embedded by
+/// the served model, one L2-normalised vector each, as floats or base64.
+async fn embeddings(call: Call) -> Result<Response, ErrorBody> {
+    use base64::Engine as _;
+    let (req, base64) = openai::validate_embeddings(&call.payload)?;
+    let route = RouteHint {
+        model: req.model.clone(),
+        affinity: None,
+    };
+    let reply = call
+        .mesh
+        .call_routed(
+            "inference::embed",
+            Some(route),
+            protocol::to_payload(&req),
+            &call.trace_id,
+            call.deadline,
+        )
+        .await?;
+    let reply: crate::api::EmbedReply = protocol::from_payload(&reply)?;
+    let data: Vec<Value> = reply
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(json_response(&json!({
+        "object": "list", "data": data, "model": reply.model,
+        "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
+    })))
 }
 
 /// Every model a live infer worker serves (the gateway knows which), each with what one of its

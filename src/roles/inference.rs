@@ -14,9 +14,10 @@ use crate::worker::{Call, Response, Worker};
 
 /// Adds the model's functions to an infer worker.
 pub fn register(worker: Worker, engine: Arc<dyn Generate>) -> Worker {
-    let (e1, e2, e3) = (engine.clone(), engine.clone(), engine);
+    let (e1, e2, e3, e4) = (engine.clone(), engine.clone(), engine.clone(), engine);
     worker
         .serving(e1.model_id())
+        .function("inference::embed", move |call| embed(e4.clone(), call))
         .resumable_function("inference::run_inference", move |call| {
             run_inference(e1.clone(), call)
         })
@@ -40,6 +41,38 @@ pub fn register(worker: Worker, engine: Arc<dyn Generate>) -> Worker {
             }
         })
         .trigger("GET", "/v1/engine/stats", "inference::stats", &[])
+}
+
+/// `inference::embed`: one vector per input, from the served model.
+async fn embed(engine: Arc<dyn Generate>, call: Call) -> Result<Response, ErrorBody> {
+    let req: crate::api::EmbedRequest = protocol::from_payload(&call.payload)?;
+    if req.inputs.is_empty() || req.inputs.len() > crate::api::MAX_EMBED_INPUTS {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!(
+                "`input` must hold 1 to {} items",
+                crate::api::MAX_EMBED_INPUTS
+            ),
+        )
+        .with_param("input"));
+    }
+    if let Some(m) = req.model.as_deref().filter(|m| *m != engine.model_id()) {
+        return Err(ErrorBody::new(
+            ErrorCode::ModelNotFound,
+            format!("The model `{m}` does not exist"),
+        )
+        .with_param("model"));
+    }
+    let (vectors, prompt_tokens) = engine
+        .embed(&req.inputs)
+        .await
+        .map_err(|e| engine_error(e).with_param("input"))?;
+    let reply = crate::api::EmbedReply {
+        model: engine.model_id().to_string(),
+        vectors,
+        prompt_tokens,
+    };
+    Ok(Response::payload(protocol::to_payload(&reply)))
 }
 
 /// The one table from engine errors to mesh errors.

@@ -287,3 +287,37 @@ def test_auto_is_refused_by_name(client):
         client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=TOOLS, max_tokens=4)
     assert e.value.param == "tool_choice"
     assert "auto" in e.value.message
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+
+def test_embeddings_have_one_size_and_tell_texts_apart(client):
+    r = client.embeddings.create(model=MODEL, input=["the cat sat on the mat", "the cat sat on the mat",
+                                                     "quarterly revenue rose by four percent"])
+    vectors = [d.embedding for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2]
+    assert len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 100
+    assert abs(cosine(vectors[0], vectors[1]) - 1.0) < 1e-5, "identical inputs, identical vectors"
+    assert cosine(vectors[0], vectors[2]) < 0.999
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens
+    # One input alone, in another batch, gives the same vector; floats equal base64.
+    alone = client.embeddings.create(model=MODEL, input="the cat sat on the mat", encoding_format="float")
+    assert abs(cosine(alone.data[0].embedding, vectors[0]) - 1.0) < 1e-4
+    tokens = client.embeddings.create(model=MODEL, input=[[2, 651, 5866]])
+    assert len(tokens.data[0].embedding) == len(vectors[0])
+
+
+def test_embeddings_refuse_what_they_cannot_do(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=MODEL, input="x", dimensions=64)
+    assert e.value.param == "dimensions"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=MODEL, input=[[10 ** 9]])
+    assert "vocabulary" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=MODEL, input="word " * 2000)
+    assert "tokens" in e.value.message
