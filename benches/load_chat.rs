@@ -100,6 +100,7 @@ fn valid(prompt: Prompt, max_tokens: u32, sampling: Sampling) -> ValidGenerate {
         sampling,
         format: None,
         logprobs: None,
+        n: 1,
     })
     .expect("a valid request")
 }
@@ -182,7 +183,7 @@ async fn engine_level(engine: &Engine, conc: usize, rounds: usize) -> Run {
                     let mut first = None;
                     while let Some(e) = events.recv().await {
                         match e {
-                            Event::Started | Event::Logprobs(_) => {}
+                            Event::Started | Event::Logprobs(_) | Event::Choice(..) => {}
                             Event::Delta(_) => {
                                 first.get_or_insert(t.elapsed());
                             }

@@ -87,6 +87,20 @@ pub struct GenerateRequest {
     /// [`MAX_TOP_LOGPROBS`]); `None`: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u8>,
+    /// Choices to generate (1 to [`MAX_CHOICES`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub n: u8,
+}
+
+/// The most choices (`n`) one request may ask for (and no more than a worker's slots).
+pub const MAX_CHOICES: u8 = 16;
+
+fn one() -> u8 {
+    1
+}
+
+fn is_one(n: &u8) -> bool {
+    *n == 1
 }
 
 /// The most alternatives `top_logprobs` may ask for, per token.
@@ -162,6 +176,9 @@ impl ValidGenerate {
     pub fn logprobs(&self) -> Option<u8> {
         self.0.logprobs
     }
+    pub fn n(&self) -> u8 {
+        self.0.n
+    }
 }
 
 impl TryFrom<GenerateRequest> for ValidGenerate {
@@ -217,6 +234,9 @@ impl TryFrom<GenerateRequest> for ValidGenerate {
         if !(0..=1_000_000).contains(&s.top_k) {
             return Err(bad("`top_k` must be between 0 and 1000000".into(), "top_k"));
         }
+        if r.n == 0 || r.n > MAX_CHOICES {
+            return Err(bad(format!("`n` must be between 1 and {MAX_CHOICES}"), "n"));
+        }
         if r.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             let m = format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}");
             return Err(bad(m, "top_logprobs"));
@@ -242,6 +262,10 @@ impl TryFrom<GenerateRequest> for ValidGenerate {
     }
 }
 
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
 /// One chunk of `inference::run_inference`'s stream: `Start`, any `Delta`s, then `Done`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -252,13 +276,21 @@ pub enum GenerateEvent {
     },
     Delta {
         text: String,
+        /// The choice (of `n`) it belongs to.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        index: u8,
     },
     /// The log-probabilities of the tokens whose text comes in the next `Delta` (or, for text a
     /// stop string swallowed, none).
     Logprobs {
         tokens: Vec<TokenLogprob>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        index: u8,
     },
+    /// One choice has finished; the generation ends when every choice has.
     Done {
+        #[serde(default, skip_serializing_if = "is_zero")]
+        index: u8,
         finish_reason: FinishReason,
         prompt_tokens: u32,
         completion_tokens: u32,
@@ -306,6 +338,19 @@ pub struct Completion {
     #[serde(default)]
     pub cached_tokens: u32,
     /// Each generated token's log-probability, when they were asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Choices 1.. of a request with `n` > 1 (the fields above are choice 0's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<Choice>,
+}
+
+/// One more choice of a generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Choice {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub completion_tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
@@ -497,6 +542,7 @@ mod tests {
             sampling: Sampling::default(),
             format: None,
             logprobs: None,
+            n: 1,
         }
     }
 

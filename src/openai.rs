@@ -130,6 +130,12 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
     }
     let logprobs = logprobs(kind, &obj)?;
     let tool = tool_call(&obj)?;
+    if tool.is_some() && obj.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+        return Err(invalid(
+            "`n` > 1 with a required tool call is not supported",
+            "n",
+        ));
+    }
     if obj
         .get("echo")
         .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false))
@@ -172,11 +178,12 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
             ))
         }
     };
-    if let Some(n) = obj.get("n").filter(|v| !v.is_null()) {
-        if n.as_u64() != Some(1) {
-            return Err(invalid("only `n: 1` is supported", "n"));
-        }
-    }
+    let most = crate::api::MAX_CHOICES;
+    let n = match int(&obj, "n")? {
+        None => 1,
+        Some(n) if (1..=i64::from(most)).contains(&n) => n as u8,
+        Some(_) => return Err(invalid(format!("`n` must be between 1 and {most}"), "n")),
+    };
     let max_tokens = match (
         int(&obj, "max_completion_tokens")?,
         int(&obj, "max_tokens")?,
@@ -244,6 +251,7 @@ pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidReques
                 None => response_format(obj.get("response_format"))?,
             },
             logprobs,
+            n,
         },
         tool: tool.map(|(call, _)| call),
     })
@@ -852,10 +860,32 @@ impl Shaper {
 
     /// The whole (non-streamed) answer.
     pub fn full(&self, c: &Completion) -> Value {
-        let usage = Self::usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens);
+        let completion =
+            c.completion_tokens + c.more.iter().map(|m| m.completion_tokens).sum::<u32>();
+        let usage = Self::usage(c.prompt_tokens, completion, c.cached_tokens);
         let mut v = self.full_without_logprobs(c, usage);
         if let Some(tokens) = &c.logprobs {
             v["choices"][0]["logprobs"] = logprobs_json(self.kind, tokens, 0);
+        }
+        for (i, m) in c.more.iter().enumerate() {
+            // Each further choice shaped as the first, with its own index.
+            let one = Completion {
+                text: m.text.clone(),
+                finish_reason: m.finish_reason,
+                completion_tokens: m.completion_tokens,
+                logprobs: m.logprobs.clone(),
+                more: Vec::new(),
+                ..c.clone()
+            };
+            let mut choice = self.full_without_logprobs(&one, Value::Null)["choices"][0].clone();
+            choice["index"] = json!(i + 1);
+            if let Some(tokens) = &m.logprobs {
+                choice["logprobs"] = logprobs_json(self.kind, tokens, 0);
+            }
+            v["choices"]
+                .as_array_mut()
+                .expect("choices is a list")
+                .push(choice);
         }
         if let (Some((name, arguments)), Some((_, id))) = (self.split_call(&c.text), &self.tool) {
             v["choices"][0]["message"] = json!({"role": "assistant", "content": null, "tool_calls": [
@@ -991,9 +1021,9 @@ mod tests {
                 "between",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+                r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#,
                 "n",
-                "n: 1",
+                "between 1 and 16",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
@@ -1086,6 +1116,7 @@ mod tests {
             completion_tokens: 2,
             cached_tokens: 1,
             logprobs: None,
+            more: Vec::new(),
         };
         let full = s.full(&c);
         assert_eq!(full["object"], "chat.completion");

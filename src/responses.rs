@@ -462,6 +462,7 @@ mod tests {
             completion_tokens: 2,
             cached_tokens: 0,
             logprobs: None,
+            more: Vec::new(),
         };
         events.extend(
             s.closing(done)

@@ -113,9 +113,9 @@ impl Generate for Echo {
         if words.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
-        if request.format().is_some() || request.logprobs().is_some() {
+        if request.format().is_some() || request.logprobs().is_some() || request.n() > 1 {
             return Err(EngineError::Invalid(
-                "response_format and logprobs need a model: the echo generator writes filler words"
+                "response_format, logprobs and n > 1 need a model: the echo generator writes filler words"
                     .into(),
             ));
         }
@@ -286,6 +286,7 @@ mod tests {
             },
             format: None,
             logprobs: None,
+            n: 1,
         })
         .unwrap()
     }

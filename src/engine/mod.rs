@@ -167,6 +167,8 @@ pub struct Prepared {
     grammar: Option<String>,
     /// Alternatives per token when log-probabilities are asked for.
     logprobs: Option<u8>,
+    /// Choices: the prompt is decoded once, then forked.
+    n: u8,
 }
 
 impl Prepared {
@@ -183,6 +185,8 @@ pub enum Event {
     Delta(String),
     /// The log-probabilities of the tokens whose text comes in the next `Delta`.
     Logprobs(Vec<crate::api::TokenLogprob>),
+    /// An event of choice 1.. of a request with `n` > 1 (choice 0's come unwrapped).
+    Choice(u8, Box<Event>),
     Done {
         finish_reason: FinishReason,
         prompt_tokens: u32,
@@ -407,6 +411,13 @@ impl Engine {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
         let max_tokens = fit(self.config.ctx_per_slot, tokens.len() as u32, max_tokens)?;
+        if u32::from(request.n()) > self.config.slots {
+            return Err(EngineError::Invalid(format!(
+                "`n` of {} is more than this worker's {} slots",
+                request.n(),
+                self.config.slots
+            )));
+        }
         let grammar = request
             .format()
             .map(|f| grammar::compile(&self.model, f))
@@ -418,6 +429,7 @@ impl Engine {
             sampling,
             grammar,
             logprobs: request.logprobs(),
+            n: request.n(),
         })
     }
 

@@ -59,6 +59,10 @@ struct Seq {
     stop: StopMatcher,
     /// When the job was queued; cleared once its first token is timed.
     submitted: Option<std::time::Instant>,
+    /// Which of the request's `n` choices this is (0: the one that decodes the prompt).
+    index: u8,
+    /// The slots of the other choices, forked from this one once its prompt is decoded.
+    followers: Vec<usize>,
 }
 
 pub(super) fn run(
@@ -102,21 +106,33 @@ pub(super) fn run(
     let mut slots: Vec<Option<Seq>> = (0..cfg.slots).map(|_| None).collect();
     // Admission order, so earlier prompts get their chunks first.
     let mut order: Vec<usize> = Vec::new();
+    // A job of several choices waiting for enough free slots.
+    let mut held: Option<Job> = None;
 
     loop {
-        // Admit queued jobs into free slots; sleep only when nothing runs.
-        while let Some(free) = slots.iter().position(Option::is_none) {
-            let job = if order.is_empty() {
-                match jobs.blocking_recv() {
+        // Admit queued jobs into free slots; sleep only when nothing runs. A job of `n` choices
+        // waits (holding the queue's head) until `n` slots are free.
+        loop {
+            let free_count = slots.iter().filter(|s| s.is_none()).count();
+            if free_count == 0 {
+                break;
+            }
+            let job = match held.take() {
+                Some(j) => j,
+                None if order.is_empty() => match jobs.blocking_recv() {
                     Some(j) => j,
                     None => return,
-                }
-            } else {
-                match jobs.try_recv() {
+                },
+                None => match jobs.try_recv() {
                     Ok(j) => j,
                     Err(_) => break,
-                }
+                },
             };
+            let n = usize::from(job.prepared.n.max(1));
+            if n > free_count {
+                held = Some(job);
+                break;
+            }
             stats.queued.fetch_sub(1, Ordering::Relaxed);
             if job.events.is_closed() {
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -127,14 +143,17 @@ pub(super) fn run(
                 continue;
             }
             let p = job.prepared;
-            let grammar = match p
-                .grammar
-                .as_deref()
-                .map(|g| super::grammar::sampler(&model, g))
-            {
-                None => None,
-                Some(Ok(g)) => Some(g),
-                Some(Err(e)) => {
+            let grammars: Result<Vec<Option<LlamaSampler>>, String> = (0..n)
+                .map(|_| {
+                    p.grammar
+                        .as_deref()
+                        .map(|g| super::grammar::sampler(&model, g))
+                        .transpose()
+                })
+                .collect();
+            let grammars = match grammars {
+                Ok(g) => g,
+                Err(e) => {
                     let _ = job.events.try_send(Event::Error(e));
                     continue;
                 }
@@ -142,33 +161,55 @@ pub(super) fn run(
             stats
                 .prompt_tokens
                 .fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
-            stats.active.fetch_add(1, Ordering::Relaxed);
-            let id = free as i32;
+            let free_slots: Vec<usize> = (0..slots.len())
+                .filter(|i| slots[*i].is_none())
+                .take(n)
+                .collect();
+            let leader = free_slots[0];
+            let id = leader as i32;
             let cached = reuse_prefix(&mut ctx, &mut cache, n_swa, id, &p.tokens);
             stats
                 .cached_tokens
                 .fetch_add(cached as u64, Ordering::Relaxed);
-            slots[free] = Some(Seq {
-                id,
-                cached,
-                decoded: p.tokens[..cached].to_vec(),
-                prompt: p.tokens,
-                fed: cached,
-                pos: cached as i32,
-                next: None,
-                logits_at: None,
-                sampler: sampler(&p.sampling, model.n_vocab()),
-                grammar,
-                logprobs: p.logprobs.map(|n| (n, p.sampling.temperature)),
-                pending_logprobs: Vec::new(),
-                events: job.events,
-                generated: 0,
-                max_tokens: p.max_tokens,
-                utf8: Utf8Buffer::default(),
-                stop: StopMatcher::new(p.stop),
-                submitted: Some(job.submitted),
-            });
-            order.push(free);
+            for (k, (slot, grammar)) in free_slots.iter().zip(grammars).enumerate() {
+                stats.active.fetch_add(1, Ordering::Relaxed);
+                // Each choice its own seed: different choices, one reproducible request.
+                let mut sampling = p.sampling.clone();
+                sampling.seed = sampling.seed.wrapping_add(k as u32);
+                let lead = k == 0;
+                slots[*slot] = Some(Seq {
+                    id: *slot as i32,
+                    cached: if lead { cached } else { 0 },
+                    // A follower's KV and position come from the leader when it forks.
+                    decoded: if lead {
+                        p.tokens[..cached].to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    prompt: p.tokens.clone(),
+                    fed: if lead { cached } else { p.tokens.len() },
+                    pos: if lead { cached as i32 } else { 0 },
+                    next: None,
+                    logits_at: None,
+                    sampler: sampler(&sampling, model.n_vocab()),
+                    grammar,
+                    logprobs: p.logprobs.map(|n| (n, p.sampling.temperature)),
+                    pending_logprobs: Vec::new(),
+                    events: job.events.clone(),
+                    generated: 0,
+                    max_tokens: p.max_tokens,
+                    utf8: Utf8Buffer::default(),
+                    stop: StopMatcher::new(p.stop.clone()),
+                    submitted: lead.then_some(job.submitted),
+                    index: k as u8,
+                    followers: if lead {
+                        free_slots[1..].to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                });
+                order.push(*slot);
+            }
         }
 
         // Free the slots of cancelled sequences.
@@ -198,6 +239,8 @@ pub(super) fn run(
                 budget -= 1;
             }
         }
+        // Leaders whose prompt ends in this batch, and the row of its logits.
+        let mut forks: Vec<(usize, i32)> = Vec::new();
         for &i in &order {
             if budget == 0 {
                 break;
@@ -215,6 +258,9 @@ pub(super) fn run(
                     .expect("budget checked");
                 if last {
                     seq.logits_at = Some(batch.n_tokens() - 1);
+                    if !seq.followers.is_empty() {
+                        forks.push((i, batch.n_tokens() - 1));
+                    }
                 }
                 seq.pos += 1;
             }
@@ -254,6 +300,28 @@ pub(super) fn run(
             continue;
         }
         stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+
+        // The other choices fork from their leader: its prompt's KV (shared cells), its position,
+        // and its logits row, which each samples with its own sampler below.
+        for (leader, row) in forks {
+            let (id, pos, decoded, followers) = {
+                let l = slots[leader].as_mut().expect("a forking leader");
+                (
+                    l.id,
+                    l.pos,
+                    l.decoded.clone(),
+                    std::mem::take(&mut l.followers),
+                )
+            };
+            for f in followers {
+                if let Some(seq) = slots[f].as_mut() {
+                    let _ = ctx.copy_kv_cache_seq(id, seq.id, None, None);
+                    seq.pos = pos;
+                    seq.decoded = decoded.clone();
+                    seq.logits_at = Some(row);
+                }
+            }
+        }
 
         // Sample where logits were asked for; finish what is done.
         for &i in &order {
@@ -323,7 +391,7 @@ pub(super) fn run(
                 stats.completed.fetch_add(1, Ordering::Relaxed);
                 if let Some(mut seq) = free(&mut ctx, &mut slots[i], &stats, Some(&mut cache)) {
                     flush_logprobs(&mut seq);
-                    let _ = seq.events.try_send(done);
+                    let _ = seq.events.try_send(of(seq.index, done));
                 }
             }
         }
@@ -337,7 +405,11 @@ fn send(seq: &mut Seq, text: String) {
         return;
     }
     flush_logprobs(seq);
-    if seq.events.try_send(Event::Delta(text)).is_err() {
+    if seq
+        .events
+        .try_send(of(seq.index, Event::Delta(text)))
+        .is_err()
+    {
         tracing::warn!(
             seq = seq.id,
             "event receiver full or gone; cancelling the sequence"
@@ -347,11 +419,19 @@ fn send(seq: &mut Seq, text: String) {
     }
 }
 
+/// An event of choice `index` (the first choice's go as they are).
+fn of(index: u8, event: Event) -> Event {
+    match index {
+        0 => event,
+        i => Event::Choice(i, Box::new(event)),
+    }
+}
+
 /// Sends the log-probabilities of the tokens whose text is about to go out.
 fn flush_logprobs(seq: &mut Seq) {
     if !seq.pending_logprobs.is_empty() {
         let tokens = std::mem::take(&mut seq.pending_logprobs);
-        let _ = seq.events.try_send(Event::Logprobs(tokens));
+        let _ = seq.events.try_send(of(seq.index, Event::Logprobs(tokens)));
     }
 }
 

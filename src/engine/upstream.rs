@@ -254,9 +254,10 @@ impl Generate for Upstream {
     }
 
     fn generate(&self, request: &ValidGenerate) -> Result<Generation, EngineError> {
-        if request.logprobs().is_some() {
+        if request.logprobs().is_some() || request.n() > 1 {
             return Err(EngineError::Invalid(
-                "logprobs are not relayed from an upstream engine yet (the openai backend)".into(),
+                "logprobs and n > 1 are not relayed from an upstream engine yet (the openai backend)"
+                    .into(),
             ));
         }
         let inner = Arc::clone(&self.inner);

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::api::{Completion, GenerateEvent, GenerateRequest, ModelList, Prompt};
+use crate::api::{Choice, Completion, GenerateEvent, GenerateRequest, ModelList, Prompt};
 use crate::openai::{self, Kind, Shaper};
 use crate::protocol::{self, ErrorBody, ErrorCode, HttpResponseHead, RouteHint};
 use crate::worker::{Call, CallStream, Mesh, Response, Worker};
@@ -145,9 +145,19 @@ pub async fn get_response(
     deadline: Instant,
 ) -> Result<Completion, ErrorBody> {
     let (mut stream, model) = start(mesh, req, trace_id, deadline).await?;
-    let mut text = String::new();
-    let mut logprobs = req.logprobs.map(|_| Vec::new());
-    loop {
+    let n = usize::from(req.n.max(1));
+    let mut choices: Vec<Choice> = (0..n)
+        .map(|_| Choice {
+            text: String::new(),
+            finish_reason: crate::api::FinishReason::Stop,
+            completion_tokens: 0,
+            logprobs: req.logprobs.map(|_| Vec::new()),
+        })
+        .collect();
+    let mut left = n;
+    let (mut prompt, mut cached) = (0, 0);
+    let choice = |i: u8| usize::from(i).min(n - 1);
+    while left > 0 {
         let next = tokio::time::timeout_at(deadline, stream.next())
             .await
             .map_err(|_| {
@@ -158,27 +168,26 @@ pub async fn get_response(
             })?;
         match next {
             Some(Ok(b)) => match protocol::from_payload::<GenerateEvent>(&b)? {
-                GenerateEvent::Delta { text: t } => text.push_str(&t),
-                GenerateEvent::Logprobs { tokens } => {
-                    if let Some(all) = logprobs.as_mut() {
+                GenerateEvent::Delta { text, index } => choices[choice(index)].text.push_str(&text),
+                GenerateEvent::Logprobs { tokens, index } => {
+                    if let Some(all) = choices[choice(index)].logprobs.as_mut() {
                         all.extend(tokens);
                     }
                 }
                 GenerateEvent::Done {
+                    index,
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
                     cached_tokens,
                 } => {
-                    return Ok(Completion {
-                        model,
-                        text,
-                        finish_reason,
-                        prompt_tokens,
-                        completion_tokens,
-                        cached_tokens,
-                        logprobs,
-                    })
+                    let c = &mut choices[choice(index)];
+                    c.finish_reason = finish_reason;
+                    c.completion_tokens = completion_tokens;
+                    if index == 0 {
+                        (prompt, cached) = (prompt_tokens, cached_tokens);
+                    }
+                    left -= 1;
                 }
                 GenerateEvent::Start { .. } => {}
             },
@@ -186,6 +195,17 @@ pub async fn get_response(
             None => return Err(broken("ended without a finish")),
         }
     }
+    let first = choices.remove(0);
+    Ok(Completion {
+        model,
+        text: first.text,
+        finish_reason: first.finish_reason,
+        prompt_tokens: prompt,
+        completion_tokens: first.completion_tokens,
+        cached_tokens: cached,
+        logprobs: first.logprobs,
+        more: choices,
+    })
 }
 
 async fn over_http(kind: Kind, call: Call) -> Result<Response, ErrorBody> {
@@ -207,6 +227,7 @@ async fn over_http(kind: Kind, call: Call) -> Result<Response, ErrorBody> {
         shaper,
         valid.include_usage,
         call.deadline,
+        valid.generate.n,
         tx,
     ));
     Ok(Response::Stream {
@@ -262,7 +283,7 @@ async fn over_http_responses(call: Call) -> Result<Response, ErrorBody> {
             };
             match event {
                 Ok(GenerateEvent::Start { .. } | GenerateEvent::Logprobs { .. }) => {}
-                Ok(GenerateEvent::Delta { text }) => {
+                Ok(GenerateEvent::Delta { text, .. }) => {
                     if tx.send(Ok(shaper.delta(&text))).await.is_err() {
                         return;
                     }
@@ -272,6 +293,7 @@ async fn over_http_responses(call: Call) -> Result<Response, ErrorBody> {
                     prompt_tokens,
                     completion_tokens,
                     cached_tokens,
+                    ..
                 }) => {
                     let done = crate::api::Completion {
                         model,
@@ -281,6 +303,7 @@ async fn over_http_responses(call: Call) -> Result<Response, ErrorBody> {
                         completion_tokens,
                         cached_tokens,
                         logprobs: None,
+                        more: Vec::new(),
                     };
                     for e in shaper.closing(done) {
                         if tx.send(Ok(e)).await.is_err() {
@@ -310,11 +333,19 @@ async fn pump_sse(
     shaper: Shaper,
     include_usage: bool,
     deadline: Instant,
+    n: u8,
     tx: mpsc::Sender<Result<Bytes, ErrorBody>>,
 ) {
     let send = |b: Bytes| tx.send(Ok(b));
-    let mut pending = Vec::new();
-    let mut offset = 0;
+    let n = usize::from(n.max(1));
+    // Per choice: log-probabilities waiting for their text, and the text sent so far.
+    let mut pending: Vec<Vec<crate::api::TokenLogprob>> = vec![Vec::new(); n];
+    let mut offset = vec![0; n];
+    let mut left = n;
+    let mut completion_total = 0;
+    let mut cached = 0;
+    let at = |chunk: &mut Value, i: usize| chunk["choices"][0]["index"] = json!(i);
+    let choice = |i: u8| usize::from(i).min(n - 1);
     // A call to one named function streams its arguments as they come; a choice among several
     // is sent whole at the end, once the name is known.
     let named = match &shaper.tool {
@@ -327,8 +358,14 @@ async fn pump_sse(
         (None, Some(_)) => shaper.chunk(None, true, None),
         (None, None) => shaper.chunk(Some(""), true, None),
     };
-    if shaper.kind == Kind::Chat && send(openai::sse(&first)).await.is_err() {
-        return;
+    if shaper.kind == Kind::Chat {
+        for i in 0..n {
+            let mut first = first.clone();
+            at(&mut first, i);
+            if send(openai::sse(&first)).await.is_err() {
+                return;
+            }
+        }
     }
     loop {
         let Some(event) = next_event(&mut stream, deadline, &tx).await else {
@@ -336,30 +373,39 @@ async fn pump_sse(
         };
         let sent = match event {
             Ok(GenerateEvent::Start { .. }) => Ok(()),
-            Ok(GenerateEvent::Logprobs { tokens }) => {
-                pending.extend(tokens);
+            Ok(GenerateEvent::Logprobs { tokens, index }) => {
+                pending[choice(index)].extend(tokens);
                 Ok(())
             }
-            Ok(GenerateEvent::Delta { text }) if shaper.tool.is_some() && named.is_none() => {
+            Ok(GenerateEvent::Delta { text, .. }) if shaper.tool.is_some() && named.is_none() => {
                 whole_call.push_str(&text);
                 Ok(())
             }
-            Ok(GenerateEvent::Delta { text }) => {
+            Ok(GenerateEvent::Delta { text, index }) => {
+                let i = choice(index);
                 let mut chunk = if named.is_some() {
                     shaper.tool_chunk(None, &text, false)
                 } else {
                     shaper.chunk(Some(&text), false, None)
                 };
-                with_logprobs(&mut chunk, &shaper, &mut pending, offset);
-                offset += text.len();
+                at(&mut chunk, i);
+                with_logprobs(&mut chunk, &shaper, &mut pending[i], offset[i]);
+                offset[i] += text.len();
                 send(openai::sse(&chunk)).await
             }
             Ok(GenerateEvent::Done {
+                index,
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
             }) => {
+                let i = choice(index);
+                completion_total += completion_tokens;
+                if index == 0 {
+                    cached = cached_tokens;
+                }
+                left -= 1;
                 if let (None, Some((name, arguments))) = (&named, shaper.split_call(&whole_call)) {
                     let _ = send(openai::sse(&shaper.tool_chunk(
                         Some(&name),
@@ -368,20 +414,25 @@ async fn pump_sse(
                     )))
                     .await;
                 }
-                if !pending.is_empty() {
+                if !pending[i].is_empty() {
                     // Tokens whose text a stop string swallowed: their log-probabilities still go.
                     let mut chunk = shaper.chunk(Some(""), false, None);
-                    with_logprobs(&mut chunk, &shaper, &mut pending, offset);
+                    at(&mut chunk, i);
+                    with_logprobs(&mut chunk, &shaper, &mut pending[i], offset[i]);
                     let _ = send(openai::sse(&chunk)).await;
                 }
                 let mut last = shaper.chunk(None, false, Some(finish_reason));
                 last["choices"][0]["finish_reason"] = json!(shaper.finish_name(finish_reason));
+                at(&mut last, i);
                 let _ = send(openai::sse(&last)).await;
+                if left > 0 {
+                    continue;
+                }
                 if include_usage {
                     let _ = send(openai::sse(&shaper.usage_chunk(
                         prompt_tokens,
-                        completion_tokens,
-                        cached_tokens,
+                        completion_total,
+                        cached,
                     )))
                     .await;
                 }

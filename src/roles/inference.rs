@@ -118,6 +118,7 @@ async fn run_inference(engine: Arc<dyn Generate>, call: Call) -> Result<Response
             .with_param("model"));
         }
     }
+    let mut choices_left = req.n();
     // Formatting and tokenizing a long prompt takes a while: keep it off the async threads.
     let e = engine.clone();
     let generation = tokio::task::spawn_blocking(move || e.generate(&req))
@@ -147,14 +148,18 @@ async fn run_inference(engine: Arc<dyn Generate>, call: Call) -> Result<Response
                 _ = tx.closed() => return,
                 e = events.recv() => e,
             };
+            let (index, event) = match event {
+                Some(Event::Choice(i, e)) => (i, Some(*e)),
+                other => (0, other),
+            };
             let (item, last) = match event {
                 Some(Event::Started) => {
                     started.mark();
                     continue;
                 }
-                Some(Event::Delta(text)) => (encode(&GenerateEvent::Delta { text }), false),
+                Some(Event::Delta(text)) => (encode(&GenerateEvent::Delta { text, index }), false),
                 Some(Event::Logprobs(tokens)) => {
-                    (encode(&GenerateEvent::Logprobs { tokens }), false)
+                    (encode(&GenerateEvent::Logprobs { tokens, index }), false)
                 }
                 Some(Event::Done {
                     finish_reason,
@@ -163,13 +168,17 @@ async fn run_inference(engine: Arc<dyn Generate>, call: Call) -> Result<Response
                     cached_tokens,
                 }) => {
                     let done = GenerateEvent::Done {
+                        index,
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
                         cached_tokens,
                     };
-                    (encode(&done), true)
+                    // The stream ends when every choice has.
+                    choices_left = choices_left.saturating_sub(1);
+                    (encode(&done), choices_left == 0)
                 }
+                Some(Event::Choice(..)) => continue,
                 Some(Event::Error(e)) => (Err(ErrorBody::new(ErrorCode::Internal, e)), true),
                 None => {
                     let e = ErrorBody::new(ErrorCode::Internal, "the engine dropped the request");

@@ -321,3 +321,41 @@ def test_embeddings_refuse_what_they_cannot_do(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=MODEL, input="word " * 2000)
     assert "tokens" in e.value.message
+
+
+# --- n choices ----------------------------------------------------------------------------------
+
+STORY = [{"role": "user", "content": "Tell me a story."}]
+
+
+def test_n_choices_have_their_indices_and_usage_counts_them_all(client):
+    done = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=6, temperature=0.9, seed=11, n=3)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in done.choices)
+    assert len({c.message.content for c in done.choices}) > 1, "seeded choices differ"
+    assert done.usage.completion_tokens <= 3 * 6 and done.usage.completion_tokens > 6
+    again = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=6, temperature=0.9, seed=11, n=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in done.choices], \
+        "one seed, one answer"
+    greedy = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=6, temperature=0, n=3)
+    assert len({c.message.content for c in greedy.choices}) == 1, "greedy choices are equal"
+
+
+def test_streamed_choices_interleave_by_index_and_equal_the_whole(client):
+    kwargs = dict(model=MODEL, messages=STORY, max_tokens=6, temperature=0.9, seed=4, n=2)
+    whole = client.chat.completions.create(**kwargs)
+    texts, finishes = ["", ""], [None, None]
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+        if chunk.usage:
+            assert chunk.usage.completion_tokens == whole.usage.completion_tokens
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+
+
+def test_n_past_the_slots_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=2, n=9)
+    assert "slots" in e.value.message
