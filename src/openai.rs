@@ -65,20 +65,26 @@ fn invalid(msg: impl Into<String>, param: &str) -> ErrorBody {
     ErrorBody::new(ErrorCode::BadRequest, msg).with_param(param)
 }
 
-/// Validates a `/v1/chat/completions` or `/v1/completions` body.
-pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidRequest, ErrorBody> {
+/// A request body that must be a JSON object.
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ErrorBody> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ErrorBody::new(
             ErrorCode::BadRequest,
             format!("We could not parse the JSON body of your request: {e}"),
         )
     })?;
-    let Value::Object(obj) = value else {
-        return Err(ErrorBody::new(
+    match value {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(ErrorBody::new(
             ErrorCode::BadRequest,
             "the request body must be a JSON object",
-        ));
-    };
+        )),
+    }
+}
+
+/// Validates a `/v1/chat/completions` or `/v1/completions` body.
+pub fn validate(kind: Kind, body: &[u8], random_seed: u32) -> Result<ValidRequest, ErrorBody> {
+    let obj = json_object(body)?;
     let main = match kind {
         Kind::Chat => "messages",
         Kind::Completion => "prompt",
@@ -370,18 +376,7 @@ fn refuse_auto() -> ErrorBody {
 /// go back as base64.
 pub fn validate_embeddings(body: &[u8]) -> Result<(crate::api::EmbedRequest, bool), ErrorBody> {
     use crate::api::{EmbedInput, MAX_EMBED_INPUTS};
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!("We could not parse the JSON body of your request: {e}"),
-        )
-    })?;
-    let Value::Object(obj) = value else {
-        return Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            "the request body must be a JSON object",
-        ));
-    };
+    let obj = json_object(body)?;
     for key in obj.keys() {
         if !["input", "model", "encoding_format", "dimensions", "user"].contains(&key.as_str()) {
             return Err(invalid(

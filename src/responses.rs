@@ -55,18 +55,7 @@ fn invalid(msg: impl Into<String>, param: &str) -> ErrorBody {
 
 /// Validates a `/v1/responses` body.
 pub fn validate(body: &[u8], random_seed: u32) -> Result<ValidResponse, ErrorBody> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!("We could not parse the JSON body of your request: {e}"),
-        )
-    })?;
-    let Value::Object(obj) = value else {
-        return Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            "the request body must be a JSON object",
-        ));
-    };
+    let obj = openai::json_object(body)?;
     let mut chat = Map::new();
     let mut echo = Map::new();
     let mut messages = Vec::new();

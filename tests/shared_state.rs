@@ -323,27 +323,6 @@ async fn a_killed_redis_is_a_fast_503_and_loses_nothing_acknowledged() {
     assert!(slowest < 3_000, "a request took {slowest} ms");
 }
 
-/// `POST /math/add-two-numbers` with an `Idempotency-Key`: the status and the error code, or
-/// `None` when the connection failed.
-async fn idempotent_add(
-    addr: std::net::SocketAddr,
-    body: &str,
-    key: &str,
-) -> Option<(u16, String)> {
-    let mut c = Client::connect(addr).await.ok()?;
-    let r = c
-        .send(
-            "POST",
-            "/math/add-two-numbers",
-            body.as_bytes(),
-            &[("idempotency-key", key)],
-        )
-        .await
-        .ok()?;
-    let code = r.json()["error"]["code"].as_str().unwrap_or("").to_string();
-    Some((r.status, code))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_starts_without_redis_answers_503_and_heals() {
     let port = free_port();

@@ -446,6 +446,27 @@ pub async fn ready(addr: SocketAddr) {
     .await;
 }
 
+/// One `POST /math/add-two-numbers` with an `Idempotency-Key`, on a connection of its own: the
+/// status and the error code (empty for a success), or `None` when the connection failed.
+pub async fn idempotent_add(addr: SocketAddr, body: &str, key: &str) -> Option<(u16, String)> {
+    let mut c = Client::connect(addr).await.ok()?;
+    let r = c
+        .send(
+            "POST",
+            "/math/add-two-numbers",
+            body.as_bytes(),
+            &[("idempotency-key", key)],
+        )
+        .await
+        .ok()?;
+    // Not always JSON: a load balancer's own 502 is a page.
+    let code = serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    Some((r.status, code))
+}
+
 pub async fn add(client: &mut Client, a: i64, b: i64) -> Result<Resp, String> {
     client
         .post(
