@@ -344,12 +344,12 @@ async fn every_error_has_the_openai_shape() {
             "bad_request",
             Some("messages"),
         ),
-        (chat("hi", json!({"n": 3})), 400, "bad_request", Some("n")),
+        (chat("hi", json!({"n": 17})), 400, "bad_request", Some("n")),
         (
             chat("hi", json!({"tools": [{"type": "function"}]})),
             400,
             "bad_request",
-            Some("tools"),
+            Some("tools[0]"),
         ),
     ];
     for (body, status, code, param) in cases {
