@@ -88,6 +88,9 @@ fn start(
                 .with_n_batch(n)
                 .with_n_ubatch(n)
                 .with_n_seq_max(MAX_BATCH_SEQS as u32)
+                // One pool of cells for every sequence: split per sequence, each would get
+                // n_ctx / 16, and one long input would find no room.
+                .with_kv_unified(true)
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads)
                 .with_embeddings(true)

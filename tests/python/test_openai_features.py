@@ -311,6 +311,16 @@ def test_embeddings_have_one_size_and_tell_texts_apart(client):
     assert len(tokens.data[0].embedding) == len(vectors[0])
 
 
+def test_embeddings_take_inputs_at_the_limit(client):
+    # A schemathesis find: with one decode's cells split per sequence, a 1024-token input found no
+    # room (500). One input at the limit, and inputs that fill several decodes:
+    r = client.embeddings.create(model=MODEL, input=[[0] * 1024])
+    assert len(r.data) == 1 and r.usage.prompt_tokens == 1024
+    r = client.embeddings.create(model=MODEL, input=[[7] * 1000, [7] * 1000] + ["word " * 60] * 40)
+    assert [d.index for d in r.data] == list(range(42))
+    assert abs(cosine(r.data[2].embedding, r.data[41].embedding) - 1.0) < 1e-4
+
+
 def test_embeddings_refuse_what_they_cannot_do(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=MODEL, input="x", dimensions=64)
