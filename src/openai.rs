@@ -853,57 +853,49 @@ impl Shaper {
                "prompt_tokens_details": {"cached_tokens": cached}})
     }
 
-    /// The whole (non-streamed) answer.
+    /// The whole (non-streamed) answer: choice 0, then the others of `n`.
     pub fn full(&self, c: &Completion) -> Value {
+        let first = self.choice(0, &c.text, c.finish_reason, c.logprobs.as_deref());
+        let more = c
+            .more
+            .iter()
+            .enumerate()
+            .map(|(i, m)| self.choice(i + 1, &m.text, m.finish_reason, m.logprobs.as_deref()));
         let completion =
             c.completion_tokens + c.more.iter().map(|m| m.completion_tokens).sum::<u32>();
-        let usage = Self::usage(c.prompt_tokens, completion, c.cached_tokens);
-        let mut v = self.full_without_logprobs(c, usage);
-        if let Some(tokens) = &c.logprobs {
-            v["choices"][0]["logprobs"] = logprobs_json(self.kind, tokens, 0);
-        }
-        for (i, m) in c.more.iter().enumerate() {
-            // Each further choice shaped as the first, with its own index.
-            let one = Completion {
-                text: m.text.clone(),
-                finish_reason: m.finish_reason,
-                completion_tokens: m.completion_tokens,
-                logprobs: m.logprobs.clone(),
-                more: Vec::new(),
-                ..c.clone()
-            };
-            let mut choice = self.full_without_logprobs(&one, Value::Null)["choices"][0].clone();
-            choice["index"] = json!(i + 1);
-            if let Some(tokens) = &m.logprobs {
-                choice["logprobs"] = logprobs_json(self.kind, tokens, 0);
-            }
-            v["choices"]
-                .as_array_mut()
-                .expect("choices is a list")
-                .push(choice);
-        }
-        if let (Some((name, arguments)), Some((_, id))) = (self.split_call(&c.text), &self.tool) {
-            v["choices"][0]["message"] = json!({"role": "assistant", "content": null, "tool_calls": [
-                {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}]});
-            v["choices"][0]["finish_reason"] = json!(self.finish_name(c.finish_reason));
-        }
-        v
+        let object = match self.kind {
+            Kind::Chat => "chat.completion",
+            Kind::Completion => "text_completion",
+        };
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": std::iter::once(first).chain(more).collect::<Vec<_>>(),
+            "usage": Self::usage(c.prompt_tokens, completion, c.cached_tokens),
+        })
     }
 
-    fn full_without_logprobs(&self, c: &Completion, usage: Value) -> Value {
-        match self.kind {
-            Kind::Chat => json!({
-                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": null, "finish_reason": c.finish_reason.as_str()}],
-                "usage": usage,
-            }),
-            Kind::Completion => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": c.text, "logprobs": null, "finish_reason": c.finish_reason.as_str()}],
-                "usage": usage,
-            }),
+    /// One choice of a whole answer; a chat answer that is a tool call carries the call.
+    fn choice(
+        &self,
+        index: usize,
+        text: &str,
+        finish: FinishReason,
+        logprobs: Option<&[crate::api::TokenLogprob]>,
+    ) -> Value {
+        let logprobs = logprobs.map_or(Value::Null, |t| logprobs_json(self.kind, t, 0));
+        if self.kind == Kind::Completion {
+            return json!({"index": index, "text": text, "logprobs": logprobs,
+                          "finish_reason": finish.as_str()});
         }
+        let message = match (self.split_call(text), &self.tool) {
+            (Some((name, arguments)), Some((_, id))) => {
+                json!({"role": "assistant", "content": null,
+                "tool_calls": [{"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}]})
+            }
+            _ => json!({"role": "assistant", "content": text}),
+        };
+        json!({"index": index, "message": message, "logprobs": logprobs,
+               "finish_reason": self.finish_name(finish)})
     }
 
     /// One streamed chunk: the first (`role` set), a text delta, or the last (`finish` set).
