@@ -11,7 +11,7 @@ use hyper::Response;
 use super::http::Body;
 use crate::config::ApiKey;
 use crate::protocol::{ErrorBody, ErrorCode};
-use crate::state::{Admission, StateError, StateStore};
+use crate::state::{Admission, StateStore};
 
 /// What a request is expected to cost in tokens: 0 for a body that is not a completion request.
 pub fn token_cost(body: &[u8]) -> u64 {
@@ -46,10 +46,6 @@ pub async fn admit(state: &StateStore, key: &ApiKey, body: &[u8]) -> Option<Admi
     };
     match state.admit(&key.subject(), key.limits, cost).await {
         Ok(a) => Some(a),
-        Err(StateError::Unavailable(why)) => {
-            tracing::warn!(%why, "rate limits not counted: the state store is unavailable");
-            None
-        }
         Err(e) => {
             tracing::warn!(error = %e, "rate limits not counted");
             None

@@ -348,8 +348,9 @@ impl RedisStore {
     /// Says at startup what an acknowledgement will mean, and warns when it means little.
     async fn check_policy(&self) {
         let mut conn = self.conn();
+        // One round trip, under the deadline: `append*` names both settings on every version.
         let mut ask = redis::cmd("CONFIG");
-        ask.arg("GET").arg("appendfsync");
+        ask.arg("GET").arg("append*");
         let asked = ask.query_async::<Vec<String>>(&mut conn);
         match tokio::time::timeout(self.inner.timeout, asked).await {
             Err(_) => tracing::warn!(
@@ -360,16 +361,14 @@ impl RedisStore {
             }
             // MemoryDB and some managed services refuse CONFIG: their log is their policy.
             Ok(Err(e)) => tracing::info!(error = %e, "cannot read redis's fsync policy"),
-            Ok(Ok(v)) => {
-                let fsync = v.get(1).map(String::as_str).unwrap_or("");
-                let aof = redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("appendonly")
-                    .query_async::<Vec<String>>(&mut conn)
-                    .await
-                    .ok()
-                    .and_then(|v| v.get(1).cloned())
-                    .unwrap_or_default();
+            Ok(Ok(pairs)) => {
+                let setting = |name: &str| {
+                    pairs
+                        .chunks_exact(2)
+                        .find(|kv| kv[0] == name)
+                        .map_or("", |kv| kv[1].as_str())
+                };
+                let (aof, fsync) = (setting("appendonly"), setting("appendfsync"));
                 if self.inner.wait_replicas == 0 && (aof != "yes" || fsync != "always") {
                     tracing::warn!(
                         appendonly = %aof, appendfsync = %fsync,
