@@ -550,7 +550,7 @@ mod tests {
     fn a_generate_request_is_checked_before_any_engine_sees_it() {
         assert!(ValidGenerate::try_from(request()).is_ok());
         type Spoil = fn(&mut GenerateRequest);
-        let cases: [(&str, Spoil); 8] = [
+        let cases: [(&str, Spoil); 13] = [
             ("prompt", |r| {
                 r.prompt = Prompt::Text {
                     text: String::new(),
@@ -563,6 +563,22 @@ mod tests {
             ("temperature", |r| r.sampling.temperature = f32::NAN),
             ("top_p", |r| r.sampling.top_p = 0.0),
             ("top_k", |r| r.sampling.top_k = -1),
+            // What a lying caller may put in the mesh payload, past the HTTP validator.
+            ("n", |r| r.n = 0),
+            ("n", |r| r.n = MAX_CHOICES + 1),
+            ("top_logprobs", |r| r.logprobs = Some(MAX_TOP_LOGPROBS + 1)),
+            ("response_format", |r| {
+                r.format = Some(OutputFormat::JsonSchema {
+                    name: "x".into(),
+                    schema: format!("{{\"description\":\"{}\"}}", "a".repeat(MAX_SCHEMA_BYTES)),
+                })
+            }),
+            ("response_format", |r| {
+                r.format = Some(OutputFormat::JsonSchema {
+                    name: "x".into(),
+                    schema: "[1, 2]".into(),
+                })
+            }),
         ];
         for (param, spoil) in cases {
             let mut r = request();

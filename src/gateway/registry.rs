@@ -1264,4 +1264,18 @@ mod tests {
         assert_eq!(r.trigger("POST", "/x"), Err(false));
         r.register_trigger("POST", "/x", "other", vec![]).unwrap();
     }
+
+    #[test]
+    fn what_a_worker_says_of_its_gateways_is_bounded() {
+        let mut r = Registry::default();
+        r.add_worker(1, "w".into(), outbox());
+        r.register_function(1, "f", false, &[]).unwrap();
+        let mut said: Vec<String> = (0..40).map(|i| format!("10.0.0.{i}:49134")).collect();
+        said[3] = "x".repeat(257);
+        r.set_gateways(1, said);
+        let shown = &r.status()[0].workers[0].gateways;
+        assert_eq!(shown.len(), 15, "16 kept, the over-long one dropped");
+        assert!(shown.iter().all(|g| g.len() <= 256));
+        r.set_gateways(99, vec!["a".into()]);
+    }
 }
