@@ -665,6 +665,11 @@ impl Settings {
                 self.check_gateway_url(url)?;
             }
         }
+        if matches!(role, Role::Gateway | Role::Up)
+            && !(50..=60_000).contains(&self.state_timeout_ms)
+        {
+            return bad("state_timeout_ms", "must be between 50 and 60000");
+        }
         if self.max_frame_bytes < 1024 {
             return bad("max_frame_bytes", "must be at least 1024");
         }
@@ -1242,6 +1247,30 @@ mod tests {
             std::fs::write(&file, bad).unwrap();
             let err = s.api_keys().unwrap_err().to_string();
             assert!(err.contains("rpm=N"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn gateway_lists_and_the_state_deadline_are_bounded() {
+        let mut w = Settings::defaults(Role::Caller);
+        w.gateway_urls = (0..17)
+            .map(|i| format!("ws://127.0.0.1:{}", 1000 + i))
+            .collect();
+        let err = w.validate(Role::Caller).unwrap_err().to_string();
+        assert!(err.contains("at most 16"), "{err}");
+        w.gateway_urls = vec!["ws://127.0.0.1:1".into(), "ws://127.0.0.1:1".into()];
+        let err = w.validate(Role::Caller).unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
+        w.gateway_urls = vec!["ws://127.0.0.1:1".into(), "http://127.0.0.1:2".into()];
+        let err = w.validate(Role::Caller).unwrap_err().to_string();
+        assert!(err.contains("ws://"), "{err}");
+        w.gateway_urls = vec!["ws://127.0.0.1:1".into(), "ws://127.0.0.1:2".into()];
+        w.validate(Role::Caller).unwrap();
+        let mut g = Settings::defaults(Role::Gateway);
+        g.allow_plaintext = true;
+        for (ms, ok) in [(49, false), (50, true), (60_000, true), (60_001, false)] {
+            g.state_timeout_ms = ms;
+            assert_eq!(g.validate(Role::Gateway).is_ok(), ok, "{ms}");
         }
     }
 

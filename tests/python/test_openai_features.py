@@ -331,6 +331,9 @@ def test_embeddings_refuse_what_they_cannot_do(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=MODEL, input="word " * 2000)
     assert "tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=MODEL, input=["a"] * 2049)
+    assert e.value.param == "input"
 
 
 # --- n choices ----------------------------------------------------------------------------------
