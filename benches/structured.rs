@@ -2,8 +2,11 @@
 //! `json_schema` constraint against the same requests without one, greedy and sampled, the two
 //! alternating in one run (ratios, not lone times: the machine is shared).
 //!
-//! The schema holds one unbounded string, so constrained answers run to `max_tokens` as the
-//! unconstrained ones do, and both keep the same number of sequences in each batch.
+//! The schema holds one string that must be longer than `max_tokens` tokens can spell (a
+//! `minLength` of 16 characters a token), so constrained answers run to `max_tokens` as the
+//! unconstrained ones do, and both keep the same number of sequences in each batch (a sampled
+//! answer that closed its string early would leave its batch a sequence short, and the ratio
+//! would measure that, not the constraint).
 //!
 //! `cargo bench --bench structured` (env `ROUNDS`, default 3; `CONC`, default 4; `TOKENS`, 96).
 //! Target: constrained ≥ 0.85× the unconstrained tok/s.
@@ -36,7 +39,12 @@ async fn tok_s(addr: std::net::SocketAddr, body: &Value, conc: usize) -> f64 {
                     .await
                     .unwrap();
                 assert_eq!(r.status, 200, "{}", r.text());
-                r.json()["usage"]["completion_tokens"].as_u64().unwrap()
+                let done = r.json();
+                assert_eq!(
+                    done["choices"][0]["finish_reason"], "length",
+                    "an answer ended early: the batch ran a sequence short"
+                );
+                done["usage"]["completion_tokens"].as_u64().unwrap()
             })
         })
         .collect();
@@ -63,7 +71,7 @@ fn main() {
         up.ready().await;
         let schema = json!({
             "type": "object",
-            "properties": {"text": {"type": "string"}},
+            "properties": {"text": {"type": "string", "minLength": 16 * tokens}},
             "required": ["text"],
             "additionalProperties": false,
         });

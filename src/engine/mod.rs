@@ -163,8 +163,8 @@ pub struct Prepared {
     max_tokens: u32,
     stop: Vec<String>,
     sampling: Sampling,
-    /// The GBNF grammar the output must follow (`response_format`), compiled once already.
-    grammar: Option<String>,
+    /// What the output must follow (`response_format`), compiled already.
+    grammar: Option<llguidance::Matcher>,
     /// Alternatives per token when log-probabilities are asked for.
     logprobs: Option<u8>,
     /// Choices: the prompt is decoded once, then forked.
@@ -230,6 +230,7 @@ pub struct Engine {
     pub stats: Arc<Stats>,
     config: Arc<EngineConfig>,
     embedder: Arc<embed::Embedder>,
+    grammars: Arc<grammar::Grammars>,
 }
 
 /// llama.cpp's backend may be initialised once per process.
@@ -265,13 +266,16 @@ impl Engine {
         let backend = backend()?;
         let matmul = select_matmul_kernel(config.matmul_kernel);
         let cfg = config.clone();
-        let model = tokio::task::spawn_blocking(move || {
+        let (model, grammars) = tokio::task::spawn_blocking(move || {
             let params = LlamaModelParams::default().with_n_gpu_layers(cfg.n_gpu_layers);
-            LlamaModel::load_from_file(backend, &cfg.model, &params)
+            let model = LlamaModel::load_from_file(backend, &cfg.model, &params)
+                .map_err(|e| e.to_string())?;
+            let grammars = grammar::Grammars::new(&model)?;
+            Ok::<_, String>((model, grammars))
         })
         .await
         .map_err(|e| load_err(e.to_string()))?
-        .map_err(|e| load_err(e.to_string()))?;
+        .map_err(load_err)?;
         let model = Arc::new(model);
         let template = match model.chat_template(None) {
             Ok(t) => t,
@@ -321,6 +325,7 @@ impl Engine {
             stats,
             config: Arc::new(config),
             embedder: Arc::new(embed::Embedder::new()),
+            grammars: Arc::new(grammars),
         })
     }
 
@@ -420,7 +425,7 @@ impl Engine {
         }
         let grammar = request
             .format()
-            .map(|f| grammar::compile(&self.model, f))
+            .map(|f| self.grammars.compile(f))
             .transpose()?;
         Ok(Prepared {
             tokens,

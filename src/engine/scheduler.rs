@@ -21,6 +21,7 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
+use llguidance::Matcher;
 use tokio::sync::{mpsc, oneshot};
 
 use super::prefix::{PrefixCache, Store};
@@ -45,8 +46,8 @@ struct Seq {
     logits_at: Option<i32>,
     /// `None` for plain greedy decoding (temperature 0, no penalties).
     sampler: Option<LlamaSampler>,
-    /// The grammar the output must follow (`response_format`).
-    grammar: Option<LlamaSampler>,
+    /// What the output must follow (`response_format`).
+    grammar: Option<Matcher>,
     /// Alternatives per token when log-probabilities are asked for, and the temperature they
     /// are taken at.
     logprobs: Option<(u8, f32)>,
@@ -143,21 +144,10 @@ pub(super) fn run(
                 continue;
             }
             let p = job.prepared;
-            let grammars: Result<Vec<Option<LlamaSampler>>, String> = (0..n)
-                .map(|_| {
-                    p.grammar
-                        .as_deref()
-                        .map(|g| super::grammar::sampler(&model, g))
-                        .transpose()
-                })
+            // Every choice its own matcher, all at the start of the output.
+            let grammars: Vec<Option<Matcher>> = (0..n)
+                .map(|_| p.grammar.as_ref().map(Matcher::deep_clone))
                 .collect();
-            let grammars = match grammars {
-                Ok(g) => g,
-                Err(e) => {
-                    let _ = job.events.try_send(Event::Error(e));
-                    continue;
-                }
-            };
             stats
                 .prompt_tokens
                 .fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
@@ -330,7 +320,17 @@ pub(super) fn run(
                 continue;
             };
             let token = match (seq.grammar.as_mut(), seq.sampler.as_mut()) {
-                (Some(g), chain) => constrained(ctx.get_logits_ith(at), g, chain),
+                (Some(g), chain) => {
+                    match constrained(ctx.get_logits_ith(at), g, chain, |t| vocab.is_eog(t)) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            if let Some(seq) = free(&mut ctx, &mut slots[i], &stats, None) {
+                                let _ = seq.events.try_send(of(seq.index, Event::Error(e)));
+                            }
+                            continue;
+                        }
+                    }
+                }
                 (None, Some(s)) => s.sample(&ctx, at),
                 // Plain greedy: the arg-max of the logits, without building llama.cpp's
                 // candidate array over the whole vocabulary (262k entries) for every token.
@@ -564,21 +564,25 @@ fn argmax(logits: &[f32]) -> LlamaToken {
     LlamaToken::new(best as i32)
 }
 
-/// How many of the most likely tokens the grammar checks when it refused the first choice, before
-/// it checks the whole vocabulary (262k tokens for Gemma: each check decodes the token's text).
+/// How many of the most likely allowed tokens the sampler chooses among when the matcher refused
+/// its first choice: inside a JSON string the matcher allows almost the whole vocabulary, and
+/// running the sampler chain over 262k candidates a second time would cost as much as the first.
 const GRAMMAR_SHORTLIST: usize = 256;
 
 /// A token the grammar allows. The sampler (or the arg-max) first chooses as if unconstrained,
-/// and the grammar checks that one token: the common case, one candidate to check. When it
-/// refuses, the grammar masks the [`GRAMMAR_SHORTLIST`] most likely tokens and the sampler chooses
-/// again among those it allows (for greedy, exactly the token a full mask would give); only when
-/// it allows none of them does it mask the whole vocabulary.
+/// and the matcher checks that one token: the common case, a few microseconds. Only when it
+/// refuses does the matcher compute its mask over the whole vocabulary (about a millisecond for
+/// Gemma's 262k tokens), and the sampler chooses again among the [`GRAMMAR_SHORTLIST`] most
+/// likely tokens it allows: for greedy, exactly the token a full mask would have given. An error
+/// (the matcher's step limits) ends the sequence with that error.
 fn constrained(
     logits: &[f32],
-    grammar: &mut LlamaSampler,
+    grammar: &mut Matcher,
     mut chain: Option<&mut LlamaSampler>,
-) -> LlamaToken {
+    is_eog: impl Fn(LlamaToken) -> bool,
+) -> Result<LlamaToken, String> {
     let data = |i: usize| LlamaTokenData::new(LlamaToken::new(i as i32), logits[i], 0.0);
+    let failed = |e: anyhow::Error| format!("structured output: {e}");
     let first = match chain.as_deref_mut() {
         None => argmax(logits),
         Some(chain) => {
@@ -587,26 +591,25 @@ fn constrained(
             all.selected_token().unwrap_or_else(|| best_of(&all))
         }
     };
-    let mut one = LlamaTokenDataArray::new(vec![data(first.0 as usize)], false);
-    grammar.apply(&mut one);
-    let token = if one.data[0].logit().is_finite() {
+    let token = if grammar.validate_tokens(&[first.0 as u32]).map_err(failed)? == 1 {
         first
     } else {
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        let k = GRAMMAR_SHORTLIST.min(order.len());
-        if k < order.len() {
-            order.select_nth_unstable_by(k, |a, b| logits[*b].total_cmp(&logits[*a]));
+        let mask = grammar.compute_mask_or_eos().map_err(failed)?;
+        let mut allowed = Vec::new();
+        mask.iter_set_entries(|i| {
+            if i < logits.len() {
+                allowed.push(data(i));
+            }
+        });
+        if allowed.is_empty() {
+            return Err("structured output: the schema allows no token here".into());
         }
-        let mut short = LlamaTokenDataArray::from_iter(order[..k].iter().map(|&i| data(i)), false);
-        grammar.apply(&mut short);
-        short.data.retain(|d| d.logit().is_finite());
-        let mut pool = if short.data.is_empty() {
-            let mut all = LlamaTokenDataArray::from_iter((0..logits.len()).map(data), false);
-            grammar.apply(&mut all);
-            all
-        } else {
-            short
-        };
+        if allowed.len() > GRAMMAR_SHORTLIST {
+            allowed
+                .select_nth_unstable_by(GRAMMAR_SHORTLIST, |a, b| b.logit().total_cmp(&a.logit()));
+            allowed.truncate(GRAMMAR_SHORTLIST);
+        }
+        let mut pool = LlamaTokenDataArray::new(allowed, false);
         match chain.as_deref_mut() {
             Some(chain) => {
                 chain.apply(&mut pool);
@@ -618,8 +621,11 @@ fn constrained(
     if let Some(chain) = chain {
         chain.accept(token);
     }
-    grammar.accept(token);
-    token
+    // An end-of-generation token ends the sequence: nothing follows it for the matcher to check.
+    if !is_eog(token) {
+        grammar.consume_token(token.0 as u32).map_err(failed)?;
+    }
+    Ok(token)
 }
 
 /// The candidate with the highest logit.
