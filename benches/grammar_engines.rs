@@ -14,6 +14,24 @@
 //!   only when it is refused (for GBNF, which is slow to mask, a 256-token shortlist first: what
 //!   meshd did before it moved to llguidance).
 //!
+//! Measured here (2 shared cores, Gemma 3 270M Q4_K_M, one run, 2026-12-01):
+//!
+//! | | GBNF (llama.cpp 0.1.161) | llguidance 1.9.1 |
+//! |---|---|---|
+//! | 34 feature schemas: valid / INVALID / refused / unfinished | 26 / **4** / 1 / 3 | 24 / **0** / 7 / 3 |
+//! | 200 random schemas: valid / refused | 200 / 0 | 187 / 13 |
+//! | compile, median / p99 | 0.13 / 0.29 ms | 0.51 / 0.83 ms |
+//! | mask over the whole vocabulary, median / p99 | 29.9 / 93.8 ms | 0.11 / 3.07 ms |
+//! | meshd's check-first path per token (arg-max included), median / p99 | 0.38 / 27.6 ms | 0.28 / 0.63 ms |
+//!
+//! GBNF's four INVALID outputs are keywords its converter drops without a word (`allOf` of partial
+//! schemas, `contains`, `if`/`then`/`else`, bounds on a number); its one refusal is `prefixItems`
+//! (an FFI error, no reason). llguidance refuses by name (`uniqueItems`, `contains`, `not`,
+//! `propertyNames`, `dependentRequired`, `if`/`then`/`else`, `minProperties` over optional
+//! properties) and nothing it accepts came out invalid. The 13 random refusals are the one-in-ten
+//! schemas that carry `uniqueItems` or `not`: GBNF "passed" those by luck, ignoring them. The
+//! unfinished rows are the base model's (digits or a URL without end), the same on both.
+//!
 //! `cargo bench --features grammar-bench --bench grammar_engines` (env `RANDOM`, default 200 random
 //! schemas; `MAX_TOKENS`, 192; `FULL_MASK_TOKENS`, 4000: how many tokens also time GBNF's full mask,
 //! which costs tens of milliseconds each).

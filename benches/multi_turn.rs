@@ -16,7 +16,7 @@
 //! of one round that went to one worker.
 //!
 //! `cargo bench --bench multi_turn` (env `TURNS`, default 8; `ROUTING=0` skips the routing part,
-//! `MULTI_TURN=0` all but it;
+//! `MULTI_TURN=0` all but it; `NO_CACHE=0` skips the cache-off run; `EXTRA` adds flags to meshd;
 //! `MESHD_BENCH_MODEL`).
 
 mod harness;
@@ -138,11 +138,17 @@ fn main() {
         }
         let mut results: Vec<(&str, Vec<Turn>)> = Vec::new();
         // One server at a time: the others would share the cores.
-        for (name, extra) in [
+        // `EXTRA`: flags added to both meshd runs (a kernel, a batch size) to compare settings.
+        let extra = std::env::var("EXTRA").unwrap_or_default();
+        let extra: Vec<&str> = extra.split_whitespace().collect();
+        for (name, flags) in [
             ("meshd", &["--slots", "4"][..]),
             ("no-cache", &["--slots", "4", "--prefix-cache-tokens", "0"][..]),
         ] {
-            let up = Up::start(extra);
+            if name == "no-cache" && std::env::var("NO_CACHE").is_ok_and(|v| v == "0") {
+                continue;
+            }
+            let up = Up::start(&[flags, &extra[..]].concat());
             up.ready().await;
             results.push((name, run(up.addr, turns).await));
         }
@@ -178,8 +184,10 @@ fn main() {
             "meshd turn {turns} / turn 1: {own:.2}x (target <= 1.5x) {}",
             verdict(own <= 1.5)
         );
-        let nocache = results[1].1[last].ttft / meshd[last].ttft;
-        println!("no-cache / meshd at turn {turns}: {nocache:.2}x");
+        if let Some((_, nocache)) = results.iter().find(|(n, _)| *n == "no-cache") {
+            let ratio = nocache[last].ttft / meshd[last].ttft;
+            println!("no-cache / meshd at turn {turns}: {ratio:.2}x");
+        }
         if let Some((_, llama)) = results.iter().find(|(n, _)| *n == "llama-server") {
             let vs = meshd[last].ttft / llama[last].ttft;
             println!(
