@@ -273,6 +273,7 @@ fn main() {
         let config = EngineConfig {
             model: harness::model().into(),
             model_id: None,
+            embedding_model: None,
             slots: 16,
             ctx_per_slot: 512,
             batch_size: 512,

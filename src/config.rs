@@ -149,11 +149,12 @@ impl Role {
             "worker_token_file",
             "max_concurrency",
         ];
-        const ENGINE: [&str; 15] = [
+        const ENGINE: [&str; 16] = [
             "generator",
             "engine_stall_secs",
             "model",
             "model_id",
+            "embedding_model",
             "slots",
             "ctx_per_slot",
             "batch_size",
@@ -384,6 +385,11 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long)]
     pub model_id: Option<String>,
+    /// A GGUF that answers `/v1/embeddings` instead of `model` (an embedding model such as
+    /// nomic-embed or bge); default: `model` itself, mean-pooled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub embedding_model: Option<PathBuf>,
     /// Sequences generated at once (continuous batching).
     #[arg(long, required = false)]
     pub slots: u32,
@@ -587,6 +593,7 @@ impl Settings {
             generator: GeneratorKind::Llama,
             model: "models/gemma3-270m-q4_k_m.gguf".into(),
             model_id: None,
+            embedding_model: None,
             slots: 8,
             ctx_per_slot: 2048,
             batch_size: 512,
@@ -725,6 +732,15 @@ impl Settings {
                 }
                 Some(_) => {}
             }
+        }
+        if matches!(role, Role::Infer | Role::Up)
+            && self.embedding_model.is_some()
+            && self.generator != GeneratorKind::Llama
+        {
+            return bad(
+                "embedding_model",
+                "only the llama.cpp generator loads an embedding model",
+            );
         }
         if matches!(role, Role::Infer | Role::Up) {
             if self.slots == 0 || self.slots > 256 {
@@ -1366,6 +1382,11 @@ mod tests {
         let err = s.validate(Role::Infer).unwrap_err().to_string();
         assert!(err.contains("http://"), "{err}");
         s.upstream_url = Some("http://10.0.0.1:8000".into());
+        s.validate(Role::Infer).unwrap();
+        s.embedding_model = Some("models/embed.gguf".into());
+        let err = s.validate(Role::Infer).unwrap_err().to_string();
+        assert!(err.contains("embedding_model"), "{err}");
+        s.generator = GeneratorKind::Llama;
         s.validate(Role::Infer).unwrap();
     }
 

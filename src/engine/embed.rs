@@ -1,5 +1,6 @@
-//! Embeddings from the loaded model: a thread of its own with a second llama.cpp context (the
-//! same weights, `embeddings` on, mean pooling), started on the first request. Inputs are batched
+//! Embeddings from the loaded model, or from the GGUF the `embedding_model` setting names: a
+//! thread of its own with a second llama.cpp context (`embeddings` on; the GGUF's own pooling
+//! when it names one, as embedding models do, else mean pooling), started on the first request. Inputs are batched
 //! (up to [`MAX_BATCH_SEQS`] sequences and [`MAX_INPUT_TOKENS`] tokens a decode) and every vector
 //! is L2-normalised, as OpenAI's are.
 
@@ -94,7 +95,11 @@ fn start(
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads)
                 .with_embeddings(true)
-                .with_pooling_type(LlamaPoolingType::Mean);
+                .with_pooling_type(if own_pooling(&model) {
+                    LlamaPoolingType::Unspecified
+                } else {
+                    LlamaPoolingType::Mean
+                });
             let mut ctx = match model.new_context(backend, params) {
                 Ok(c) => {
                     let _ = ready_tx.send(Ok(()));
@@ -152,6 +157,17 @@ fn start(
         .map_err(|e| e.to_string())?;
     ready_rx.recv().map_err(|e| e.to_string())??;
     Ok(tx)
+}
+
+/// Whether the GGUF names its own pooling (`<arch>.pooling_type`, as embedding models such as
+/// bge or nomic-embed do): llama.cpp then pools that way. A generative model names none.
+fn own_pooling(model: &LlamaModel) -> bool {
+    model
+        .meta_val_str("general.architecture")
+        .ok()
+        .and_then(|arch| model.meta_val_str(&format!("{arch}.pooling_type")).ok())
+        .and_then(|p| p.parse::<i32>().ok())
+        .is_some_and(|p| p > 0)
 }
 
 fn normalised(v: &[f32]) -> Vec<f32> {

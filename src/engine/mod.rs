@@ -75,6 +75,8 @@ pub struct EngineConfig {
     pub model: PathBuf,
     /// `None`: the GGUF's own name (see [`crate::api::model_id_from`]).
     pub model_id: Option<String>,
+    /// The GGUF that embeds; `None`: `model`.
+    pub embedding_model: Option<PathBuf>,
     pub slots: u32,
     pub ctx_per_slot: u32,
     pub batch_size: u32,
@@ -114,6 +116,7 @@ impl EngineConfig {
         EngineConfig {
             model: s.model.clone(),
             model_id: s.model_id.clone(),
+            embedding_model: s.embedding_model.clone(),
             slots: s.slots,
             ctx_per_slot: s.ctx_per_slot,
             batch_size: s.batch_size,
@@ -230,6 +233,8 @@ pub struct Engine {
     pub stats: Arc<Stats>,
     config: Arc<EngineConfig>,
     embedder: Arc<embed::Embedder>,
+    /// What answers embeddings: `model`, or the `embedding_model` setting's GGUF.
+    embedding_model: Arc<LlamaModel>,
     grammars: Arc<grammar::Grammars>,
 }
 
@@ -266,17 +271,31 @@ impl Engine {
         let backend = backend()?;
         let matmul = select_matmul_kernel(config.matmul_kernel);
         let cfg = config.clone();
-        let (model, grammars) = tokio::task::spawn_blocking(move || {
+        if let Some(p) = config.embedding_model.as_ref().filter(|p| !p.is_file()) {
+            return Err(EngineError::Load {
+                path: p.display().to_string(),
+                reason: "no such file (the `embedding_model` setting)".into(),
+            });
+        }
+        let (model, embedding_model, grammars) = tokio::task::spawn_blocking(move || {
             let params = LlamaModelParams::default().with_n_gpu_layers(cfg.n_gpu_layers);
             let model = LlamaModel::load_from_file(backend, &cfg.model, &params)
                 .map_err(|e| e.to_string())?;
+            let embedding_model = match &cfg.embedding_model {
+                None => None,
+                Some(path) => Some(
+                    LlamaModel::load_from_file(backend, path, &params)
+                        .map_err(|e| format!("the embedding model {}: {e}", path.display()))?,
+                ),
+            };
             let grammars = grammar::Grammars::new(&model)?;
-            Ok::<_, String>((model, grammars))
+            Ok::<_, String>((model, embedding_model, grammars))
         })
         .await
         .map_err(|e| load_err(e.to_string()))?
         .map_err(load_err)?;
         let model = Arc::new(model);
+        let embedding_model = embedding_model.map_or_else(|| Arc::clone(&model), Arc::new);
         let template = match model.chat_template(None) {
             Ok(t) => t,
             Err(_) => LlamaChatTemplate::new(&config.chat_template)
@@ -325,6 +344,7 @@ impl Engine {
             stats,
             config: Arc::new(config),
             embedder: Arc::new(embed::Embedder::new()),
+            embedding_model,
             grammars: Arc::new(grammars),
         })
     }
@@ -339,9 +359,10 @@ impl Engine {
         inputs: &[crate::api::EmbedInput],
     ) -> Result<(Vec<Vec<f32>>, u32), EngineError> {
         use crate::api::EmbedInput;
-        let vocab = self.model.vocab();
-        let n_vocab = self.model.n_vocab() as u32;
-        let most = embed::MAX_INPUT_TOKENS;
+        let vocab = self.embedding_model.vocab();
+        let n_vocab = self.embedding_model.n_vocab() as u32;
+        // An embedding model with learned positions (BERT's 512) has no place for more.
+        let most = embed::MAX_INPUT_TOKENS.min(self.embedding_model.n_ctx_train() as usize);
         let mut all = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.iter().enumerate() {
             let tokens = match input {
@@ -370,7 +391,7 @@ impl Engine {
         };
         let vectors = self
             .embedder
-            .embed(backend()?, &self.model, threads, all)
+            .embed(backend()?, &self.embedding_model, threads, all)
             .await?;
         Ok((vectors, read))
     }

@@ -6,7 +6,9 @@ Responses API."""
 
 import concurrent.futures
 import json
+import pathlib
 import random
+import subprocess
 
 import jsonschema
 import openai
@@ -341,6 +343,38 @@ def test_embeddings_take_inputs_at_the_limit(client):
     r = client.embeddings.create(model=MODEL, input=[[7] * 1000, [7] * 1000] + ["word " * 60] * 40)
     assert [d.index for d in r.data] == list(range(42))
     assert abs(cosine(r.data[2].embedding, r.data[41].embedding) - 1.0) < 1e-4
+
+
+SECOND_GGUF = pathlib.Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_a_dedicated_embedding_model_answers_embeddings_while_chat_stays():
+    """`--embedding-model`: embeddings come from that GGUF (SmolLM2: 576 dimensions, Gemma's are
+    640), chat from `--model`."""
+    assert SECOND_GGUF.exists(), "run scripts/fetch-model smollm2 first"
+    with up("--slots", "2", "--embedding-model", str(SECOND_GGUF)) as http:
+        c = openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused-on-loopback", max_retries=0, timeout=120)
+        r = c.embeddings.create(model=MODEL, input=["the cat sat on the mat", "the cat sat on the mat",
+                                                    "quarterly revenue rose by four percent"])
+        vectors = [d.embedding for d in r.data]
+        assert {len(v) for v in vectors} == {576}
+        assert abs(cosine(vectors[0], vectors[1]) - 1.0) < 1e-5
+        assert cosine(vectors[0], vectors[2]) < 0.999
+        # Token ids are checked against SmolLM2's vocabulary (49,152), not Gemma's (262,144).
+        with pytest.raises(openai.BadRequestError) as e:
+            c.embeddings.create(model=MODEL, input=[[100000]])
+        assert "0..49152" in e.value.message, e.value.message
+        chat = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)
+        assert chat.model == MODEL and chat.usage.completion_tokens > 0
+
+
+def test_a_missing_embedding_model_stops_the_start_with_its_name(tmp_path):
+    from meshd_proc import BIN, MODEL as GGUF
+    run = subprocess.run([BIN, "up", "--http-addr", "127.0.0.1:0", "--data-dir", str(tmp_path), "--model", str(GGUF),
+                          "--embedding-model", str(tmp_path / "nope.gguf")], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+    assert "nope.gguf" in run.stderr and "embedding_model" in run.stderr, run.stderr
 
 
 def test_embeddings_refuse_what_they_cannot_do(client):
