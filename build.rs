@@ -33,6 +33,12 @@ use std::path::{Path, PathBuf};
 /// `llama-cpp-sys-2` (pinned in Cargo.lock) builds. Regenerate it with `diff -u` after changing it.
 const PATCH: &str = "patches/sgemm-meshd.patch";
 
+/// The second change: flash attention's tiled path (`ops.cpp`, used for prompt chunks of 64 or
+/// more tokens) multiplies and soft-maxes only a query tile's real rows, not its padding. With 2
+/// threads a 140-token chunk split each head into tiles of 64 + 6 + 64 + 6 rows, each computed
+/// as 64: 1.8 times the work (the turn-8 time to first token of `benches/multi_turn.rs`).
+const OPS_PATCH: &str = "patches/ops-fa-tile-rows.patch";
+
 /// Set to build with llama.cpp's own kernel when the patch does not apply (a llama.cpp meshd does
 /// not know yet); without it such a build fails, so a kernel can never go missing unnoticed.
 const OPT_OUT: &str = "MESHD_ALLOW_UNPATCHED_LLAMA";
@@ -54,6 +60,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={AVX512_KERNEL}");
     println!("cargo:rerun-if-changed={PATCH}");
+    println!("cargo:rerun-if-changed={OPS_PATCH}");
     println!("cargo:rerun-if-env-changed={OPT_OUT}");
     // `meshd --version` names the commit a release was built from (scripts/release sets it); a
     // development build says so instead of naming a commit that may be stale.
@@ -116,16 +123,12 @@ fn build_sgemm() -> Result<(), String> {
         .map(PathBuf::from)
         .find(|p| p.ends_with("ggml-cpu"))
         .ok_or("no ggml-cpu include directory")?;
-    let source = cpu_dir.join("llamafile/sgemm.cpp");
-    let original = fs::read_to_string(&source)
-        .map_err(|e| format!("cannot read {}: {e}", source.display()))?;
-    let diff = fs::read_to_string(PATCH).map_err(|e| format!("cannot read {PATCH}: {e}"))?;
-    let patch = diffy::Patch::from_str(&diff).map_err(|e| format!("{PATCH} is not a diff: {e}"))?;
-    let text = diffy::apply(&original, &patch)
-        .map_err(|e| format!("{PATCH} does not apply to {}: {e}", source.display()))?;
-    let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    let patched = out.join("sgemm-meshd.cpp");
-    fs::write(&patched, text).map_err(|e| e.to_string())?;
+    let patched = patched_source(
+        &cpu_dir.join("llamafile/sgemm.cpp"),
+        PATCH,
+        "sgemm-meshd.cpp",
+    )?;
+    let ops = patched_source(&cpu_dir.join("ops.cpp"), OPS_PATCH, "ops-meshd.cpp")?;
 
     // The AVX-512 kernel is compiled on its own, with AVX-512 flags, so that no code the CPU check
     // guards can leak into code that runs everywhere. A compiler without those flags only costs
@@ -141,27 +144,52 @@ fn build_sgemm() -> Result<(), String> {
         println!("cargo:warning=meshd: no AVX-512 matmul kernel ({e}); see build.rs");
     }
 
-    let mut build = cc::Build::new();
-    if avx512.is_ok() {
-        build.define("MESHD_AVX512_KERNEL", None);
-    }
-    build
-        .cpp(true)
-        .file(&patched)
-        // Quoted includes in sgemm.cpp resolve against the original directory.
-        .include(source.parent().expect("a file has a parent"))
-        .warnings(false)
-        .link_lib_modifier("+whole-archive");
-    for flag in defines.iter().chain(&includes).chain(&cxx_flags) {
-        build.flag(flag);
-    }
-    build
-        .try_compile("meshd_sgemm")
-        .map_err(|e| format!("cannot compile the patched sgemm.cpp: {e}"))?;
+    // Each patched file is compiled with the flags CMake used for ggml-cpu, its quoted includes
+    // resolving against the original directory, and linked whole: the archive's own object then
+    // defines nothing still missing, so the linker never takes it.
+    let compile = |file: &Path, dir: &Path, lib: &str, avx512_kernel: bool| {
+        let mut build = cc::Build::new();
+        if avx512_kernel {
+            build.define("MESHD_AVX512_KERNEL", None);
+        }
+        build
+            .cpp(true)
+            .file(file)
+            .include(dir)
+            .warnings(false)
+            .link_lib_modifier("+whole-archive");
+        for flag in defines.iter().chain(&includes).chain(&cxx_flags) {
+            build.flag(flag);
+        }
+        build
+            .try_compile(lib)
+            .map_err(|e| format!("cannot compile {}: {e}", file.display()))
+    };
+    compile(
+        &patched,
+        &cpu_dir.join("llamafile"),
+        "meshd_sgemm",
+        avx512.is_ok(),
+    )?;
+    compile(&ops, &cpu_dir, "meshd_ops", false)?;
     if avx512.is_ok() {
         // After meshd_sgemm, which calls into it; cc put both archives in OUT_DIR.
         println!("cargo:rustc-link-lib=static:+whole-archive=meshd_avx512");
         println!("cargo:rustc-cfg=meshd_avx512");
     }
     Ok(())
+}
+
+/// `source` with `patch` applied, written to `OUT_DIR/name`.
+fn patched_source(source: &Path, patch: &str, name: &str) -> Result<PathBuf, String> {
+    let original =
+        fs::read_to_string(source).map_err(|e| format!("cannot read {}: {e}", source.display()))?;
+    let diff = fs::read_to_string(patch).map_err(|e| format!("cannot read {patch}: {e}"))?;
+    let parsed =
+        diffy::Patch::from_str(&diff).map_err(|e| format!("{patch} is not a diff: {e}"))?;
+    let text = diffy::apply(&original, &parsed)
+        .map_err(|e| format!("{patch} does not apply to {}: {e}", source.display()))?;
+    let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?).join(name);
+    fs::write(&out, text).map_err(|e| e.to_string())?;
+    Ok(out)
 }

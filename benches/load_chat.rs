@@ -286,6 +286,7 @@ fn main() {
             prefix_cache_tokens: prefix_cache,
             upstream_url: None,
             upstream_key: None,
+            upstream_timeout: std::time::Duration::from_secs(300),
         };
         let engine = Engine::start(config).await.unwrap();
         let up = if with_mesh {

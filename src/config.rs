@@ -149,7 +149,7 @@ impl Role {
             "worker_token_file",
             "max_concurrency",
         ];
-        const ENGINE: [&str; 16] = [
+        const ENGINE: [&str; 17] = [
             "generator",
             "engine_stall_secs",
             "model",
@@ -166,6 +166,7 @@ impl Role {
             "prefix_cache_tokens",
             "upstream_url",
             "upstream_key",
+            "upstream_timeout_secs",
         ];
         static GATEWAY_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
         static CALLER_KEYS: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
@@ -422,6 +423,10 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long)]
     pub upstream_key: Option<String>,
+    /// Longest the upstream may take to answer a request's head (its queue, then the prompt),
+    /// in seconds; beyond it, 503.
+    #[arg(long, required = false)]
+    pub upstream_timeout_secs: u64,
     /// Tokens of finished conversations whose KV stays cached so a later prompt that starts the
     /// same way skips them (least recently used evicted first); 0 turns the cache off.
     #[arg(long, required = false)]
@@ -605,6 +610,7 @@ impl Settings {
             prefix_cache_tokens: 8192,
             upstream_url: None,
             upstream_key: None,
+            upstream_timeout_secs: 300,
         }
     }
 
@@ -732,6 +738,9 @@ impl Settings {
                 }
                 Some(_) => {}
             }
+        }
+        if !(1..=3600).contains(&self.upstream_timeout_secs) {
+            return bad("upstream_timeout_secs", "must be between 1 and 3600");
         }
         if matches!(role, Role::Infer | Role::Up)
             && self.embedding_model.is_some()
@@ -1382,6 +1391,13 @@ mod tests {
         let err = s.validate(Role::Infer).unwrap_err().to_string();
         assert!(err.contains("http://"), "{err}");
         s.upstream_url = Some("http://10.0.0.1:8000".into());
+        s.validate(Role::Infer).unwrap();
+        s.upstream_timeout_secs = 0;
+        let err = s.validate(Role::Infer).unwrap_err().to_string();
+        assert!(err.contains("upstream_timeout_secs"), "{err}");
+        s.upstream_timeout_secs = 3601;
+        assert!(s.validate(Role::Infer).is_err());
+        s.upstream_timeout_secs = 3600;
         s.validate(Role::Infer).unwrap();
         s.embedding_model = Some("models/embed.gguf".into());
         let err = s.validate(Role::Infer).unwrap_err().to_string();

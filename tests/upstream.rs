@@ -222,3 +222,197 @@ async fn the_upstreams_refusals_and_absence_keep_their_meaning() {
         .unwrap()
         .contains("upstream"));
 }
+
+/// How an upstream on loopback lies, once it has listed its one model.
+#[derive(Clone, Copy, PartialEq)]
+enum Lie {
+    /// Takes the generation request and never answers it.
+    NeverAnswers,
+    /// Answers 200 and streams one server-sent event that never ends (4 MiB without a blank line).
+    EndlessEvent,
+    /// Refuses with a 400 whose body is 8 MiB.
+    HugeRefusal,
+    /// Lists its models in a 2 MiB answer.
+    HugeModelList,
+}
+
+/// An OpenAI-compatible server that lies as `lie` says, on a free loopback port, for as long as
+/// the returned task lives.
+async fn liar(lie: Lie) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 8192];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let huge = |n: usize| "x".repeat(n);
+                let reply: Vec<u8> = match path.as_str() {
+                    "/v1/models" => {
+                        let pad = if lie == Lie::HugeModelList {
+                            huge(2 << 20)
+                        } else {
+                            String::new()
+                        };
+                        let body = format!(
+                            r#"{{"object":"list","data":[{{"id":"liar"}}],"pad":"{pad}"}}"#
+                        );
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .into_bytes()
+                    }
+                    "/v1/chat/completions" | "/v1/completions" => match lie {
+                        Lie::NeverAnswers => {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            return;
+                        }
+                        Lie::EndlessEvent => {
+                            let start = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: ";
+                            if sock.write_all(start.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            let chunk = huge(64 << 10);
+                            for _ in 0..64 {
+                                if sock.write_all(chunk.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                        Lie::HugeRefusal => {
+                            let body = format!(
+                                r#"{{"error":{{"message":"refused at length","pad":"{}"}}}}"#,
+                                huge(8 << 20)
+                            );
+                            format!(
+                                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .into_bytes()
+                        }
+                        Lie::HugeModelList => {
+                            b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
+                                .to_vec()
+                        }
+                    },
+                    _ => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                };
+                let _ = sock.write_all(&reply).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn meshd_over_liar(addr: std::net::SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let url = format!("http://{addr}");
+    let mut args = vec![
+        "up",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--backend",
+        "openai",
+        "--upstream-url",
+        &url,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, true)
+}
+
+/// The upstream lies, and every lie is bounded: a request it never answers is a 503 after
+/// `upstream_timeout_secs`, an event that never ends is cut at 1 MiB, an 8 MiB refusal keeps its
+/// 400 without being read whole, and a 2 MiB model list stops the start with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_lies_is_cut_off_at_every_limit() {
+    let chat =
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).to_string();
+
+    let (addr, _liar) = liar(Lie::NeverAnswers).await;
+    let dir = tempfile::tempdir().unwrap();
+    let meshd = meshd_over_liar(addr, dir.path(), &["--upstream-timeout-secs", "2"]);
+    ready(meshd.http()).await;
+    let start = Instant::now();
+    let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.text().contains("did not answer within 2 s"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(meshd);
+
+    let (addr, _liar) = liar(Lie::EndlessEvent).await;
+    let dir = tempfile::tempdir().unwrap();
+    let meshd = meshd_over_liar(addr, dir.path(), &[]);
+    ready(meshd.http()).await;
+    let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
+    assert!(r.status >= 500, "{} {}", r.status, r.text());
+    assert!(r.text().contains("over 1048576 bytes"), "{}", r.text());
+    drop(meshd);
+
+    let (addr, _liar) = liar(Lie::HugeRefusal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let meshd = meshd_over_liar(addr, dir.path(), &[]);
+    ready(meshd.http()).await;
+    let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().len() < 4096,
+        "the refusal was relayed whole: {} bytes",
+        r.text().len()
+    );
+    drop(meshd);
+
+    let (addr, _liar) = liar(Lie::HugeModelList).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(bin())
+            .args(["up", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args([
+                "--backend",
+                "openai",
+                "--upstream-url",
+                &format!("http://{addr}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("meshd kept running on a 2 MiB model list");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("GET /v1/models: the answer is over 1048576 bytes"),
+        "{stderr}"
+    );
+}

@@ -53,6 +53,7 @@ pub async fn start_generator(
                     slots: config.slots,
                     max_queued: config.max_queued,
                     stall_limit: config.stall_limit,
+                    head_timeout: config.upstream_timeout,
                 })
                 .await?,
             )
@@ -94,6 +95,7 @@ pub struct EngineConfig {
     /// The OpenAI-compatible server the `openai` backend forwards to, and its key.
     pub upstream_url: Option<String>,
     pub upstream_key: Option<String>,
+    pub upstream_timeout: std::time::Duration,
 }
 
 impl EngineConfig {
@@ -129,6 +131,7 @@ impl EngineConfig {
             prefix_cache_tokens: s.prefix_cache_tokens,
             upstream_url: s.upstream_url.clone(),
             upstream_key: s.upstream_key.clone(),
+            upstream_timeout: std::time::Duration::from_secs(s.upstream_timeout_secs),
         }
     }
 }

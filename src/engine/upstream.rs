@@ -21,8 +21,12 @@ use crate::api::{ModelInfo, Prompt, StatsSnapshot, ValidGenerate};
 
 /// Longest one server-sent event from the upstream may be.
 const MAX_EVENT_BYTES: usize = 1 << 20;
-/// Longest an upstream may take to answer a request's head (its queue, then the prompt).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest the upstream's model list (`GET /v1/models`) may be.
+const MAX_MODELS_BYTES: usize = 1 << 20;
+/// Longest the upstream's `/metrics` page may be (vLLM's is ~100 KiB).
+const MAX_METRICS_BYTES: usize = 4 << 20;
+/// How much of a refusal's body is read (its message is in the first bytes).
+const MAX_REFUSAL_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -35,6 +39,8 @@ pub struct UpstreamConfig {
     pub slots: u32,
     pub max_queued: usize,
     pub stall_limit: Duration,
+    /// Longest the upstream may take to answer a request's head (its queue, then the prompt).
+    pub head_timeout: Duration,
 }
 
 pub struct Upstream {
@@ -79,9 +85,9 @@ impl Upstream {
         if !resp.status().is_success() {
             return Err(unavailable(format!("GET /v1/models: {}", resp.status())));
         }
-        let list: Value = resp
-            .json()
+        let list = read_capped(resp, MAX_MODELS_BYTES)
             .await
+            .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()))
             .map_err(|e| unavailable(format!("GET /v1/models: {e}")))?;
         let first = list["data"][0].clone();
         let upstream_model = first["id"]
@@ -142,14 +148,43 @@ async fn watch_load(inner: std::sync::Weak<Inner>) {
         if !resp.status().is_success() {
             continue;
         }
-        let Ok(text) = resp.text().await else {
+        let Ok(page) = read_capped(resp, MAX_METRICS_BYTES).await else {
             continue;
         };
-        if let Some((running, waiting)) = parse_load(&text) {
+        if let Some((running, waiting)) = parse_load(&String::from_utf8_lossy(&page)) {
             inner.upstream_running.store(running, Ordering::Relaxed);
             inner.upstream_waiting.store(waiting, Ordering::Relaxed);
         }
     }
+}
+
+/// A response body, or an error once it passes `limit` bytes (a lying upstream cannot fill our
+/// memory), reading no further.
+async fn read_capped(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let mut body = resp.bytes_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("the answer is over {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// The start of a refusal's body: the part that holds its message.
+async fn refusal_text(resp: reqwest::Response) -> String {
+    let mut body = resp.bytes_stream();
+    let mut out = Vec::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        out.extend_from_slice(&chunk);
+        if out.len() >= MAX_REFUSAL_BYTES {
+            out.truncate(MAX_REFUSAL_BYTES);
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Running and waiting requests from a vLLM or llama-server Prometheus page.
@@ -282,10 +317,13 @@ impl Generate for Upstream {
             if let Some(k) = &inner.cfg.key {
                 req = req.bearer_auth(k);
             }
-            let resp = tokio::time::timeout(HEAD_TIMEOUT, req.send())
+            let resp = tokio::time::timeout(inner.cfg.head_timeout, req.send())
                 .await
                 .map_err(|_| {
-                    EngineError::Unavailable("the upstream did not answer in time".into())
+                    EngineError::Unavailable(format!(
+                        "the upstream did not answer within {} s (upstream_timeout_secs)",
+                        inner.cfg.head_timeout.as_secs()
+                    ))
                 })?
                 .map_err(|e| {
                     EngineError::Unavailable(format!("the upstream cannot be reached: {e}"))
@@ -294,8 +332,7 @@ impl Generate for Upstream {
                 Ok(resp)
             } else {
                 let status = resp.status();
-                let text = resp.text().await.unwrap_or_default();
-                Err(refusal(status, &text))
+                Err(refusal(status, &refusal_text(resp).await))
             }
         });
         stats.queued.fetch_sub(1, Ordering::Relaxed);
