@@ -66,15 +66,7 @@ async fn api_keys_guard_everything_but_health() {
         "ws",
     );
     let addr = gateway.http();
-    ready(addr).await;
-    // A lone gateway is ready once any trigger is served (here maybe only the infer worker's
-    // `/v1/engine/stats`): the caller's route is this test's, so wait for it too.
-    assert!(
-        gateway
-            .wait_for_log("path=/math/add-two-numbers", Duration::from_secs(30))
-            .await,
-        "the caller never bound its route"
-    );
+    ready_for_math(&gateway).await;
     assert_eq!(request(addr, "GET", "/healthz", "").await.status, 200);
 
     let body = r#"{"a": 1, "b": 2}"#;

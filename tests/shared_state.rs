@@ -186,7 +186,7 @@ async fn the_math_contract_holds_on_redis_and_the_state_outlives_the_gateway() {
     let redis = Redis::start();
     let (mut gateway, _caller, _infer) = redis_mesh(&redis, "127.0.0.1:0", "127.0.0.1:0", &[]);
     let addr = gateway.http();
-    ready(addr).await;
+    ready_for_math(&gateway).await;
     assert!(
         gateway.logs().contains("redis at redis://127.0.0.1"),
         "{}",
@@ -249,7 +249,7 @@ async fn a_killed_redis_is_a_fast_503_and_loses_nothing_acknowledged() {
         &["--state-timeout-ms", "500"],
     );
     let addr = gateway.http();
-    ready(addr).await;
+    ready_for_math(&gateway).await;
     let acked = Arc::new(AtomicI64::new(0));
     let unavailable = Arc::new(AtomicU64::new(0));
     let slowest = Arc::new(AtomicU64::new(0));
@@ -337,7 +337,7 @@ async fn a_gateway_starts_without_redis_answers_503_and_heals() {
     let mesh = gateway.mesh_url();
     let (_caller, _infer) = (caller(&mesh, "caller"), echo_infer(&mesh, "infer", &[]));
     let addr = gateway.http();
-    ready(addr).await;
+    ready_for_math(&gateway).await;
     let start = Instant::now();
     let r = request(addr, "POST", "/math/add-two-numbers", r#"{"a":1,"b":2}"#).await;
     assert_eq!(r.status, 503, "{}", r.text());
@@ -363,8 +363,8 @@ async fn a_key_limit_holds_exactly_across_two_gateways() {
     let a = redis_mesh(&redis, "127.0.0.1:0", "127.0.0.1:0", &keys_flag);
     let b = redis_mesh(&redis, "127.0.0.1:0", "127.0.0.1:0", &keys_flag);
     let gateways = [a.0.http(), b.0.http()];
-    for g in gateways {
-        ready(g).await;
+    for g in [&a.0, &b.0] {
+        ready_for_math(g).await;
     }
     // Start well inside a minute's window.
     let into_minute = std::time::SystemTime::now()
@@ -457,7 +457,7 @@ async fn tokens_per_minute_count_the_prompt_and_max_tokens_on_sled() {
     let url = gateway.mesh_url();
     let (_caller, _infer) = (caller(&url, "caller"), echo_infer(&url, "infer", &[]));
     let addr = gateway.http();
-    ready(addr).await;
+    ready_for_math(&gateway).await;
     let into_minute = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

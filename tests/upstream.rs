@@ -37,10 +37,9 @@ async fn busy_slots(server: &LlamaServer) -> usize {
         .count()
 }
 
-/// `meshd up` whose infer worker forwards to `upstream`.
-fn meshd_over(upstream: &LlamaServer, dir: &std::path::Path) -> Proc {
-    let url = url_of(upstream);
-    let args = [
+/// `meshd up` whose infer worker forwards to the server at `url`, with `extra` flags.
+fn meshd_over(url: &str, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
         "up",
         "--http-addr",
         "127.0.0.1:0",
@@ -49,8 +48,9 @@ fn meshd_over(upstream: &LlamaServer, dir: &std::path::Path) -> Proc {
         "--backend",
         "openai",
         "--upstream-url",
-        &url,
+        url,
     ];
+    args.extend_from_slice(extra);
     Proc::start(&args, true)
 }
 
@@ -67,7 +67,7 @@ fn text_of(v: &Value) -> String {
 async fn answers_pass_through_exactly_and_stream_as_they_come() {
     let upstream = llama_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over(&upstream, dir.path());
+    let meshd = meshd_over(&url_of(&upstream), dir.path(), &[]);
     ready(meshd.http()).await;
 
     let models = request(meshd.http(), "GET", "/v1/models", "").await.json();
@@ -150,7 +150,7 @@ async fn answers_pass_through_exactly_and_stream_as_they_come() {
 async fn a_client_that_leaves_cancels_the_upstream_request() {
     let upstream = llama_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over(&upstream, dir.path());
+    let meshd = meshd_over(&url_of(&upstream), dir.path(), &[]);
     ready(meshd.http()).await;
 
     // ~1,900 tokens to generate: ~40 s if nobody stopped it.
@@ -192,7 +192,7 @@ async fn a_client_that_leaves_cancels_the_upstream_request() {
 async fn the_upstreams_refusals_and_absence_keep_their_meaning() {
     let upstream = llama_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over(&upstream, dir.path());
+    let meshd = meshd_over(&url_of(&upstream), dir.path(), &[]);
     ready(meshd.http()).await;
 
     // Past the upstream's context: its 400 is ours, in OpenAI's shape.
@@ -315,23 +315,6 @@ async fn liar(lie: Lie) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
-fn meshd_over_liar(addr: std::net::SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Proc {
-    let url = format!("http://{addr}");
-    let mut args = vec![
-        "up",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--backend",
-        "openai",
-        "--upstream-url",
-        &url,
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(&args, true)
-}
-
 /// The upstream lies, and every lie is bounded: a request it never answers is a 503 after
 /// `upstream_timeout_secs`, an event that never ends is cut at 1 MiB, an 8 MiB refusal keeps its
 /// 400 without being read whole, and a 2 MiB model list stops the start with the reason.
@@ -342,7 +325,11 @@ async fn an_upstream_that_lies_is_cut_off_at_every_limit() {
 
     let (addr, _liar) = liar(Lie::NeverAnswers).await;
     let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over_liar(addr, dir.path(), &["--upstream-timeout-secs", "2"]);
+    let meshd = meshd_over(
+        &format!("http://{addr}"),
+        dir.path(),
+        &["--upstream-timeout-secs", "2"],
+    );
     ready(meshd.http()).await;
     let start = Instant::now();
     let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
@@ -361,7 +348,7 @@ async fn an_upstream_that_lies_is_cut_off_at_every_limit() {
 
     let (addr, _liar) = liar(Lie::EndlessEvent).await;
     let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over_liar(addr, dir.path(), &[]);
+    let meshd = meshd_over(&format!("http://{addr}"), dir.path(), &[]);
     ready(meshd.http()).await;
     let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
     assert!(r.status >= 500, "{} {}", r.status, r.text());
@@ -370,7 +357,7 @@ async fn an_upstream_that_lies_is_cut_off_at_every_limit() {
 
     let (addr, _liar) = liar(Lie::HugeRefusal).await;
     let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over_liar(addr, dir.path(), &[]);
+    let meshd = meshd_over(&format!("http://{addr}"), dir.path(), &[]);
     ready(meshd.http()).await;
     let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
     assert_eq!(r.status, 400, "{}", r.text());

@@ -446,6 +446,18 @@ pub async fn ready(addr: SocketAddr) {
     .await;
 }
 
+/// Ready, and the caller's math route bound. A lone gateway is ready once any trigger is served,
+/// which may be only the infer worker's `/v1/engine/stats` while the caller is still joining.
+pub async fn ready_for_math(gateway: &Proc) {
+    ready(gateway.http()).await;
+    assert!(
+        gateway
+            .wait_for_log("path=/math/add-two-numbers", Duration::from_secs(30))
+            .await,
+        "the caller never bound its route"
+    );
+}
+
 /// One `POST /math/add-two-numbers` with an `Idempotency-Key`, on a connection of its own: the
 /// status and the error code (empty for a success), or `None` when the connection failed.
 pub async fn idempotent_add(addr: SocketAddr, body: &str, key: &str) -> Option<(u16, String)> {
