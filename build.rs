@@ -20,8 +20,10 @@
 //! definitions ever met, the link would fail loudly; it cannot silently pick the wrong one.
 //!
 //! At run time, the config key `matmul_kernel` chooses the level once at start
-//! (`meshd_sgemm_set_level`); `llama.cpp` switches every change off, for comparison runs. The
-//! patch is applied only on x86-64 Linux, where it was measured. A patch that does not apply (a
+//! (`meshd_sgemm_set_level`); `llama.cpp` switches every matmul change off, for comparison runs.
+//! The second patch, `patches/ops-fa-tile-rows.patch` (flash attention on a tile's real rows; see
+//! `OPS_PATCH`), is built the same way and always on: it changes no result, only the work. The
+//! patches are applied only on x86-64 Linux, where they were measured. A patch that does not apply (a
 //! different llama.cpp) fails the build, unless `MESHD_ALLOW_UNPATCHED_LLAMA=1` asks for
 //! llama.cpp's own kernel instead (then a warning says so).
 
