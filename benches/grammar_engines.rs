@@ -1,6 +1,7 @@
 //! Which grammar engine should enforce `response_format`: llama.cpp's GBNF sampler (fed by
-//! `json_schema_to_grammar`, what meshd uses) or llguidance (llama-cpp-2's `llguidance` feature),
-//! measured on the real model in one run.
+//! `json_schema_to_grammar`, what meshd used) or llguidance (llama-cpp-2's `llguidance` feature,
+//! run through meshd's own `engine::grammar`: what meshd uses now), measured on the real model in
+//! one run.
 //!
 //! - **Completeness.** Two corpora: one schema per JSON Schema feature applications send, and 200
 //!   random schemas shaped like the property test's (objects, arrays, enums, nesting, bounds; one
@@ -51,8 +52,9 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
-use llguidance::api::TopLevelGrammar;
-use llguidance::{Matcher, ParserFactory};
+use llguidance::Matcher;
+use meshd::api::OutputFormat;
+use meshd::engine::grammar::{constrained, Grammars};
 use serde_json::{json, Value};
 
 fn env(name: &str, default: usize) -> usize {
@@ -61,12 +63,6 @@ fn env(name: &str, default: usize) -> usize {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
-
-/// The whitespace llama.cpp's JSON grammars allow between tokens (`space` in
-/// `json-schema-to-grammar`), given to llguidance too, so both engines accept the same texts
-/// (llguidance's default allows any amount, and this base model then pads with newlines until it
-/// runs out of tokens).
-const LLAMA_CPP_SPACE: &str = r"(?: |\n{1,2}[ \t]{0,20})";
 
 #[derive(Clone, Copy, Debug)]
 enum Engine {
@@ -102,7 +98,7 @@ enum Constraint {
 struct Bench<'a> {
     model: &'a LlamaModel,
     ctx: LlamaContext<'a>,
-    factory: ParserFactory,
+    grammars: Grammars,
     prompt: Vec<LlamaToken>,
     max_tokens: usize,
     full_mask_budget: usize,
@@ -118,16 +114,16 @@ impl Bench<'_> {
                     .map(Constraint::Gbnf)
                     .map_err(|e| e.to_string())
             }
-            Engine::Llguidance => {
-                let mut schema = schema.clone();
-                schema["x-guidance"] = json!({"whitespace_pattern": LLAMA_CPP_SPACE});
-                let grammar = TopLevelGrammar::from_json_schema(schema);
-                let parser = self
-                    .factory
-                    .create_parser(grammar)
-                    .map_err(|e| e.to_string())?;
-                Ok(Constraint::Llguidance(Box::new(Matcher::new(Ok(parser)))))
-            }
+            // meshd's compiler: its whitespace is llama.cpp's, so both engines accept the same
+            // texts.
+            Engine::Llguidance => self
+                .grammars
+                .compile(&OutputFormat::JsonSchema {
+                    name: "bench".into(),
+                    schema: schema.to_string(),
+                })
+                .map(|m| Constraint::Llguidance(Box::new(m)))
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -171,16 +167,13 @@ impl Bench<'_> {
                     });
                     t.full_mask.push(start.elapsed());
                     let start = Instant::now();
-                    let token = checked_first(logits, m);
+                    let token = constrained(logits, m, None, |t| vocab.is_eog(t)).unwrap();
                     t.per_token.push(start.elapsed());
                     let best = best.expect("the matcher allows no token");
                     assert_eq!(
                         logits[token.0 as usize], logits[best],
                         "the two paths disagree"
                     );
-                    if !vocab.is_eog(token) {
-                        m.consume_token(token.0 as u32).unwrap();
-                    }
                     token
                 }
             };
@@ -242,8 +235,8 @@ fn best_of(candidates: &LlamaTokenDataArray) -> LlamaToken {
         .expect("the grammar allows no token")
 }
 
-/// meshd's greedy path (`engine::scheduler::constrained`): check the arg-max alone, then the 256
-/// most likely tokens, and only then the whole vocabulary.
+/// meshd's greedy path before llguidance: check the arg-max alone, then the 256 most likely
+/// tokens, and only then the whole vocabulary.
 fn shortlisted(logits: &[f32], grammar: &mut LlamaSampler) -> LlamaToken {
     let data = |i: usize| LlamaTokenData::new(LlamaToken::new(i as i32), logits[i], 0.0);
     let first = (0..logits.len())
@@ -264,25 +257,6 @@ fn shortlisted(logits: &[f32], grammar: &mut LlamaSampler) -> LlamaToken {
     let mut all = everything(logits);
     grammar.apply(&mut all);
     best_of(&all)
-}
-
-/// meshd's greedy path (`engine::scheduler::constrained`): the arg-max if the matcher takes it,
-/// else the best token of its mask.
-fn checked_first(logits: &[f32], m: &mut Matcher) -> LlamaToken {
-    let first = (0..logits.len())
-        .max_by(|a, b| logits[*a].total_cmp(&logits[*b]))
-        .unwrap();
-    if m.validate_tokens(&[first as u32]).unwrap() == 1 {
-        return LlamaToken::new(first as i32);
-    }
-    let mask = m.compute_mask_or_eos().unwrap();
-    let mut best: Option<usize> = None;
-    mask.iter_set_entries(|i| {
-        if i < logits.len() && best.is_none_or(|b| logits[i] > logits[b]) {
-            best = Some(i);
-        }
-    });
-    LlamaToken::new(best.expect("the matcher allows no token") as i32)
 }
 
 /// One schema per feature: (what it exercises, the schema).
@@ -624,10 +598,8 @@ fn main() {
         .with_n_threads_batch(threads);
     let ctx = model.new_context(&backend, params).unwrap();
     let start = Instant::now();
-    let env_ = LlamaSampler::llguidance_tok_env(&model);
+    let grammars = Grammars::new(&model).unwrap();
     let tok_env_ms = start.elapsed().as_secs_f64() * 1e3;
-    let mut factory = ParserFactory::new_simple(&env_).unwrap();
-    factory.quiet();
     let prompt = model.vocab().tokenize(
         b"Here is the answer as one JSON value that follows the schema:\n",
         true,
@@ -636,7 +608,7 @@ fn main() {
     let mut bench = Bench {
         model: &model,
         ctx,
-        factory,
+        grammars,
         prompt,
         max_tokens,
         full_mask_budget: env("FULL_MASK_TOKENS", 4000),

@@ -9,7 +9,7 @@
 pub mod echo;
 pub mod embed;
 mod generator;
-mod grammar;
+pub mod grammar;
 mod prefix;
 mod scheduler;
 pub mod text;
@@ -238,7 +238,9 @@ pub struct Engine {
     embedder: Arc<embed::Embedder>,
     /// What answers embeddings: `model`, or the `embedding_model` setting's GGUF.
     embedding_model: Arc<LlamaModel>,
-    grammars: Arc<grammar::Grammars>,
+    /// Built on a thread of its own after the model loads (most of a second: the vocabulary's
+    /// trie and llguidance's token slices), so the worker does not wait for it to start.
+    grammars: Arc<OnceLock<Result<grammar::Grammars, String>>>,
 }
 
 /// llama.cpp's backend may be initialised once per process.
@@ -280,7 +282,7 @@ impl Engine {
                 reason: "no such file (the `embedding_model` setting)".into(),
             });
         }
-        let (model, embedding_model, grammars) = tokio::task::spawn_blocking(move || {
+        let (model, embedding_model) = tokio::task::spawn_blocking(move || {
             let params = LlamaModelParams::default().with_n_gpu_layers(cfg.n_gpu_layers);
             let model = LlamaModel::load_from_file(backend, &cfg.model, &params)
                 .map_err(|e| e.to_string())?;
@@ -291,14 +293,21 @@ impl Engine {
                         .map_err(|e| format!("the embedding model {}: {e}", path.display()))?,
                 ),
             };
-            let grammars = grammar::Grammars::new(&model)?;
-            Ok::<_, String>((model, embedding_model, grammars))
+            Ok::<_, String>((model, embedding_model))
         })
         .await
         .map_err(|e| load_err(e.to_string()))?
         .map_err(load_err)?;
         let model = Arc::new(model);
         let embedding_model = embedding_model.map_or_else(|| Arc::clone(&model), Arc::new);
+        let grammars = Arc::new(OnceLock::new());
+        let (cell, for_grammars) = (Arc::clone(&grammars), Arc::clone(&model));
+        std::thread::Builder::new()
+            .name("meshd-grammars".into())
+            .spawn(move || {
+                let _ = cell.set(grammar::Grammars::new(&for_grammars));
+            })
+            .map_err(|e| load_err(e.to_string()))?;
         let template = match model.chat_template(None) {
             Ok(t) => t,
             Err(_) => LlamaChatTemplate::new(&config.chat_template)
@@ -348,7 +357,7 @@ impl Engine {
             config: Arc::new(config),
             embedder: Arc::new(embed::Embedder::new()),
             embedding_model,
-            grammars: Arc::new(grammars),
+            grammars,
         })
     }
 
@@ -449,7 +458,11 @@ impl Engine {
         }
         let grammar = request
             .format()
-            .map(|f| self.grammars.compile(f))
+            .map(|f| match self.grammars.wait() {
+                // Waits only for a structured request in the first second after the start.
+                Ok(grammars) => grammars.compile(f),
+                Err(e) => Err(EngineError::Decode(format!("structured outputs: {e}"))),
+            })
             .transpose()?;
         Ok(Prepared {
             tokens,

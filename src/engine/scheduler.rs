@@ -17,8 +17,6 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
-use llama_cpp_2::token::data::LlamaTokenData;
-use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 use llguidance::Matcher;
@@ -143,11 +141,13 @@ pub(super) fn run(
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let p = job.prepared;
-            // Every choice its own matcher, all at the start of the output.
-            let grammars: Vec<Option<Matcher>> = (0..n)
+            let mut p = job.prepared;
+            // Every choice its own matcher, all at the start of the output: the compiled one
+            // for the first, copies for the others of `n`.
+            let mut grammars: Vec<Option<Matcher>> = (1..n)
                 .map(|_| p.grammar.as_ref().map(Matcher::deep_clone))
                 .collect();
+            grammars.insert(0, p.grammar.take());
             stats
                 .prompt_tokens
                 .fetch_add(p.tokens.len() as u64, Ordering::Relaxed);
@@ -321,7 +321,8 @@ pub(super) fn run(
             };
             let token = match (seq.grammar.as_mut(), seq.sampler.as_mut()) {
                 (Some(g), chain) => {
-                    match constrained(ctx.get_logits_ith(at), g, chain, |t| vocab.is_eog(t)) {
+                    let logits = ctx.get_logits_ith(at);
+                    match super::grammar::constrained(logits, g, chain, |t| vocab.is_eog(t)) {
                         Ok(t) => t,
                         Err(e) => {
                             if let Some(seq) = free(&mut ctx, &mut slots[i], &stats, None) {
@@ -554,7 +555,7 @@ fn reuse_prefix(
 }
 
 /// The highest logit's token (the first on ties, as llama.cpp's greedy sampler picks).
-fn argmax(logits: &[f32]) -> LlamaToken {
+pub(super) fn argmax(logits: &[f32]) -> LlamaToken {
     let mut best = 0;
     for (i, l) in logits.iter().enumerate() {
         if *l > logits[best] {
@@ -562,79 +563,6 @@ fn argmax(logits: &[f32]) -> LlamaToken {
         }
     }
     LlamaToken::new(best as i32)
-}
-
-/// How many of the most likely allowed tokens the sampler chooses among when the matcher refused
-/// its first choice: inside a JSON string the matcher allows almost the whole vocabulary, and
-/// running the sampler chain over 262k candidates a second time would cost as much as the first.
-const GRAMMAR_SHORTLIST: usize = 256;
-
-/// A token the grammar allows. The sampler (or the arg-max) first chooses as if unconstrained,
-/// and the matcher checks that one token: the common case, a few microseconds. Only when it
-/// refuses does the matcher compute its mask over the whole vocabulary (about a millisecond for
-/// Gemma's 262k tokens), and the sampler chooses again among the [`GRAMMAR_SHORTLIST`] most
-/// likely tokens it allows: for greedy, exactly the token a full mask would have given. An error
-/// (the matcher's step limits) ends the sequence with that error.
-fn constrained(
-    logits: &[f32],
-    grammar: &mut Matcher,
-    mut chain: Option<&mut LlamaSampler>,
-    is_eog: impl Fn(LlamaToken) -> bool,
-) -> Result<LlamaToken, String> {
-    let data = |i: usize| LlamaTokenData::new(LlamaToken::new(i as i32), logits[i], 0.0);
-    let failed = |e: anyhow::Error| format!("structured output: {e}");
-    let first = match chain.as_deref_mut() {
-        None => argmax(logits),
-        Some(chain) => {
-            let mut all = LlamaTokenDataArray::from_iter((0..logits.len()).map(data), false);
-            chain.apply(&mut all);
-            all.selected_token().unwrap_or_else(|| best_of(&all))
-        }
-    };
-    let token = if grammar.validate_tokens(&[first.0 as u32]).map_err(failed)? == 1 {
-        first
-    } else {
-        let mask = grammar.compute_mask_or_eos().map_err(failed)?;
-        let mut allowed = Vec::new();
-        mask.iter_set_entries(|i| {
-            if i < logits.len() {
-                allowed.push(data(i));
-            }
-        });
-        if allowed.is_empty() {
-            return Err("structured output: the schema allows no token here".into());
-        }
-        if allowed.len() > GRAMMAR_SHORTLIST {
-            allowed
-                .select_nth_unstable_by(GRAMMAR_SHORTLIST, |a, b| b.logit().total_cmp(&a.logit()));
-            allowed.truncate(GRAMMAR_SHORTLIST);
-        }
-        let mut pool = LlamaTokenDataArray::new(allowed, false);
-        match chain.as_deref_mut() {
-            Some(chain) => {
-                chain.apply(&mut pool);
-                pool.selected_token().unwrap_or_else(|| best_of(&pool))
-            }
-            None => best_of(&pool),
-        }
-    };
-    if let Some(chain) = chain {
-        chain.accept(token);
-    }
-    // An end-of-generation token ends the sequence: nothing follows it for the matcher to check.
-    if !is_eog(token) {
-        grammar.consume_token(token.0 as u32).map_err(failed)?;
-    }
-    Ok(token)
-}
-
-/// The candidate with the highest logit.
-fn best_of(candidates: &LlamaTokenDataArray) -> LlamaToken {
-    candidates
-        .data
-        .iter()
-        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
-        .map_or(LlamaToken::new(0), |d| d.id())
 }
 
 /// One sampler chain per sequence; `None` for plain greedy, which needs no chain.
