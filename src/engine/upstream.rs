@@ -158,33 +158,44 @@ async fn watch_load(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// A response body, or an error once it passes `limit` bytes (a lying upstream cannot fill our
-/// memory), reading no further.
-async fn read_capped(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+/// At most `limit` bytes of a response body, reading no further (a lying upstream cannot fill our
+/// memory), and how the body ended.
+async fn read_up_to(resp: reqwest::Response, limit: usize) -> (Vec<u8>, BodyEnd) {
     let mut body = resp.bytes_stream();
     let mut out = Vec::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return (out, BodyEnd::Broken(e.to_string())),
+        };
         if out.len() + chunk.len() > limit {
-            return Err(format!("the answer is over {limit} bytes"));
+            out.extend_from_slice(&chunk[..limit - out.len()]);
+            return (out, BodyEnd::Cut);
         }
         out.extend_from_slice(&chunk);
     }
-    Ok(out)
+    (out, BodyEnd::Whole)
 }
 
-/// The start of a refusal's body: the part that holds its message.
-async fn refusal_text(resp: reqwest::Response) -> String {
-    let mut body = resp.bytes_stream();
-    let mut out = Vec::new();
-    while let Some(Ok(chunk)) = body.next().await {
-        out.extend_from_slice(&chunk);
-        if out.len() >= MAX_REFUSAL_BYTES {
-            out.truncate(MAX_REFUSAL_BYTES);
-            break;
-        }
+enum BodyEnd {
+    Whole,
+    /// More than the limit: the rest was not read.
+    Cut,
+    Broken(String),
+}
+
+/// A whole body of at most `limit` bytes, or why not.
+async fn read_capped(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    match read_up_to(resp, limit).await {
+        (body, BodyEnd::Whole) => Ok(body),
+        (_, BodyEnd::Cut) => Err(format!("the answer is over {limit} bytes")),
+        (_, BodyEnd::Broken(e)) => Err(e),
     }
-    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The start of a refusal's body, however it ended: the part that holds its message.
+async fn refusal_text(resp: reqwest::Response) -> String {
+    String::from_utf8_lossy(&read_up_to(resp, MAX_REFUSAL_BYTES).await.0).into_owned()
 }
 
 /// Running and waiting requests from a vLLM or llama-server Prometheus page.
