@@ -315,91 +315,56 @@ async fn liar(lie: Lie) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// One chat through `meshd up` (with `extra` flags) in front of an upstream telling `lie`: the
+/// answer, and how long the request took.
+async fn chat_through_liar(lie: Lie, extra: &[&str]) -> (Resp, Duration) {
+    let (addr, _liar) = liar(lie).await;
+    let dir = tempfile::tempdir().unwrap();
+    let meshd = meshd_over(&format!("http://{addr}"), dir.path(), extra);
+    ready(meshd.http()).await;
+    let chat =
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).to_string();
+    let start = Instant::now();
+    let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
+    (r, start.elapsed())
+}
+
 /// The upstream lies, and every lie is bounded: a request it never answers is a 503 after
 /// `upstream_timeout_secs`, an event that never ends is cut at 1 MiB, an 8 MiB refusal keeps its
 /// 400 without being read whole, and a 2 MiB model list stops the start with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_lies_is_cut_off_at_every_limit() {
-    let chat =
-        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).to_string();
-
-    let (addr, _liar) = liar(Lie::NeverAnswers).await;
-    let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over(
-        &format!("http://{addr}"),
-        dir.path(),
-        &["--upstream-timeout-secs", "2"],
-    );
-    ready(meshd.http()).await;
-    let start = Instant::now();
-    let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
+    let (r, took) = chat_through_liar(Lie::NeverAnswers, &["--upstream-timeout-secs", "2"]).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(
         r.text().contains("did not answer within 2 s"),
         "{}",
         r.text()
     );
-    assert!(
-        start.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        start.elapsed()
-    );
-    drop(meshd);
+    assert!(took < Duration::from_secs(20), "{took:?}");
 
-    let (addr, _liar) = liar(Lie::EndlessEvent).await;
-    let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over(&format!("http://{addr}"), dir.path(), &[]);
-    ready(meshd.http()).await;
-    let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
+    let (r, _) = chat_through_liar(Lie::EndlessEvent, &[]).await;
     assert!(r.status >= 500, "{} {}", r.status, r.text());
     assert!(r.text().contains("over 1048576 bytes"), "{}", r.text());
-    drop(meshd);
 
-    let (addr, _liar) = liar(Lie::HugeRefusal).await;
-    let dir = tempfile::tempdir().unwrap();
-    let meshd = meshd_over(&format!("http://{addr}"), dir.path(), &[]);
-    ready(meshd.http()).await;
-    let r = request(meshd.http(), "POST", "/v1/chat/completions", &chat).await;
+    let (r, _) = chat_through_liar(Lie::HugeRefusal, &[]).await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(
         r.text().len() < 4096,
         "the refusal was relayed whole: {} bytes",
         r.text().len()
     );
-    drop(meshd);
 
     let (addr, _liar) = liar(Lie::HugeModelList).await;
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new(bin())
-            .args(["up", "--http-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .args([
-                "--backend",
-                "openai",
-                "--upstream-url",
-                &format!("http://{addr}"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("meshd kept running on a 2 MiB model list");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // It binds its listeners first, then asks the upstream, then exits.
+    let mut meshd = meshd_over(&format!("http://{addr}"), dir.path(), &[]);
+    let status = tokio::task::block_in_place(|| meshd.wait_exit(Duration::from_secs(60)))
+        .expect("meshd kept running on a 2 MiB model list");
+    assert!(!status.success());
+    let logs = meshd.logs();
     assert!(
-        stderr.contains("GET /v1/models: the answer is over 1048576 bytes"),
-        "{stderr}"
+        logs.contains("GET /v1/models: the answer is over 1048576 bytes"),
+        "{logs}"
     );
 }
