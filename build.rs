@@ -23,9 +23,9 @@
 //! (`meshd_sgemm_set_level`); `llama.cpp` switches every matmul change off, for comparison runs.
 //! The second patch, `patches/ops-fa-tile-rows.patch` (flash attention on a tile's real rows; see
 //! `OPS_PATCH`), is built the same way and always on: it changes no result, only the work. The
-//! patches are applied only on x86-64 Linux, where they were measured. A patch that does not apply (a
-//! different llama.cpp) fails the build, unless `MESHD_ALLOW_UNPATCHED_LLAMA=1` asks for
-//! llama.cpp's own kernel instead (then a warning says so).
+//! patches are applied only on x86-64 Linux, where they were measured. A patch that does not apply
+//! (a different llama.cpp) fails the build, unless `MESHD_ALLOW_UNPATCHED_LLAMA=1` asks for
+//! llama.cpp's own kernels instead (then a warning says so).
 
 use std::env;
 use std::fs;
@@ -75,20 +75,21 @@ fn main() {
     if !(target.starts_with("x86_64") && target.contains("linux")) {
         return;
     }
-    match build_sgemm() {
+    match build_patched_kernels() {
         Ok(()) => println!("cargo:rustc-cfg=meshd_sgemm"),
         Err(why) if env::var_os(OPT_OUT).is_some_and(|v| v == "1") => println!(
-            "cargo:warning=meshd: using llama.cpp's own sgemm kernel ({why}); {OPT_OUT}=1 allows it"
+            "cargo:warning=meshd: using llama.cpp's own kernels ({why}); {OPT_OUT}=1 allows it"
         ),
         Err(why) => panic!(
-            "meshd: cannot build the patched matmul kernel: {why}.\n\
-             Update {PATCH} for this llama.cpp, or set {OPT_OUT}=1 to build with llama.cpp's own \
-             (slower) kernel."
+            "meshd: cannot build the patched llama.cpp kernels: {why}.\n\
+             Update {PATCH} and {OPS_PATCH} for this llama.cpp, or set {OPT_OUT}=1 to build with \
+             llama.cpp's own (slower) kernels."
         ),
     }
 }
 
-fn build_sgemm() -> Result<(), String> {
+/// The patched `sgemm.cpp` and `ops.cpp`, and the AVX-512 kernel; all or none (an error).
+fn build_patched_kernels() -> Result<(), String> {
     // llama-cpp-sys-2 (`links = "llama"`) tells its direct dependents where its CMake tree is.
     let cmake_dir = env::var("DEP_LLAMA_GGML_CMAKE_DIR")
         .map_err(|_| "llama-cpp-sys-2 did not report its build directory".to_string())?;

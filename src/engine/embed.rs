@@ -1,8 +1,8 @@
 //! Embeddings from the loaded model, or from the GGUF the `embedding_model` setting names: a
 //! thread of its own with a second llama.cpp context (`embeddings` on; the GGUF's own pooling
-//! when it names one, as embedding models do, else mean pooling), started on the first request. Inputs are batched
-//! (up to [`MAX_BATCH_SEQS`] sequences and [`MAX_INPUT_TOKENS`] tokens a decode) and every vector
-//! is L2-normalised, as OpenAI's are.
+//! when it names one, as embedding models do, else mean pooling), started on the first request.
+//! Inputs are batched (up to [`MAX_BATCH_SEQS`] sequences and [`MAX_INPUT_TOKENS`] tokens a
+//! decode) and every vector is L2-normalised, as OpenAI's are.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
